@@ -1,0 +1,1 @@
+"""Checkpoint IO: the one name-mapping table, safetensors reading, HF folders."""

@@ -1,0 +1,108 @@
+"""Memory-mapped safetensors reading with validation (no torch, bf16 included).
+
+The format: 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets}},
+then the data. Every entry is checked against the file size before anything is read, so a truncated
+or corrupt file is reported with its path and the offending tensor.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import numpy as np
+
+# safetensors dtype -> (numpy dtype for the raw bytes, itemsize); BF16 is read as raw uint16
+SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or folder is unusable; the message names the file and tensor."""
+
+
+def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """Round-to-nearest-even fp32 -> bf16 bit pattern (uint16), as torch and MindSpore do."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = u + (np.uint32(0x7FFF) + ((u >> 16) & 1))
+    out = (rounded >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        out[nan] = 0x7FC0
+    return out
+
+
+class SafetensorsFile:
+    """One .safetensors file: header parsed and validated on open, tensors memory-mapped on read."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            size = os.path.getsize(path)
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot open: {e.strerror}") from None
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8 or n > 100 * 2**20:
+                raise CheckpointError(f"{path}: corrupt safetensors header (header length {n}, file size {size})")
+            try:
+                header = json.loads(fh.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.data_start = 8 + n
+        data_len = size - self.data_start
+        self.entries = {}
+        for name, e in header.items():
+            try:
+                dtype, shape, (begin, end) = e["dtype"], tuple(int(s) for s in e["shape"]), e["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{path}: tensor {name!r}: malformed header entry {e!r}") from None
+            if dtype not in SAFETENSORS_DTYPES:
+                raise CheckpointError(f"{path}: tensor {name!r}: unsupported dtype {dtype!r}")
+            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(SAFETENSORS_DTYPES[dtype]).itemsize
+            if end - begin != nbytes or begin < 0:
+                raise CheckpointError(f"{path}: tensor {name!r}: data_offsets {begin}..{end} do not match "
+                                      f"shape {list(shape)} of {dtype}")
+            if end > data_len:
+                raise CheckpointError(f"{path}: tensor {name!r}: data ends at byte {end} but the file holds "
+                                      f"{data_len} data bytes (truncated file?)")
+            self.entries[name] = (dtype, shape, begin, end)
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def dtype(self, name: str) -> str:
+        return self.entries[name][0]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name][1]
+
+    def nbytes(self, name: str) -> int:
+        _, _, begin, end = self.entries[name]
+        return end - begin
+
+    def read_raw(self, name: str) -> np.ndarray:
+        """The stored values, memory-mapped (BF16 as its uint16 bit pattern)."""
+        dtype, shape, begin, end = self.entries[name]
+        if end == begin:
+            return np.zeros(shape, SAFETENSORS_DTYPES[dtype])
+        return np.memmap(self.path, dtype=SAFETENSORS_DTYPES[dtype], mode="r", offset=self.data_start + begin,
+                         shape=shape)
+
+    def read_f32(self, name: str) -> np.ndarray:
+        raw = self.read_raw(name)
+        if self.dtype(name) == "BF16":
+            return bf16_bits_to_f32(raw)
+        return np.asarray(raw, dtype=np.float32)

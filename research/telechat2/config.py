@@ -1,0 +1,249 @@
+"""TeleChat2 model configuration: one dataclass, named sizes as data, HF/YAML readers and writers.
+
+Every derived value (head_dim, kv heads) is computed and validated here, once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key."""
+
+
+@dataclass
+class TeleChat2Config:
+    vocab_size: int = 131072
+    hidden_size: int = 4096
+    num_layers: int = 30
+    num_heads: int = 32
+    n_kv_heads: int | None = None        # None: multi-head attention (= num_heads)
+    intermediate_size: int = 12288       # SwiGLU inner size (HF: ffn_hidden_size)
+    rms_norm_eps: float = 1e-5
+    seq_length: int = 8192               # HF training_seqlen: NTK/mscale start beyond it
+    base_seqlen: int = 8192              # HF base_seqlen: the NTK alpha is measured in units of it
+    rope_theta: float = 10000.0
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int = 3
+    ignore_token_id: int = -100
+    initializer_range: float = 0.02
+    # dtypes per role (MindFormers names); compute_dtype is the matmul dtype
+    compute_dtype: str = "float32"
+    param_init_type: str = "float32"
+    layernorm_compute_type: str = "float32"
+    softmax_compute_type: str = "float32"
+    rotary_dtype: str = "float32"
+    res_dtype: str = "float32"           # residual stream dtype
+    # the HF reference rounds cos/sin tables to fp16; True reproduces that bit for bit
+    rope_fp16_tables: bool = False
+    # Ascend fused kernels; the CPU formulation is used when False
+    use_flash_attention: bool = False
+    use_fused_rms_norm: bool = False
+    extra: dict = field(default_factory=dict, repr=False)  # unknown HF fields, kept for round trips
+
+    def __post_init__(self):
+        self.validate()
+
+    # ---- derived values ---------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    def validate(self) -> None:
+        def need(cond, key, msg):
+            if not cond:
+                raise ConfigError(f"model_config.{key}: {msg}")
+
+        for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                    "seq_length", "base_seqlen"):
+            v = getattr(self, key)
+            need(isinstance(v, int) and not isinstance(v, bool) and v > 0, key,
+                 f"must be a positive integer, got {v!r}")
+        need(self.hidden_size % self.num_heads == 0, "hidden_size",
+             f"{self.hidden_size} is not divisible by num_heads={self.num_heads}")
+        need(self.head_dim % 2 == 0, "hidden_size",
+             f"head_dim={self.head_dim} must be even for rotary embedding")
+        need(isinstance(self.kv_heads, int) and self.kv_heads > 0, "n_kv_heads",
+             f"must be a positive integer, got {self.n_kv_heads!r}")
+        need(self.num_heads % self.kv_heads == 0, "n_kv_heads",
+             f"num_heads={self.num_heads} is not divisible by n_kv_heads={self.kv_heads}")
+        need(self.rms_norm_eps > 0, "rms_norm_eps", f"must be > 0, got {self.rms_norm_eps}")
+        need(self.rope_theta > 0, "rope_theta", f"must be > 0, got {self.rope_theta}")
+        for key in ("compute_dtype", "param_init_type", "layernorm_compute_type",
+                    "softmax_compute_type", "rotary_dtype", "res_dtype"):
+            need(getattr(self, key) in DTYPES, key,
+                 f"unknown dtype {getattr(self, key)!r}; expected one of {', '.join(DTYPES)}")
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            tid = getattr(self, key)
+            need(0 <= tid < self.vocab_size, key, f"{tid} is outside the vocabulary [0, {self.vocab_size})")
+
+    # ---- presets ----------------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "TeleChat2Config":
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def replace(self, **overrides) -> "TeleChat2Config":
+        return dataclasses.replace(self, **overrides)
+
+    # ---- parameter count ----------------------------------------------------------------------
+    def param_breakdown(self) -> dict[str, int]:
+        """Parameter counts per part (whole model, all layers)."""
+        h, f, hd, L = self.hidden_size, self.intermediate_size, self.head_dim, self.num_layers
+        return {
+            "embedding": self.vocab_size * h,
+            "attention": L * (h * self.num_heads * hd + h * 2 * self.kv_heads * hd + h * h + h),
+            "mlp": L * (3 * h * f + h),
+            "norms": L * 2 * h + h,
+            "lm_head": self.vocab_size * h,
+        }
+
+    def num_parameters(self) -> int:
+        return sum(self.param_breakdown().values())
+
+    # ---- HF config.json -------------------------------------------------------------------------
+    @classmethod
+    def from_hf_dict(cls, d: dict, **overrides) -> "TeleChat2Config":
+        known = {}
+        for hf_key, ours in HF_FIELDS.items():
+            if hf_key in d and d[hf_key] is not None:
+                known[ours] = d[hf_key]
+        if "rope_theta" not in known and "base" in d:   # some releases call it `base`
+            known["rope_theta"] = d["base"]
+        missing = [k for k in ("hidden_size", "n_layer", "n_head", "ffn_hidden_size", "vocab_size") if k not in d]
+        if missing:
+            raise ConfigError(f"HF config is missing required field(s): {', '.join(missing)}")
+        extra = {k: v for k, v in d.items() if k not in HF_FIELDS and k != "base"}
+        return cls(**{**known, "extra": extra, **overrides})
+
+    @classmethod
+    def from_hf_config(cls, path: str, **overrides) -> "TeleChat2Config":
+        """Read an HF `config.json` (a file or the folder holding it)."""
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        try:
+            with open(path, encoding="utf-8") as fh:
+                d = json.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such file") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: line {e.lineno}: invalid JSON: {e.msg}") from None
+        try:
+            return cls.from_hf_dict(d, **overrides)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+    def to_hf_dict(self) -> dict:
+        d = {
+            "architectures": ["TelechatForCausalLM"],
+            "model_type": "telechat",
+            "apply_residual_connection_post_layernorm": False,
+            "embed_layernorm": False,
+            "tie_word_embeddings": False,
+            "use_cache": True,
+            "hidden_dropout": 0.0,
+            "attention_dropout": 0.0,
+            "torch_dtype": self.param_init_type,
+        }
+        d.update(self.extra)
+        for hf_key, ours in HF_FIELDS.items():
+            d[hf_key] = getattr(self, ours)
+        d["num_key_value_heads"] = self.kv_heads
+        return d
+
+    def save_hf_config(self, path: str) -> None:
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(self.to_hf_dict(), fh, indent=2)
+            fh.write("\n")
+
+    # ---- MindFormers YAML `model.model_config` --------------------------------------------------
+    @classmethod
+    def from_model_config(cls, mc: dict, where: str = "model.model_config") -> "TeleChat2Config":
+        """Build from the `model.model_config` block of a MindFormers-style YAML.
+
+        Keys that only MindFormers' own runtime uses (type, batch_size, use_past, ...) are accepted and
+        ignored; any other unknown key is an error naming the closest valid key.
+        """
+        ours = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        kwargs = {}
+        for key, value in mc.items():
+            if key in ours:
+                kwargs[key] = value
+            elif key in YAML_ALIASES:
+                kwargs[YAML_ALIASES[key]] = value
+            elif key in YAML_IGNORED:
+                continue
+            else:
+                raise ConfigError(f"{where}.{key}: unknown key{_did_you_mean(key, ours | set(YAML_ALIASES))}")
+        if "preset" in mc:
+            raise ConfigError(f"{where}.preset: presets are chosen with model.preset, not inside model_config")
+        try:
+            return cls(**kwargs)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {str(e).removeprefix('model_config.')}") from None
+
+    def to_model_config(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("extra")
+        return {"type": "TeleChat2Config", **d}
+
+
+def _did_you_mean(key: str, candidates) -> str:
+    import difflib
+    close = difflib.get_close_matches(key, sorted(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# HF config.json field -> TeleChat2Config field
+HF_FIELDS = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "hidden_size",
+    "n_layer": "num_layers",
+    "n_head": "num_heads",
+    "num_key_value_heads": "n_kv_heads",
+    "ffn_hidden_size": "intermediate_size",
+    "layer_norm_epsilon": "rms_norm_eps",
+    "training_seqlen": "seq_length",
+    "base_seqlen": "base_seqlen",
+    "rope_theta": "rope_theta",
+    "bos_token_id": "bos_token_id",
+    "eos_token_id": "eos_token_id",
+    "pad_token_id": "pad_token_id",
+    "initializer_range": "initializer_range",
+}
+
+# MindFormers model_config spellings of our fields
+YAML_ALIASES = {"theta": "rope_theta", "num_key_value_heads": "n_kv_heads", "ffn_hidden_size": "intermediate_size"}
+
+# MindFormers model_config keys read by MindFormers' own runtime, not by the network math
+YAML_IGNORED = {
+    "type", "auto_register", "batch_size", "use_past", "parallel_optimizer", "pretrain_seqlen",
+    "extend_method", "offset", "use_past_shard", "repetition_penalty", "max_decode_length", "top_k", "top_p",
+    "do_sample", "embed_dropout_prob", "hidden_dropout_prob", "attention_dropout_prob", "checkpoint_name_or_path",
+    "block_size", "num_blocks", "is_dynamic", "use_past_shape_reorder", "qkv_concat", "out_proj_has_bias",
+}
+
+# Named sizes (HF config.json of each release); only what differs from the dataclass defaults.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(vocab_size=4096, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=160,
+                 seq_length=64, base_seqlen=64),
+    "3b": dict(hidden_size=3072, num_layers=24, num_heads=24, intermediate_size=6144),
+    "7b": dict(hidden_size=4096, num_layers=30, num_heads=32, intermediate_size=12288),
+    "35b": dict(hidden_size=6144, num_layers=64, num_heads=48, intermediate_size=20480),
+    "35b-32k": dict(hidden_size=6144, num_layers=64, num_heads=48, intermediate_size=20480,
+                    seq_length=32768, base_seqlen=32768, rope_theta=1e6),
+    # 115B: the HF config says layer_norm_epsilon 1e-8 (the MindFormers yaml says 1e-5); we follow HF.
+    "115b": dict(hidden_size=8192, num_layers=96, num_heads=64, n_kv_heads=8, intermediate_size=40960,
+                 rms_norm_eps=1e-8),
+}

@@ -1,0 +1,80 @@
+"""TeleChat2 self-attention: separate `wq`, fused per-head-interleaved `wk_v`, GQA, `wo` with bias."""
+from __future__ import annotations
+
+import math
+
+import mindspore as ms
+from mindspore import mint, nn, ops
+
+from ..config import TeleChat2Config
+from ..dtypes import ms_dtype
+from ..parallel import ColumnParallelLinear, ParallelMesh, RowParallelLinear
+from .rotary import apply_rotary
+
+
+def masked_fill_value(dtype) -> float:
+    # finite so fully masked rows (left padding) give a uniform row instead of NaN; -1e4 is safe in fp16
+    return -1.0e4 if dtype == ms.float16 else -1.0e30
+
+
+def dot_product_attention(q, k, v, allowed, softmax_dtype):
+    """softmax(q k^T / sqrt(hd), masked) v.
+
+    q: [B, nh, Sq, hd]; k, v: [B, nh, Sk, hd]; allowed: bool, broadcastable to [B, nh, Sq, Sk].
+    Returns [B, nh, Sq, hd] in v's dtype.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = ops.BatchMatMul(transpose_b=True)(q, k).astype(softmax_dtype) * scale
+    scores = ops.select(allowed, scores, ops.full_like(scores, masked_fill_value(softmax_dtype)))
+    probs = ops.softmax(scores, -1).astype(v.dtype)
+    return ops.BatchMatMul()(probs, v)
+
+
+def repeat_kv(x, n_rep: int):
+    """[B, nkv, S, hd] -> [B, nkv*n_rep, S, hd]; query head j reads kv head j // n_rep."""
+    if n_rep == 1:
+        return x
+    B, nkv, S, hd = x.shape
+    return ops.broadcast_to(x.expand_dims(2), (B, nkv, n_rep, S, hd)).reshape(B, nkv * n_rep, S, hd)
+
+
+class Attention(nn.Cell):
+    def __init__(self, config: TeleChat2Config, mesh: ParallelMesh):
+        super().__init__()
+        H, hd = config.hidden_size, config.head_dim
+        self.head_dim = hd
+        self.heads = config.num_heads // mesh.tp              # query heads on this rank
+        self.kv_heads = config.kv_heads // mesh.tp            # kv heads on this rank
+        self.n_rep = config.num_heads // config.kv_heads
+        self.compute_dtype = ms_dtype(config.compute_dtype)
+        self.softmax_dtype = ms_dtype(config.softmax_compute_type)
+        self.use_flash_attention = config.use_flash_attention
+        common = dict(mesh=mesh, init_std=config.initializer_range, param_dtype=ms_dtype(config.param_init_type),
+                      compute_dtype=self.compute_dtype)
+        self.wq = ColumnParallelLinear(H, config.num_heads * hd, bias=False, **common)
+        # rows of wk_v are [K_0; V_0; K_1; V_1; ...] (hd rows each), so a contiguous row split keeps whole kv heads
+        self.wk_v = ColumnParallelLinear(H, 2 * config.kv_heads * hd, bias=False, **common)
+        self.wo = RowParallelLinear(config.num_heads * hd, H, bias=True, **common)
+
+    def construct(self, x, cos, sin, allowed):
+        # x: [B, S, H]; cos/sin: [B|1, 1, S, hd]; allowed: bool [B|1, 1, S, S]
+        B, S, _ = x.shape
+        q = self.wq(x).reshape(B, S, self.heads, self.head_dim).transpose(0, 2, 1, 3)     # [B, nh, S, hd]
+        kv = self.wk_v(x).reshape(B, S, self.kv_heads, 2 * self.head_dim)
+        k, v = ops.split(kv, self.head_dim, -1)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)                            # [B, nkv, S, hd]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)
+        if self.use_flash_attention:
+            ctx = self._flash_attention(q, k, v, allowed)
+        else:
+            ctx = dot_product_attention(q, k, v, allowed, self.softmax_dtype)              # [B, nh, S, hd]
+        ctx = ctx.transpose(0, 2, 1, 3).reshape(B, S, self.heads * self.head_dim)          # heads head-major
+        return self.wo(ctx)
+
+    def _flash_attention(self, q, k, v, allowed):
+        # Ascend FlashAttentionScore (BNSD layout); its mask marks the positions to DROP with 1
+        drop = ops.logical_not(ops.broadcast_to(allowed, (q.shape[0], 1, q.shape[2], k.shape[2]))).astype(ms.uint8)
+        out = ops.flash_attention_score(q, k, v, self.heads, attn_mask=drop, scalar_value=1.0 / math.sqrt(self.head_dim),
+                                        input_layout="BNSD")
+        return out

@@ -1,0 +1,23 @@
+"""SwiGLU MLP: w2(silu(w1 x) * w3 x) + b2 (only the down projection has a bias)."""
+from __future__ import annotations
+
+from mindspore import nn, ops
+
+from ..config import TeleChat2Config
+from ..dtypes import ms_dtype
+from ..parallel import ColumnParallelLinear, ParallelMesh, RowParallelLinear
+
+
+class MLP(nn.Cell):
+    def __init__(self, config: TeleChat2Config, mesh: ParallelMesh):
+        super().__init__()
+        H, F = config.hidden_size, config.intermediate_size
+        common = dict(mesh=mesh, init_std=config.initializer_range, param_dtype=ms_dtype(config.param_init_type),
+                      compute_dtype=ms_dtype(config.compute_dtype))
+        self.w1 = ColumnParallelLinear(H, F, bias=False, **common)   # gate
+        self.w3 = ColumnParallelLinear(H, F, bias=False, **common)   # up
+        self.w2 = RowParallelLinear(F, H, bias=True, **common)       # down
+
+    def construct(self, x):
+        # [B, S, H] -> [B, S, F/tp] -> [B, S, H]
+        return self.w2(ops.silu(self.w1(x)) * self.w3(x))

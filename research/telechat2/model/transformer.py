@@ -1,0 +1,129 @@
+"""The TeleChat2 decoder: pre-norm layers, final norm, untied lm_head.
+
+Parameter names are MindFormers' research/telechat2 names (model.tok_embeddings.embedding_weight,
+model.layers.{i}.attention.wq.weight, ...), so its MindSpore checkpoints load unchanged.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+
+from ..config import TeleChat2Config
+from ..dtypes import ms_dtype
+from ..parallel import ColumnParallelLinear, ParallelMesh, VocabParallelEmbedding
+from .attention import Attention
+from .loss import causal_lm_loss
+from .mlp import MLP
+from .norm import RMSNorm
+from .rotary import rope_tables
+
+
+class DecoderLayer(nn.Cell):
+    """h = x + Attn(RMSNorm_in(x)); out = h + MLP(RMSNorm_post(h))."""
+
+    def __init__(self, config: TeleChat2Config, mesh: ParallelMesh):
+        super().__init__()
+        norm = dict(compute_type=ms_dtype(config.layernorm_compute_type), param_dtype=ms_dtype(config.param_init_type),
+                    fused=config.use_fused_rms_norm)
+        self.res_dtype = ms_dtype(config.res_dtype)
+        self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **norm)
+        self.attention = Attention(config, mesh)
+        self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **norm)
+        self.feed_forward = MLP(config, mesh)
+
+    def construct(self, x, cos, sin, allowed):
+        # x: [B, S, H] in the residual dtype
+        h = x + self.attention(self.attention_norm(x), cos, sin, allowed).astype(self.res_dtype)
+        return h + self.feed_forward(self.ffn_norm(h)).astype(self.res_dtype)
+
+
+class TeleChat2Model(nn.Cell):
+    def __init__(self, config: TeleChat2Config, mesh: ParallelMesh):
+        super().__init__()
+        self.res_dtype = ms_dtype(config.res_dtype)
+        self.tok_embeddings = VocabParallelEmbedding(config.vocab_size, config.hidden_size, mesh=mesh,
+                                                     init_std=config.initializer_range,
+                                                     param_dtype=ms_dtype(config.param_init_type))
+        self.layers = nn.CellList([DecoderLayer(config, mesh) for _ in range(config.num_layers)])
+        self.norm_out = RMSNorm(config.hidden_size, config.rms_norm_eps,
+                                compute_type=ms_dtype(config.layernorm_compute_type),
+                                param_dtype=ms_dtype(config.param_init_type), fused=config.use_fused_rms_norm)
+
+    def construct(self, input_ids, cos, sin, allowed):
+        x = self.tok_embeddings(input_ids).astype(self.res_dtype)     # [B, S, H]
+        for layer in self.layers:
+            x = layer(x, cos, sin, allowed)
+        return self.norm_out(x)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_rope_tables(*args):
+    return rope_tables(*args)
+
+
+@functools.lru_cache(maxsize=16)
+def _causal_mask(seq_len: int) -> np.ndarray:
+    return np.tril(np.ones((seq_len, seq_len), dtype=np.bool_))[None, None]     # [1, 1, S, S]
+
+
+class TeleChat2ForCausalLM(nn.Cell):
+    """`model(input_ids)` -> fp32 logits [B, S, V]; `model(input_ids, labels)` -> mean loss (scalar)."""
+
+    def __init__(self, config: TeleChat2Config, mesh: ParallelMesh | None = None):
+        super().__init__()
+        mesh = mesh or ParallelMesh.single()
+        self.config = config
+        self.mesh = mesh
+        self.rotary_dtype = ms_dtype(config.rotary_dtype)
+        self.model = TeleChat2Model(config, mesh)
+        self.lm_head = ColumnParallelLinear(config.hidden_size, config.vocab_size, bias=False, mesh=mesh,
+                                            init_std=config.initializer_range,
+                                            param_dtype=ms_dtype(config.param_init_type),
+                                            compute_dtype=ms_dtype(config.compute_dtype))
+
+    @classmethod
+    def from_hf(cls, hf_dir: str, mesh: ParallelMesh | None = None, **config_overrides) -> "TeleChat2ForCausalLM":
+        """Build from an HF release folder (config.json + safetensors shards + index) by pure renaming."""
+        from ..checkpoint.hf import load_hf_weights
+        model = cls(TeleChat2Config.from_hf_config(hf_dir, **config_overrides), mesh)
+        load_hf_weights(model, hf_dir)
+        return model
+
+    def __call__(self, input_ids, *args, **kwargs):
+        # accept numpy arrays (PyNative); under ms.jit `construct` is compiled directly
+        args = tuple(_to_tensor(a) for a in args)
+        kwargs = {k: _to_tensor(v) for k, v in kwargs.items()}
+        return super().__call__(_to_tensor(input_ids), *args, **kwargs)
+
+    def rotary(self, seq_len, position_ids=None, total_len=None):
+        """cos/sin [B|1, 1, S, hd] for positions 0..S-1 or for `position_ids` [B, S] (< total_len)."""
+        c = self.config
+        total = seq_len if total_len is None else total_len
+        cos, sin = _cached_rope_tables(total, total, c.head_dim, c.rope_theta, c.seq_length, c.base_seqlen,
+                                       c.rope_fp16_tables)
+        cos, sin = Tensor(cos, self.rotary_dtype), Tensor(sin, self.rotary_dtype)   # [L, hd]
+        if position_ids is None:
+            return cos[:seq_len].reshape(1, 1, seq_len, -1), sin[:seq_len].reshape(1, 1, seq_len, -1)
+        return ops.gather(cos, position_ids, 0).expand_dims(1), ops.gather(sin, position_ids, 0).expand_dims(1)
+
+    def construct(self, input_ids, labels=None, attention_mask=None, position_ids=None):
+        # input_ids: [B, S] int; attention_mask: [B, S], 1 = real token; position_ids: [B, S]
+        seq_len = input_ids.shape[1]
+        cos, sin = self.rotary(seq_len, position_ids)
+        allowed = Tensor(_causal_mask(seq_len))                               # [1, 1, S, S]
+        if attention_mask is not None:
+            allowed = ops.logical_and(allowed, (attention_mask != 0).reshape(attention_mask.shape[0], 1, 1, seq_len))
+        hidden = self.model(input_ids, cos, sin, allowed)
+        logits = self.lm_head(hidden).astype(ms.float32)                       # [B, S, V]
+        if labels is None:
+            return logits
+        return causal_lm_loss(logits, labels, self.config.ignore_token_id)
+
+
+def _to_tensor(x):
+    if isinstance(x, np.ndarray):
+        return Tensor(x.astype(np.int32) if x.dtype.kind in "iu" else x)
+    return x

@@ -1,0 +1,123 @@
+"""An independent PyTorch implementation of the HF TeleChat2 forward pass, used only by tests.
+
+Written from ../shared/guide/telechat2-semantics.md: it reads an HF-style config dict (HF field names) and an
+HF-style state dict (HF parameter names), so it also checks our name mapping and config export.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def ntk_alpha_and_mscale(total_len: int, training_seqlen: int, base_seqlen: int) -> tuple[float, float]:
+    le = max(total_len, training_seqlen)
+    alpha = max(2 ** math.ceil(math.log2(le / base_seqlen) + 1) - 1, 1)
+    mscale = 1 + 0.1 * math.log(le / training_seqlen) if le > training_seqlen else 1.0
+    return float(alpha), float(mscale)
+
+
+def rope_cos_sin(positions: torch.Tensor, total_len: int, cfg: dict, fp16_tables: bool):
+    """cos/sin for `positions` [B, S] -> [B, S, hd] each, fp32."""
+    hd = cfg["hidden_size"] // cfg["n_head"]
+    base = cfg.get("rope_theta", 10000.0)
+    alpha, mscale = ntk_alpha_and_mscale(total_len, cfg["training_seqlen"], cfg["base_seqlen"])
+    theta = base * alpha ** (hd / (hd - 2))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+    freqs = positions.to(torch.float32)[..., None] * inv_freq        # [B, S, hd/2]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    cos, sin = emb.cos(), emb.sin()
+    if fp16_tables:  # the HF code keeps its tables in fp16 and multiplies mscale in
+        cos = (cos.half().float() * mscale).half().float()
+        sin = (sin.half().float() * mscale).half().float()
+    else:
+        cos, sin = cos * mscale, sin * mscale
+    return cos, sin
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def rms_norm(x, w, eps):
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def forward(sd: dict, cfg: dict, input_ids: torch.Tensor, attention_mask=None, position_ids=None,
+            fp16_tables=False, total_len=None):
+    """Logits [B, S, V] in fp32. `sd` has HF names; `attention_mask` [B, S] is 1 for real tokens."""
+    B, S = input_ids.shape
+    H, nh = cfg["hidden_size"], cfg["n_head"]
+    nkv = cfg.get("num_key_value_heads") or nh
+    hd, eps = H // nh, cfg["layer_norm_epsilon"]
+    if position_ids is None:
+        position_ids = torch.arange(S)[None].expand(B, S)
+    cos, sin = rope_cos_sin(position_ids, total_len or S, cfg, fp16_tables)
+    cos, sin = cos[:, None], sin[:, None]                              # [B, 1, S, hd]
+
+    allowed = torch.tril(torch.ones(S, S, dtype=torch.bool))[None, None]   # [1, 1, S, S]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.bool()[:, None, None, :]
+    neg = torch.finfo(torch.float32).min
+
+    x = sd["transformer.word_embeddings.weight"][input_ids]
+    for i in range(cfg["n_layer"]):
+        p = f"transformer.h.{i}."
+        h = rms_norm(x, sd[p + "input_layernorm.weight"], eps)
+        q = (h @ sd[p + "self_attention.query.weight"].T).view(B, S, nh, hd).transpose(1, 2)
+        kv = (h @ sd[p + "self_attention.key_value.weight"].T).view(B, S, nkv, 2 * hd)
+        k, v = kv[..., :hd].transpose(1, 2), kv[..., hd:].transpose(1, 2)  # [B, nkv, S, hd]
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        rep = nh // nkv
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
+        scores = scores.float().masked_fill(~allowed, neg)
+        probs = torch.softmax(scores, dim=-1).to(v.dtype)
+        ctx = (probs @ v).transpose(1, 2).reshape(B, S, H)
+        x = x + ctx @ sd[p + "self_attention.dense.weight"].T + sd[p + "self_attention.dense.bias"]
+        h = rms_norm(x, sd[p + "post_attention_layernorm.weight"], eps)
+        g = F.silu(h @ sd[p + "mlp.gate_proj.weight"].T) * (h @ sd[p + "mlp.up_proj.weight"].T)
+        x = x + g @ sd[p + "mlp.down_proj.weight"].T + sd[p + "mlp.down_proj.bias"]
+    x = rms_norm(x, sd["transformer.ln_f.weight"], eps)
+    return (x @ sd["lm_head.weight"].T).float()
+
+
+def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy over labels != -100."""
+    V = logits.shape[-1]
+    return F.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+def random_state_dict(cfg: dict, seed: int = 0, std: float = 0.02) -> dict:
+    """HF-named random weights: normal(0, std) matrices, norms around 1, small biases."""
+    g = torch.Generator().manual_seed(seed)
+    H, nh, F_ = cfg["hidden_size"], cfg["n_head"], cfg["ffn_hidden_size"]
+    nkv = cfg.get("num_key_value_heads") or nh
+    hd, V = H // nh, cfg["vocab_size"]
+
+    def n(*shape):
+        return torch.randn(*shape, generator=g) * std
+
+    def norm_w():
+        return 1.0 + 0.1 * torch.randn(H, generator=g)
+
+    sd = {"transformer.word_embeddings.weight": n(V, H)}
+    for i in range(cfg["n_layer"]):
+        p = f"transformer.h.{i}."
+        sd[p + "input_layernorm.weight"] = norm_w()
+        sd[p + "self_attention.query.weight"] = n(nh * hd, H)
+        sd[p + "self_attention.key_value.weight"] = n(2 * nkv * hd, H)
+        sd[p + "self_attention.dense.weight"] = n(H, H)
+        sd[p + "self_attention.dense.bias"] = n(H)
+        sd[p + "post_attention_layernorm.weight"] = norm_w()
+        sd[p + "mlp.gate_proj.weight"] = n(F_, H)
+        sd[p + "mlp.up_proj.weight"] = n(F_, H)
+        sd[p + "mlp.down_proj.weight"] = n(H, F_)
+        sd[p + "mlp.down_proj.bias"] = n(H)
+    sd["transformer.ln_f.weight"] = norm_w()
+    sd["lm_head.weight"] = n(V, H)
+    return sd
