@@ -9,10 +9,12 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from .errors import TeleChat2Error
+
 DTYPES = ("float32", "float16", "bfloat16")
 
 
-class ConfigError(ValueError):
+class ConfigError(TeleChat2Error):
     """A configuration value is invalid; the message names the key."""
 
 
@@ -45,7 +47,7 @@ class TeleChat2Config:
     # Ascend fused kernels; the CPU formulation is used when False
     use_flash_attention: bool = False
     use_fused_rms_norm: bool = False
-    extra: dict = field(default_factory=dict, repr=False)  # unknown HF fields, kept for round trips
+    extra: dict = field(default_factory=dict, repr=False, compare=False)  # unknown HF fields, kept for round trips
 
     def __post_init__(self):
         self.validate()

@@ -12,6 +12,8 @@ import struct
 
 import numpy as np
 
+from ..errors import TeleChat2Error
+
 # safetensors dtype -> (numpy dtype for the raw bytes, itemsize); BF16 is read as raw uint16
 SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
@@ -19,7 +21,7 @@ SAFETENSORS_DTYPES = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(TeleChat2Error):
     """A checkpoint file or folder is unusable; the message names the file and tensor."""
 
 

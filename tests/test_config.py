@@ -1,0 +1,112 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from telechat2 import TeleChat2Config
+from telechat2.config import PRESETS, ConfigError
+
+
+@pytest.mark.parametrize("preset,count", [
+    ("3b", 3_070_528_512), ("7b", 7_617_351_680), ("35b", 35_435_059_200), ("35b-32k", 35_435_059_200),
+    ("115b", 113_282_916_352),
+])
+def test_presets_reproduce_published_parameter_counts(preset, count):
+    cfg = TeleChat2Config.from_preset(preset)
+    assert cfg.num_parameters() == count
+    assert cfg.head_dim == 128 and cfg.vocab_size == 131072
+
+
+def test_published_counts_rounded():
+    # as the model cards print them: 3.07B, 7.62B, 35.4B, 113.28B
+    for name, digits, shown in [("3b", 2, 3.07), ("7b", 2, 7.62), ("35b", 1, 35.4), ("115b", 2, 113.28)]:
+        assert round(TeleChat2Config.from_preset(name).num_parameters() / 1e9, digits) == shown
+
+
+def test_115b_is_gqa_and_32k_uses_large_theta():
+    c = TeleChat2Config.from_preset("115b")
+    assert (c.num_heads, c.kv_heads) == (64, 8)
+    c = TeleChat2Config.from_preset("35b-32k")
+    assert (c.seq_length, c.rope_theta) == (32768, 1e6)
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (dict(hidden_size=100, num_heads=3), "hidden_size: 100 is not divisible by num_heads=3"),
+    (dict(n_kv_heads=3), "num_heads=4 is not divisible by n_kv_heads=3"),
+    (dict(compute_dtype="fp8"), "compute_dtype: unknown dtype 'fp8'"),
+    (dict(num_layers=0), "num_layers: must be a positive integer"),
+    (dict(pad_token_id=9999), "pad_token_id: 9999 is outside the vocabulary"),
+    (dict(hidden_size=12, num_heads=4), "head_dim=3 must be even"),
+])
+def test_validation_names_the_key(overrides, needle):
+    base = dict(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=96)
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
+        TeleChat2Config(**{**base, **overrides})
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="unknown preset '13b'"):
+        TeleChat2Config.from_preset("13b")
+
+
+def test_hf_config_round_trip(tmp_path):
+    cfg = TeleChat2Config.from_preset("115b")
+    path = tmp_path / "config.json"
+    cfg.save_hf_config(str(path))
+    d = json.loads(path.read_text())
+    for key, value in {"n_layer": 96, "n_head": 64, "num_key_value_heads": 8, "ffn_hidden_size": 40960,
+                       "layer_norm_epsilon": 1e-8, "training_seqlen": 8192, "base_seqlen": 8192}.items():
+        assert d[key] == value
+    assert TeleChat2Config.from_hf_config(str(tmp_path)) == cfg
+
+
+def test_hf_config_without_kv_heads_means_mha_and_keeps_unknown_fields(tmp_path):
+    d = {"hidden_size": 64, "n_layer": 2, "n_head": 4, "ffn_hidden_size": 96, "vocab_size": 512,
+         "logn": True, "flash_attn": False}
+    cfg = TeleChat2Config.from_hf_dict(d)
+    assert cfg.kv_heads == 4 and cfg.n_kv_heads is None
+    assert cfg.to_hf_dict()["logn"] is True
+
+
+def test_hf_config_errors(tmp_path):
+    bad = tmp_path / "config.json"
+    bad.write_text('{"hidden_size": 64,\n "n_layer": }')
+    with pytest.raises(ConfigError, match=r"config.json: line 2: invalid JSON"):
+        TeleChat2Config.from_hf_config(str(bad))
+    bad.write_text('{"hidden_size": 64}')
+    with pytest.raises(ConfigError, match="missing required field"):
+        TeleChat2Config.from_hf_config(str(bad))
+
+
+def test_model_config_block_from_mindformers_yaml():
+    mc = {"type": "TelechatConfig", "batch_size": 1, "seq_length": 8192, "hidden_size": 4096, "num_layers": 30,
+          "num_heads": 32, "vocab_size": 131072, "rms_norm_eps": 1e-5, "intermediate_size": 12288,
+          "compute_dtype": "bfloat16", "use_flash_attention": True, "use_past": False}
+    cfg = TeleChat2Config.from_model_config(mc)
+    assert cfg.num_parameters() == 7_617_351_680 and cfg.compute_dtype == "bfloat16"
+    with pytest.raises(ConfigError, match=r"model.model_config.hiden_size: unknown key \(did you mean 'hidden_size'\?\)"):
+        TeleChat2Config.from_model_config({**mc, "hiden_size": 4096})
+
+
+def test_cli_info_prints_115b_count():
+    out = subprocess.run([sys.executable, "-m", "telechat2", "info", "--preset", "115b"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "113,282,916,352" in out and "lm_head" in out and "mlp" in out
+    js = subprocess.run([sys.executable, "-m", "telechat2", "info", "--preset", "7b", "--format", "json"],
+                        capture_output=True, text=True, check=True).stdout
+    info = json.loads(js)
+    assert info["parameters"] == 7_617_351_680 == sum(info["breakdown"].values())
+
+
+def test_cli_info_bad_config_is_one_line_on_stderr(tmp_path):
+    bad = tmp_path / "config.json"
+    bad.write_text('{"hidden_size": 64, "n_layer": 2, "n_head": 3, "ffn_hidden_size": 8, "vocab_size": 16}')
+    r = subprocess.run([sys.executable, "-m", "telechat2", "info", "--config", str(bad)], capture_output=True, text=True)
+    assert r.returncode == 1 and r.stdout == ""
+    assert "hidden_size: 64 is not divisible by num_heads=3" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_presets_are_data():
+    assert set(PRESETS) >= {"tiny", "3b", "7b", "35b", "35b-32k", "115b"}
+    assert all(isinstance(v, dict) for v in PRESETS.values())
