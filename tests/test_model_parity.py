@@ -137,3 +137,15 @@ def test_negative_control_without_mscale(loaded, monkeypatch):
         assert np.abs(model(ids).asnumpy() - reference_logits(cfg, sd, ids)).max() > 2 * TOL
     finally:
         transformer._cached_rope_tables.cache_clear()
+
+
+def test_ascend_fast_paths_fall_back_on_cpu(tmp_path):
+    """Configs that ask for FlashAttention / fused RmsNorm still run here, through the tested CPU path."""
+    cfg = tiny_config()
+    sd = ref.random_state_dict(cfg.to_hf_dict(), seed=10)
+    hf_dir = write_hf_folder(str(tmp_path), cfg, sd)
+    with pytest.warns(UserWarning, match="use_flash_attention, use_fused_rms_norm: Ascend-only kernels"):
+        model = TeleChat2ForCausalLM.from_hf(hf_dir, use_flash_attention=True, use_fused_rms_norm=True)
+    assert not model.config.use_flash_attention and not model.config.use_fused_rms_norm
+    ids = _ids(cfg, 1, 16)
+    assert np.abs(model(ids).asnumpy() - reference_logits(cfg, sd, ids)).max() <= TOL

@@ -6,6 +6,7 @@ model.layers.{i}.attention.wq.weight, ...), so its MindSpore checkpoints load un
 from __future__ import annotations
 
 import functools
+import warnings
 
 import numpy as np
 import mindspore as ms
@@ -75,6 +76,7 @@ class TeleChat2ForCausalLM(nn.Cell):
     def __init__(self, config: TeleChat2Config, mesh: ParallelMesh | None = None):
         super().__init__()
         mesh = mesh or ParallelMesh.single()
+        config = _without_unavailable_kernels(config)
         self.config = config
         self.mesh = mesh
         self.rotary_dtype = ms_dtype(config.rotary_dtype)
@@ -121,6 +123,17 @@ class TeleChat2ForCausalLM(nn.Cell):
         if labels is None:
             return logits
         return causal_lm_loss(logits, labels, self.config.ignore_token_id)
+
+
+def _without_unavailable_kernels(config: TeleChat2Config) -> TeleChat2Config:
+    """FlashAttention and the fused RmsNorm exist only on Ascend; elsewhere use the primitive formulation."""
+    wanted = [k for k in ("use_flash_attention", "use_fused_rms_norm") if getattr(config, k)]
+    device = ms.get_context("device_target")
+    if not wanted or device == "Ascend":
+        return config
+    warnings.warn(f"{', '.join(wanted)}: Ascend-only kernels, not available on {device}; "
+                  "using the equivalent primitive formulation", stacklevel=3)
+    return config.replace(**{k: False for k in wanted})
 
 
 def _to_tensor(x):

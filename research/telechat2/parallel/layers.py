@@ -5,9 +5,8 @@ rows [out/tp] of the weight, a row-parallel linear holds columns [in/tp]. At tp=
 """
 from __future__ import annotations
 
-import numpy as np
 import mindspore as ms
-from mindspore import Parameter, Tensor, mint, nn, ops
+from mindspore import Parameter, mint, nn, ops
 from mindspore.common.initializer import Normal, Zero, initializer
 
 from .mesh import ParallelMesh
