@@ -33,13 +33,22 @@ def test_name_table_round_trips_and_covers_the_model():
         hf_to_ms("transformer.h.0.mlp.fc.weight")
 
 
-def test_missing_tensor_is_named(hf):
+def test_missing_tensor_is_named(hf, tmp_path):
+    cfg, sd, _ = hf
+    sd = {k: v for k, v in sd.items() if k != "transformer.h.1.mlp.up_proj.weight"}
+    path = write_hf_folder(str(tmp_path / "missing"), cfg, sd)
+    with pytest.raises(CheckpointError, match=r"missing 1 tensor\(s\): model.layers.1.feed_forward.w3.weight"):
+        TeleChat2ForCausalLM.from_hf(path)
+
+
+def test_index_naming_a_tensor_its_shard_lacks(hf):
     cfg, sd, path = hf
     index = os.path.join(path, "model.safetensors.index.json")
     doc = json.load(open(index))
-    del doc["weight_map"]["transformer.h.1.mlp.up_proj.weight"]
+    doc["weight_map"]["lm_head.weight"] = "model-00001-of-00002.safetensors" \
+        if doc["weight_map"]["lm_head.weight"].startswith("model-00002") else "model-00002-of-00002.safetensors"
     json.dump(doc, open(index, "w"))
-    with pytest.raises(CheckpointError, match=r"missing 1 tensor\(s\): model.layers.1.feed_forward.w3.weight"):
+    with pytest.raises(CheckpointError, match=r"tensor 'lm_head.weight' listed in the index is not in the file"):
         TeleChat2ForCausalLM.from_hf(path)
 
 
@@ -85,7 +94,7 @@ def test_no_weights_at_all(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"x")
     cfg = tiny_config()
     cfg.save_hf_config(str(tmp_path / "config.json"))
-    with pytest.raises(CheckpointError, match="holds only pytorch_model"):
+    with pytest.raises(CheckpointError, match="pytorch_model.bin: .bin files are Python pickles.*--allow-pickle"):
         TeleChat2ForCausalLM.from_hf(str(tmp_path))
 
 

@@ -48,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--config", help="HF config.json (or its folder) or a run YAML")
     info.add_argument("--format", choices=["table", "json"], default="table")
     info.set_defaults(func=cmd_info)
+    from .data.cli import add_preprocess_parser
+    add_preprocess_parser(sub)
+
+    from .checkpoint.cli import add_convert_parser
+    add_convert_parser(sub)
     return p
 
 

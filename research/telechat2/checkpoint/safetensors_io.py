@@ -108,3 +108,33 @@ class SafetensorsFile:
         if self.dtype(name) == "BF16":
             return bf16_bits_to_f32(raw)
         return np.asarray(raw, dtype=np.float32)
+
+
+def write_safetensors(path: str, tensors, metadata: dict | None = None) -> None:
+    """Stream tensors into one .safetensors file without holding them.
+
+    `tensors`: list of (name, dtype, shape, chunks) where `chunks()` yields numpy blocks whose raw bytes,
+    concatenated, are the tensor in `dtype` (BF16 as uint16 bits). The header is written first from the
+    shapes, then each tensor's bytes.
+    """
+    header, offset = {}, 0
+    for name, dtype, shape, _ in tensors:
+        n = int(np.prod(shape, dtype=np.int64)) * np.dtype(SAFETENSORS_DTYPES[dtype]).itemsize
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    if metadata:
+        header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)             # keep the data 8-byte aligned, as the reference writer does
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(blob)))
+        fh.write(blob)
+        for name, dtype, shape, chunks in tensors:
+            want = header[name]["data_offsets"][1] - header[name]["data_offsets"][0]
+            written = 0
+            for block in chunks():
+                data = np.ascontiguousarray(block)
+                fh.write(memoryview(data).cast("B"))
+                written += data.nbytes
+            if written != want:
+                raise RuntimeError(f"{path}: tensor {name!r}: wrote {written} bytes, expected {want}")

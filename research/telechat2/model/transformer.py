@@ -89,9 +89,9 @@ class TeleChat2ForCausalLM(nn.Cell):
     @classmethod
     def from_hf(cls, hf_dir: str, mesh: ParallelMesh | None = None, **config_overrides) -> "TeleChat2ForCausalLM":
         """Build from an HF release folder (config.json + safetensors shards + index) by pure renaming."""
-        from ..checkpoint.hf import load_hf_weights
+        from ..checkpoint.load import load_weights
         model = cls(TeleChat2Config.from_hf_config(hf_dir, **config_overrides), mesh)
-        load_hf_weights(model, hf_dir)
+        load_weights(model, hf_dir)
         return model
 
     def __call__(self, input_ids, *args, **kwargs):

@@ -1,0 +1,79 @@
+"""`telechat2 convert hf2ms | ms2hf | verify`."""
+from __future__ import annotations
+
+import os
+import sys
+
+from .convert import DTYPE_NAMES, parse_size, verify, write_checkpoint
+from .safetensors_io import CheckpointError
+from .sources import open_checkpoint
+
+
+def _config_of(source):
+    if source.config is None:
+        raise CheckpointError(f"{source.path}: no config.json beside the weights; pass --config "
+                              "(an HF config.json or a run YAML)")
+    return source.config
+
+
+def cmd_hf2ms(args) -> int:
+    src = open_checkpoint(args.hf_dir, config=args.config, allow_pickle=args.allow_pickle)
+    out = write_checkpoint(src, _config_of(src), args.output, target="mindspore", dtype=args.dtype,
+                           fmt=args.format, max_shard_bytes=parse_size(args.max_shard_size), force=args.force)
+    print(f"wrote MindSpore checkpoint ({args.format}) to {out}")
+    return 0
+
+
+def cmd_ms2hf(args) -> int:
+    src = open_checkpoint(args.checkpoint, config=args.config, allow_pickle=False)
+    out = write_checkpoint(src, _config_of(src), args.output, target="hf", dtype=args.dtype,
+                           max_shard_bytes=parse_size(args.max_shard_size), force=args.force)
+    print(f"wrote HF release to {out}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    a = open_checkpoint(args.a, config=args.config, allow_pickle=args.allow_pickle)
+    b = open_checkpoint(args.b, config=args.config, allow_pickle=args.allow_pickle)
+    problems, compared, worst = verify(a, b, atol=args.atol)
+    for p in problems:
+        print(f"MISMATCH {p}", file=sys.stderr)
+    status = "OK" if not problems else f"{len(problems)} mismatch(es)"
+    print(f"{status}: {compared} tensors compared ({a.kind} {a.path} vs {b.kind} {b.path}), "
+          f"max abs diff {worst:.3g}, tolerance {args.atol:g}")
+    return 0 if not problems else 1
+
+
+def add_convert_parser(sub) -> None:
+    conv = sub.add_parser("convert", help="convert checkpoints between HF and MindSpore, or compare two")
+    csub = conv.add_subparsers(dest="direction", required=True)
+
+    def common(p):
+        p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None,
+                       help="cast every tensor to this dtype (default: keep the stored dtype)")
+        p.add_argument("--config", help="HF config.json or run YAML, when none sits beside the weights")
+        p.add_argument("--max-shard-size", default="4GB", help="largest output shard (default 4GB)")
+        p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+
+    p = csub.add_parser("hf2ms", help="HF release -> MindSpore checkpoint folder")
+    p.add_argument("--hf-dir", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--format", choices=["safetensors", "ckpt"], default="safetensors")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read pytorch_model*.bin (pickles can run code; loaded weights-only)")
+    common(p)
+    p.set_defaults(func=cmd_hf2ms)
+
+    p = csub.add_parser("ms2hf", help="MindSpore checkpoint (folder, .ckpt or .safetensors) -> HF release")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--output", required=True)
+    common(p)
+    p.set_defaults(func=cmd_ms2hf)
+
+    p = csub.add_parser("verify", help="compare two checkpoints of any supported format, tensor by tensor")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--atol", type=float, default=0.0, help="largest allowed |a - b| (default 0: bit-equal values)")
+    p.add_argument("--config", help="config for single-file checkpoints (not needed to compare)")
+    p.add_argument("--allow-pickle", action="store_true")
+    p.set_defaults(func=cmd_verify)

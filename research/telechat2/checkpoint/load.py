@@ -1,0 +1,27 @@
+"""Loading a checkpoint of any supported format into a model (used by `from_hf` and the converters' tests)."""
+from __future__ import annotations
+
+import numpy as np
+
+from .safetensors_io import CheckpointError
+from .sources import check_against_config, open_checkpoint, to_f32
+
+
+def load_weights(model, path: str, allow_pickle: bool = False) -> None:
+    """Copy a checkpoint's weights (HF folder, MindSpore folder, or one file) into `model` by renaming.
+
+    Every name and shape is checked against the model's config from the file headers before any data
+    is read; errors name the tensor, the file and the expected/actual shapes.
+    """
+    import mindspore as ms
+
+    source = open_checkpoint(path, allow_pickle=allow_pickle)
+    check_against_config(source, model.config)
+    params = model.parameters_dict()
+    for name, entry in source.entries.items():
+        param = params[name]
+        if tuple(param.shape) != entry.shape:       # a sharded layout loads slices (parallel checkpoints)
+            raise CheckpointError(f"{entry.origin}: tensor {entry.stored_name!r}: model parameter has shape "
+                                  f"{list(param.shape)}, checkpoint {list(entry.shape)}")
+        value = np.ascontiguousarray(to_f32(entry.read_raw(), entry.dtype))
+        param.set_data(ms.Tensor(value).astype(param.dtype))
