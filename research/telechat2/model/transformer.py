@@ -16,7 +16,7 @@ from ..config import TeleChat2Config
 from ..dtypes import ms_dtype
 from ..parallel import ColumnParallelLinear, ParallelMesh, VocabParallelEmbedding
 from .attention import Attention
-from .loss import causal_lm_loss
+from .loss import causal_lm_loss, next_token_loss
 from .mlp import MLP
 from .norm import RMSNorm
 from .rotary import rope_tables
@@ -111,18 +111,30 @@ class TeleChat2ForCausalLM(nn.Cell):
             return cos[:seq_len].reshape(1, 1, seq_len, -1), sin[:seq_len].reshape(1, 1, seq_len, -1)
         return ops.gather(cos, position_ids, 0).expand_dims(1), ops.gather(sin, position_ids, 0).expand_dims(1)
 
-    def construct(self, input_ids, labels=None, attention_mask=None, position_ids=None):
-        # input_ids: [B, S] int; attention_mask: [B, S], 1 = real token; position_ids: [B, S]
+    def logits(self, input_ids, attention_mask=None, position_ids=None):
+        """fp32 logits [B, S, V]."""
         seq_len = input_ids.shape[1]
         cos, sin = self.rotary(seq_len, position_ids)
         allowed = Tensor(_causal_mask(seq_len))                               # [1, 1, S, S]
         if attention_mask is not None:
             allowed = ops.logical_and(allowed, (attention_mask != 0).reshape(attention_mask.shape[0], 1, 1, seq_len))
         hidden = self.model(input_ids, cos, sin, allowed)
-        logits = self.lm_head(hidden).astype(ms.float32)                       # [B, S, V]
+        return self.lm_head(hidden).astype(ms.float32)
+
+    def construct(self, input_ids, labels=None, attention_mask=None, position_ids=None):
+        # input_ids: [B, S] int; labels: [B, S] aligned with input_ids (HF style, shifted here);
+        # attention_mask: [B, S], 1 = real token; position_ids: [B, S]
+        logits = self.logits(input_ids, attention_mask, position_ids)
         if labels is None:
             return logits
         return causal_lm_loss(logits, labels, self.config.ignore_token_id)
+
+    def next_token_loss(self, input_ids, targets, position_ids=None):
+        """Mean cross entropy of logits[t] against targets[t] (already shifted; -100 ignored).
+
+        The trainer's loss: a packed sample of S+1 ids gives input_ids = ids[:, :-1], targets = ids[:, 1:].
+        """
+        return next_token_loss(self.logits(input_ids, None, position_ids), targets, self.config.ignore_token_id)
 
 
 def _without_unavailable_kernels(config: TeleChat2Config) -> TeleChat2Config:
