@@ -149,6 +149,7 @@ def _decode_line(raw: bytes, first: bool) -> object:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise LineError("not UTF-8", f"invalid UTF-8 byte 0x{raw[e.start]:02x} at byte {e.start}") from None
+    text = text.rstrip("\r\n")
     if first:
         text = text.lstrip("\ufeff")
     try:
