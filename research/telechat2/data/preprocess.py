@@ -56,7 +56,7 @@ DATA_FILE = "data.mindrecord"
 META_FILE = "meta.json"
 IGNORE_INDEX = -100
 EOS_ID, PAD_ID = 2, 3
-LINES_PER_TASK = 128
+LINES_PER_TASK = 256
 MAX_REPORTED_SKIPS = 20
 
 
@@ -240,35 +240,60 @@ def _init_worker(tokenizer_path: str, kind: str, vocab_size: int | None) -> None
                    vocab=vocab_size or tok.vocab_size)
 
 
-def _process(task: list[tuple[int, int, bytes]]) -> list[tuple[int, int, object, str | None, str | None]]:
-    """[(file index, line number, record or None, error reason, error message)] for a batch of lines."""
+@dataclass
+class _TaskResult:
+    """What a worker sends back for one batch of lines: the records concatenated (cheap to pickle)."""
+    file_index: int
+    lengths: np.ndarray                 # [n records] int64
+    ids: np.ndarray                     # [sum(lengths)] int32
+    labels: np.ndarray | None           # sft: [sum(lengths)] int32
+    errors: list[tuple[int, str, str]]  # (line number, reason, message), in line order
+
+    def records(self) -> list:
+        if not len(self.lengths):
+            return []
+        cuts = np.cumsum(self.lengths)[:-1]
+        ids = np.split(self.ids, cuts)
+        return ids if self.labels is None else list(zip(ids, np.split(self.labels, cuts)))
+
+
+def _process(task: tuple[int, list[tuple[int, bytes]]]) -> _TaskResult:
+    """Parse and tokenize one batch of lines of one file."""
     tok, fn, vocab = _worker["tok"], _worker["fn"], _worker["vocab"]
-    out = []
-    for fi, lineno, raw in task:
+    file_index, lines = task
+    recs, errors = [], []
+    for lineno, raw in lines:
         try:
-            out.append((fi, lineno, fn(_decode_line(raw, lineno == 1), tok, vocab), None, None))
+            recs.append(fn(_decode_line(raw, lineno == 1), tok, vocab))
         except LineError as e:
-            out.append((fi, lineno, None, e.reason, str(e)))
-    return out
+            errors.append((lineno, e.reason, str(e)))
+    sft = bool(recs) and isinstance(recs[0], tuple)
+    ids = [r[0] if sft else r for r in recs]
+    return _TaskResult(
+        file_index, np.array([len(r) for r in ids], dtype=np.int64),
+        np.concatenate(ids) if ids else np.zeros(0, np.int32),
+        np.concatenate([r[1] for r in recs]) if sft else None, errors)
 
 
 # ---- the run ---------------------------------------------------------------------------------------
 
 def _tasks(inputs: list[str], bar, counts: Counter):
     for fi, path in enumerate(inputs):
-        task = []
+        lines, nbytes = [], 0
         with open(path, "rb") as fh:
             for lineno, raw in enumerate(fh, 1):
-                bar.update(len(raw))
+                nbytes += len(raw)
                 if not raw.strip():
                     continue
                 counts["lines"] += 1
-                task.append((fi, lineno, raw))
-                if len(task) == LINES_PER_TASK:
-                    yield task
-                    task = []
-        if task:
-            yield task
+                lines.append((lineno, raw))
+                if len(lines) == LINES_PER_TASK:
+                    bar.update(nbytes)
+                    yield fi, lines
+                    lines, nbytes = [], 0
+        bar.update(nbytes)
+        if lines:
+            yield fi, lines
 
 
 def _read_records(opts: Options, summary: Summary) -> list:
@@ -290,18 +315,16 @@ def _read_records(opts: Options, summary: Summary) -> list:
             _init_worker(opts.tokenizer, opts.kind, opts.vocab_size)
             results = map(_process, tasks)
         try:
-            for batch in results:
-                for fi, lineno, rec, reason, msg in batch:
-                    if rec is not None:
-                        records.append(rec)
-                        continue
-                    where = f"{opts.inputs[fi]}:{lineno}"
+            for res in results:
+                for lineno, reason, msg in res.errors:
+                    where = f"{opts.inputs[res.file_index]}:{lineno}"
                     if opts.on_error == "fail":
                         raise PreprocessError(f"{where}: {msg} (pass --on-error skip to skip bad lines)")
                     summary.skipped[reason] += 1
                     if reported < MAX_REPORTED_SKIPS:
                         bar.write(f"warning: {where}: {msg}; skipped", file=sys.stderr)
                         reported += 1
+                records.extend(res.records())
         finally:
             if pool is not None:
                 pool.terminate()
