@@ -192,6 +192,8 @@ def test_bad_lines_fail_naming_file_and_line(tmp_path):
     assert f"telechat2 preprocess: error: {src}:3: invalid JSON: Expecting value at column 47" in r.stderr
     assert "--on-error skip" in r.stderr
     assert sorted(os.listdir(tmp_path)) == ["bad.jsonl"]                  # nothing written, nothing left over
+    with pytest.raises(PreprocessError, match=f"^{src}:3: invalid JSON"):  # the second of two inputs is named
+        run(opts("sft", [SFT, src], tmp_path / "out", 64))
     for k, (line, reason, message) in enumerate(BAD_LINES):
         one = write_lines(tmp_path / f"one{k}.jsonl", [GOOD, line])
         with pytest.raises(PreprocessError, match=f"one{k}.jsonl:2: " + message.replace("(", r"\(")):
