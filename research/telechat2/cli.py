@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .checkpoint.cli import add_convert_parser
     add_convert_parser(sub)
+    from .train.cli import add_train_parsers
+    add_train_parsers(sub)
     return p
 
 

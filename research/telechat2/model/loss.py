@@ -7,10 +7,10 @@ from mindspore import ops
 
 def causal_lm_loss(logits, labels, ignore_index: int = -100):
     """logits: [B, S, V]; labels: [B, S] (the label of position t is predicted at t-1). Scalar fp32."""
-    return next_token_loss(logits[:, :-1], labels[:, 1:], ignore_index)
+    return token_cross_entropy(logits[:, :-1], labels[:, 1:], ignore_index)
 
 
-def next_token_loss(logits, targets, ignore_index: int = -100):
+def token_cross_entropy(logits, targets, ignore_index: int = -100):
     """logits: [B, S, V]; targets: [B, S], targets[t] is the token predicted at t. Scalar fp32."""
     valid = targets != ignore_index
     target = ops.select(valid, targets, ops.zeros_like(targets)).astype(ms.int32)

@@ -16,7 +16,7 @@ from ..config import TeleChat2Config
 from ..dtypes import ms_dtype
 from ..parallel import ColumnParallelLinear, ParallelMesh, VocabParallelEmbedding
 from .attention import Attention
-from .loss import causal_lm_loss, next_token_loss
+from .loss import causal_lm_loss, token_cross_entropy
 from .mlp import MLP
 from .norm import RMSNorm
 from .rotary import rope_tables
@@ -111,13 +111,16 @@ class TeleChat2ForCausalLM(nn.Cell):
             return cos[:seq_len].reshape(1, 1, seq_len, -1), sin[:seq_len].reshape(1, 1, seq_len, -1)
         return ops.gather(cos, position_ids, 0).expand_dims(1), ops.gather(sin, position_ids, 0).expand_dims(1)
 
-    def logits(self, input_ids, attention_mask=None, position_ids=None):
-        """fp32 logits [B, S, V]."""
-        seq_len = input_ids.shape[1]
+    def logits(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None):
+        """fp32 logits [B, S, V]. segment_ids [B, S] (packed documents): attend only within a segment."""
+        batch, seq_len = input_ids.shape
         cos, sin = self.rotary(seq_len, position_ids)
         allowed = Tensor(_causal_mask(seq_len))                               # [1, 1, S, S]
         if attention_mask is not None:
-            allowed = ops.logical_and(allowed, (attention_mask != 0).reshape(attention_mask.shape[0], 1, 1, seq_len))
+            allowed = ops.logical_and(allowed, (attention_mask != 0).reshape(batch, 1, 1, seq_len))
+        if segment_ids is not None:
+            same = segment_ids.reshape(batch, 1, seq_len, 1) == segment_ids.reshape(batch, 1, 1, seq_len)
+            allowed = ops.logical_and(allowed, same)
         hidden = self.model(input_ids, cos, sin, allowed)
         return self.lm_head(hidden).astype(ms.float32)
 
@@ -129,12 +132,13 @@ class TeleChat2ForCausalLM(nn.Cell):
             return logits
         return causal_lm_loss(logits, labels, self.config.ignore_token_id)
 
-    def next_token_loss(self, input_ids, targets, position_ids=None):
+    def next_token_loss(self, input_ids, targets, position_ids=None, segment_ids=None):
         """Mean cross entropy of logits[t] against targets[t] (already shifted; -100 ignored).
 
         The trainer's loss: a packed sample of S+1 ids gives input_ids = ids[:, :-1], targets = ids[:, 1:].
         """
-        return next_token_loss(self.logits(input_ids, None, position_ids), targets, self.config.ignore_token_id)
+        logits = self.logits(input_ids, None, position_ids, segment_ids)
+        return token_cross_entropy(logits, targets, self.config.ignore_token_id)
 
 
 def _without_unavailable_kernels(config: TeleChat2Config) -> TeleChat2Config:

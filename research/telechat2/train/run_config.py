@@ -1,0 +1,341 @@
+"""Run configs in the MindFormers YAML layout: schema, `base_config` inheritance, `--set`, validation.
+
+The schema below lists every key the project reads, with its default. Keys MindFormers users carry in
+their YAMLs that only MindFormers' own runtime reads are listed in ACCEPTED_UNUSED and ignored; anything
+else is an error naming the key and the closest valid one.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+
+import yaml
+
+from ..config import ConfigError, TeleChat2Config
+
+LOW_PRECISION = ("float16", "bfloat16")
+
+SCHEMA: dict = {
+    "seed": 0,
+    "output_dir": "./output",
+    "load_checkpoint": "",
+    "auto_trans_ckpt": False,           # accepted: any checkpoint loads into any layout here
+    "resume_training": False,
+    "run_mode": "train",                # train (pretraining) | finetune (SFT)
+    "trainer": {"type": "CausalLanguageModelingTrainer", "model_name": "telechat2"},
+    "runner_config": {
+        "epochs": 1,
+        "batch_size": 1,                # per data-parallel rank, per micro step
+        "sink_mode": True,
+        "sink_size": 1,
+        "gradient_accumulation_steps": 1,
+        "max_steps": -1,                # stop after this many optimizer steps (-1: the whole data)
+    },
+    "runner_wrapper": {
+        "type": "MFTrainOneStepCell",
+        "scale_sense": 1.0,             # a number (static) or {type: DynamicLossScaleUpdateCell, ...}
+        "use_clip_grad": True,
+        "max_grad_norm": 1.0,
+    },
+    # AMP level (not the jit compile level): O0 fp32; O1 matmuls in `dtype`; O2 the network in `dtype`
+    # except norms, softmax, RoPE tables and loss, fp32 master weights. "none": model_config dtypes as written.
+    "amp": {"level": "none", "dtype": "bfloat16"},
+    "optimizer": {"type": "AdamW", "betas": [0.9, 0.95], "eps": 1.0e-8, "weight_decay": 0.1},
+    "lr_schedule": {
+        "type": "CosineWithWarmUpLR",
+        "learning_rate": 1.5e-4,
+        "lr_end": 1.5e-5,
+        "warmup_ratio": 0.0,
+        "warmup_steps": 0,              # used when warmup_ratio is 0
+        "total_steps": -1,              # -1: the number of optimizer steps of the run
+    },
+    "train_dataset": {
+        "data_loader": {"type": "MindDataset", "dataset_dir": "", "shuffle": True},
+        "input_columns": ["input_ids"],
+        "batch_size": None,             # MindFormers copies runner_config.batch_size here; must agree if set
+        "drop_remainder": True,
+        "num_parallel_workers": 1,
+        "python_multiprocessing": False,
+        "numa_enable": False,
+        "prefetch_size": 1,
+        "tokenizer": "",                # for raw .jsonl dataset_dir: the tokenizer.model to preprocess with
+    },
+    "use_parallel": False,
+    "parallel": {
+        "parallel_mode": 0,
+        "gradients_mean": True,
+        "enable_alltoall": False,
+        "full_batch": True,
+        "search_mode": "sharding_propagation",
+        "enable_parallel_optimizer": False,
+        "strategy_ckpt_save_file": "./ckpt_strategy.ckpt",
+        "parallel_optimizer_config": {"gradient_accumulation_shard": False, "parallel_optimizer_threshold": 64},
+    },
+    "parallel_config": {
+        "data_parallel": 1,
+        "model_parallel": 1,
+        "pipeline_stage": 1,
+        "context_parallel": 1,
+        "use_seq_parallel": False,
+        "micro_batch_num": 1,
+        "vocab_emb_dp": True,
+        "gradient_aggregation_group": 4,
+    },
+    "micro_batch_interleave_num": 1,
+    "recompute_config": {
+        "recompute": False,
+        "select_recompute": False,
+        "select_comm_recompute": False,
+        "parallel_optimizer_comm_recompute": False,
+        "mp_comm_recompute": True,
+        "recompute_slice_activation": False,
+    },
+    "callbacks": [
+        {"type": "MFLossMonitor", "per_print_times": 1},
+        {"type": "CheckpointMonitor", "prefix": "telechat2", "save_checkpoint_steps": 1000,
+         "keep_checkpoint_max": 3, "checkpoint_format": "safetensors", "integrated_save": False},
+    ],
+    "context": {
+        "mode": 0,                      # 0: graph (ms.jit on the step), 1: PyNative
+        "device_target": "CPU",
+        "max_call_depth": 10000,
+        "max_device_memory": "58GB",
+        "save_graphs": False,
+        "save_graphs_path": "./graph",
+        "device_id": 0,
+        "jit_config": {"jit_level": "O0"},   # the compile level, not the AMP level
+    },
+    "model": {
+        "preset": "",                   # a TeleChat2Config preset; model_config keys override it
+        "model_config": {},             # TeleChat2Config fields (checked by TeleChat2Config.from_model_config)
+        "arch": {"type": "TeleChat2ForCausalLM"},
+    },
+    "processor": {"tokenizer": {"vocab_file": "", "type": "TeleChat2Tokenizer"}},
+    # performance report
+    "report": {"peak_tflops": 0.0},     # per-device peak for MFU; 0: measure this machine's MindSpore GEMM
+}
+
+ACCEPTED_UNUSED = {
+    "src_strategy_path_or_dir", "only_save_strategy", "ignore_data_skip", "load_ckpt_format", "train_dataset_task",
+    "profile", "profile_start_step", "profile_stop_step", "init_start_profile", "profile_communication",
+    "profile_memory", "layer_scale", "layer_decay", "lr_scale_factor", "eval_dataset", "eval_dataset_task",
+    "do_eval", "metric", "moe_config", "base_config",
+}
+
+LOSS_SCALE_DEFAULTS = {"type": "DynamicLossScaleUpdateCell", "loss_scale_value": 65536.0, "scale_factor": 2.0,
+                       "scale_window": 1000}
+
+
+def _suggest(key, candidates) -> str:
+    close = difflib.get_close_matches(key, sorted(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+# path-valued keys: when written relative in a YAML file they are relative to that file's folder, so a config
+# runs from any working directory (paths given with --set or on the command line are relative to the cwd)
+PATH_KEYS = (("load_checkpoint",), ("train_dataset", "data_loader", "dataset_dir"), ("train_dataset", "tokenizer"),
+             ("processor", "tokenizer", "vocab_file"))
+
+
+def _anchor_paths(doc: dict, folder: str) -> None:
+    for keys in PATH_KEYS:
+        node = doc
+        for k in keys[:-1]:
+            node = node.get(k) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(keys[-1]), str) and node[keys[-1]] \
+                and not os.path.isabs(node[keys[-1]]):
+            node[keys[-1]] = os.path.normpath(os.path.join(folder, node[keys[-1]]))
+
+
+def load_yaml_with_bases(path: str, _seen=()) -> dict:
+    """A YAML file merged over its `base_config` (a path or list of paths, relative to the file)."""
+    path = os.path.abspath(path)
+    if path in _seen:
+        raise ConfigError(f"{path}: base_config cycle")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            doc = yaml.safe_load(fh) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark else ""
+        raise ConfigError(f"{path}: {where}invalid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: a run config must be a mapping of keys")
+    _anchor_paths(doc, os.path.dirname(path))
+    bases = doc.pop("base_config", None) or []
+    merged: dict = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        merged = _merge(merged, load_yaml_with_bases(os.path.join(os.path.dirname(path), base), _seen + (path,)))
+    return _merge(merged, doc)
+
+
+def _check_keys(doc: dict, schema: dict, where: str, source: str) -> None:
+    for key, value in doc.items():
+        here = f"{where}{key}"
+        if key not in schema:
+            if not where and key in ACCEPTED_UNUSED:
+                continue
+            raise ConfigError(f"{source}: unknown key {here!r}{_suggest(key, schema)}")
+        if key == "model_config" or key == "scale_sense":
+            continue                      # checked by TeleChat2Config / the loss scaler
+        if key == "callbacks":
+            _check_callbacks(value, source)
+        elif isinstance(schema[key], dict) and schema[key]:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {here} must be a mapping, got {value!r}")
+            _check_keys(value, schema[key], here + ".", source)
+
+
+def _check_callbacks(callbacks, source):
+    known = {cb["type"]: cb for cb in SCHEMA["callbacks"]}
+    if not isinstance(callbacks, list):
+        raise ConfigError(f"{source}: callbacks must be a list of {{type: ...}} entries")
+    for cb in callbacks:
+        if not isinstance(cb, dict) or cb.get("type") not in known:
+            t = cb.get("type") if isinstance(cb, dict) else cb
+            raise ConfigError(f"{source}: callbacks: unknown callback {t!r}{_suggest(str(t), known)}")
+        for k in cb:
+            if k not in known[cb["type"]]:
+                raise ConfigError(f"{source}: unknown key 'callbacks.{cb['type']}.{k}'{_suggest(k, known[cb['type']])}")
+
+
+def _merge_callbacks(defaults: list, given: list) -> list:
+    by_type = {cb["type"]: dict(cb) for cb in defaults}
+    for cb in given:
+        by_type[cb["type"]] = {**by_type[cb["type"]], **cb}
+    return list(by_type.values())
+
+
+def apply_set(doc: dict, assignment: str) -> None:
+    """`a.b.c=value` (value parsed as YAML); `callbacks.<Type>.key=value` addresses a callback by type."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key.path=value")
+    path, raw = assignment.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    keys = path.strip().split(".")
+    node, schema = doc, SCHEMA
+    for i, key in enumerate(keys[:-1]):
+        if key == "callbacks":
+            cb_type = keys[i + 1]
+            cbs = doc.setdefault("callbacks", [])
+            match = [cb for cb in cbs if cb.get("type") == cb_type]
+            if not match:
+                cbs.append({"type": cb_type})
+                match = cbs[-1:]
+            node = match[0]
+            if len(keys) != i + 3:
+                raise ConfigError(f"--set {path}: expected callbacks.<Type>.<key>")
+            node[keys[-1]] = value
+            return
+        if key not in node or not isinstance(node[key], dict):
+            if schema is not None and key not in schema and key not in ACCEPTED_UNUSED:
+                raise ConfigError(f"--set {path}: unknown key {'.'.join(keys[:i + 1])!r}{_suggest(key, schema or {})}")
+            node[key] = {}
+        node = node[key]
+        schema = schema.get(key) if isinstance(schema, dict) else None
+    node[keys[-1]] = value
+
+
+def load_run_config(path: str, overrides: list[str] = ()) -> dict:
+    """The resolved run config: schema defaults <- base_config chain <- the file <- --set overrides."""
+    doc = load_yaml_with_bases(path)
+    for assignment in overrides:
+        apply_set(doc, assignment)
+    _check_keys(doc, SCHEMA, "", path)
+    callbacks = _merge_callbacks(SCHEMA["callbacks"], doc.pop("callbacks", []))
+    cfg = _merge(SCHEMA, {k: v for k, v in doc.items() if k not in ACCEPTED_UNUSED})
+    cfg["callbacks"] = callbacks
+    validate_run_config(cfg, path)
+    return cfg
+
+
+def callback(cfg: dict, cb_type: str) -> dict:
+    return next(cb for cb in cfg["callbacks"] if cb["type"] == cb_type)
+
+
+def _need(cond, source, key, msg):
+    if not cond:
+        raise ConfigError(f"{source}: {key}: {msg}")
+
+
+def validate_run_config(cfg: dict, source: str) -> None:
+    rc = cfg["runner_config"]
+    _need(cfg["run_mode"] in ("train", "finetune", "predict"), source, "run_mode",
+          f"expected train, finetune or predict, got {cfg['run_mode']!r}")
+    for key in ("batch_size", "gradient_accumulation_steps", "epochs"):
+        _need(isinstance(rc[key], int) and rc[key] >= 1, source, f"runner_config.{key}", "must be an integer >= 1")
+    _need(isinstance(rc["max_steps"], int) and (rc["max_steps"] == -1 or rc["max_steps"] >= 1), source,
+          "runner_config.max_steps", "must be -1 or an integer >= 1")
+    tb = cfg["train_dataset"]["batch_size"]
+    _need(tb is None or tb == rc["batch_size"], source, "train_dataset.batch_size",
+          f"{tb} disagrees with runner_config.batch_size={rc['batch_size']}")
+    amp = cfg["amp"]
+    _need(amp["level"] in ("none", "O0", "O1", "O2"), source, "amp.level",
+          f"expected none, O0, O1 or O2, got {amp['level']!r} (jit compile levels live in context.jit_config)")
+    _need(amp["dtype"] in LOW_PRECISION, source, "amp.dtype", f"expected float16 or bfloat16, got {amp['dtype']!r}")
+    opt = cfg["optimizer"]
+    _need(opt["type"] in ("AdamW", "AdamWeightDecay", "FusedAdamWeightDecay"), source, "optimizer.type",
+          f"only AdamW is implemented, got {opt['type']!r}")
+    _need(isinstance(opt["betas"], (list, tuple)) and len(opt["betas"]) == 2, source, "optimizer.betas",
+          "must be [beta1, beta2]")
+    lr = cfg["lr_schedule"]
+    _need(lr["type"] in ("CosineWithWarmUpLR", "constant", "ConstantWarmUpLR"), source, "lr_schedule.type",
+          f"expected CosineWithWarmUpLR or constant, got {lr['type']!r}")
+    _need(0 <= lr["warmup_ratio"] < 1, source, "lr_schedule.warmup_ratio", "must be in [0, 1)")
+    cp = callback(cfg, "CheckpointMonitor")
+    _need(isinstance(cp["save_checkpoint_steps"], int) and cp["save_checkpoint_steps"] >= 1, source,
+          "callbacks.CheckpointMonitor.save_checkpoint_steps", "must be an integer >= 1")
+    _need(isinstance(cp["keep_checkpoint_max"], int) and cp["keep_checkpoint_max"] >= 1, source,
+          "callbacks.CheckpointMonitor.keep_checkpoint_max", "must be an integer >= 1")
+    ss = cfg["runner_wrapper"]["scale_sense"]
+    if isinstance(ss, dict):
+        for k in ss:
+            _need(k in LOSS_SCALE_DEFAULTS, source, f"runner_wrapper.scale_sense.{k}",
+                  f"unknown key{_suggest(k, LOSS_SCALE_DEFAULTS)}")
+    else:
+        _need(isinstance(ss, (int, float)) and ss > 0, source, "runner_wrapper.scale_sense",
+              f"must be a positive number or a DynamicLossScaleUpdateCell mapping, got {ss!r}")
+    model_config(cfg, source)           # validates the model block
+
+
+def model_config(cfg: dict, source: str = "run config") -> TeleChat2Config:
+    """The TeleChat2Config of a run: preset <- model_config <- the AMP level's dtypes."""
+    m = cfg["model"]
+    mc = dict(m.get("model_config") or {})
+    base = {}
+    if m.get("preset"):
+        try:
+            base = TeleChat2Config.from_preset(m["preset"]).to_model_config()
+        except ConfigError as e:
+            raise ConfigError(f"{source}: model.preset: {e}") from None
+        base.pop("type")
+    try:
+        config = TeleChat2Config.from_model_config({**base, **mc})
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    level, low = cfg["amp"]["level"], cfg["amp"]["dtype"]
+    if level == "none":
+        return config
+    fp32 = "float32"
+    dtypes = {"O0": dict(compute_dtype=fp32, res_dtype=fp32),
+              "O1": dict(compute_dtype=low, res_dtype=fp32),
+              "O2": dict(compute_dtype=low, res_dtype=low)}[level]
+    return config.replace(**dtypes, param_init_type=fp32, layernorm_compute_type=fp32, softmax_compute_type=fp32,
+                          rotary_dtype=fp32)
+
+
+def save_resolved(cfg: dict, path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        yaml.safe_dump(cfg, fh, sort_keys=False, allow_unicode=True)
+    os.replace(tmp, path)
