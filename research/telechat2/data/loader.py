@@ -118,8 +118,20 @@ class DataLoader:
         idx = self.indices().tolist()
         if not idx:
             raise LoaderError("nothing left to read at this offset")
-        d = ds.MindDataset(self.file, columns_list=self.columns, sampler=ds.SubsetSampler(idx),
-                           num_parallel_workers=self.num_parallel_workers)
+        # MindRecord's SubsetSampler refuses repeated indices, so a multi-epoch stream is read as consecutive
+        # runs without repeats (one per epoch, roughly), concatenated in order
+        runs, seen = [[]], set()
+        for i in idx:
+            if i in seen:
+                runs.append([])
+                seen = set()
+            runs[-1].append(i)
+            seen.add(i)
+        parts = [ds.MindDataset(self.file, columns_list=self.columns, sampler=ds.SubsetSampler(run),
+                                num_parallel_workers=self.num_parallel_workers) for run in runs]
+        d = parts[0]
+        for part in parts[1:]:
+            d = d + part
         return d.batch(self.batch_size, drop_remainder=True)
 
     def __len__(self) -> int:
