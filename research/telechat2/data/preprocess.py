@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import TeleChat2Error
-from ..tokenizer.template import TemplateError
+from ..tokenizer.template import TemplateError, render_segments
 
 DATA_FILE = "data.mindrecord"
 META_FILE = "meta.json"
@@ -168,26 +168,23 @@ def _check_vocab(ids, vocab_size: int) -> None:
                         f"token id {int(ids[bad])} at position {bad} is outside the vocabulary [0, {vocab_size})")
 
 
-def pretrain_record(obj: dict, tok, vocab_size: int) -> np.ndarray:
-    """Ids of one pretraining document followed by `<_end>`."""
+def pretrain_source(obj: dict) -> str | np.ndarray:
+    """The text of one pretraining line to encode, or its already tokenized ids."""
     if "text" in obj:
         text = obj["text"]
         if not isinstance(text, str):
             raise LineError("invalid text", f"'text' must be a string, got {type(text).__name__}")
         if not text.strip():
             raise LineError("empty document", "empty 'text'")
-        ids = np.asarray(tok.encode(text), dtype=np.int64)
-    elif "input_ids" in obj:
+        return text
+    if "input_ids" in obj:
         ids = obj["input_ids"]
         if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
             raise LineError("invalid input_ids", "'input_ids' must be a list of integers")
         if not ids:
             raise LineError("empty document", "empty 'input_ids'")
-        ids = np.asarray(ids, dtype=np.int64)
-    else:
-        raise LineError("missing text", f"no 'text' (or 'input_ids') field; keys: {', '.join(obj) or 'none'}")
-    _check_vocab(ids, vocab_size)
-    return np.append(ids, EOS_ID).astype(np.int32)
+        return np.asarray(ids, dtype=np.int64)
+    raise LineError("missing text", f"no 'text' (or 'input_ids') field; keys: {', '.join(obj) or 'none'}")
 
 
 def sft_conversation(obj: dict) -> tuple[list[dict], list | None]:
@@ -216,28 +213,22 @@ def sft_conversation(obj: dict) -> tuple[list[dict], list | None]:
     return messages, obj.get("tools") or None
 
 
-def sft_record(obj: dict, tok, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+def sft_source(obj: dict) -> list[tuple[str, bool]]:
+    """The (text, learned) pieces of one SFT line (see `template.render_segments`)."""
     messages, tools = sft_conversation(obj)
     try:
-        ids, labels = tok.encode_chat_with_labels(messages, tools)
+        return render_segments(messages, tools, add_generation_prompt=False)
     except TemplateError as e:
         raise LineError(e.reason, str(e)) from None
-    labels = np.asarray(labels, dtype=np.int32)
-    if not (labels != IGNORE_INDEX).any():
-        raise LineError("no assistant turn", "no assistant message to learn from")
-    ids = np.asarray(ids, dtype=np.int32)
-    _check_vocab(ids, vocab_size)
-    return ids, labels
 
 
 _worker: dict = {}
 
 
-def _init_worker(tokenizer_path: str, kind: str, vocab_size: int | None) -> None:
+def _init_worker(tokenizer_path: str, kind: str, vocab_size: int | None, num_threads: int = 1) -> None:
     from ..tokenizer import TeleChat2Tokenizer
-    tok = TeleChat2Tokenizer(tokenizer_path)
-    _worker.update(tok=tok, fn=pretrain_record if kind == "pretrain" else sft_record,
-                   vocab=vocab_size or tok.vocab_size)
+    tok = TeleChat2Tokenizer(tokenizer_path, num_threads=num_threads)
+    _worker.update(tok=tok, kind=kind, vocab=vocab_size or tok.vocab_size)
 
 
 @dataclass
@@ -258,21 +249,45 @@ class _TaskResult:
 
 
 def _process(task: tuple[int, list[tuple[int, bytes]]]) -> _TaskResult:
-    """Parse and tokenize one batch of lines of one file."""
-    tok, fn, vocab = _worker["tok"], _worker["fn"], _worker["vocab"]
+    """Parse one batch of lines of one file, tokenize all their text in one batch call, check the ids."""
+    tok, kind, vocab = _worker["tok"], _worker["kind"], _worker["vocab"]
     file_index, lines = task
-    recs, errors = [], []
+    source = pretrain_source if kind == "pretrain" else sft_source
+    parsed, errors = [], []
     for lineno, raw in lines:
         try:
-            recs.append(fn(_decode_line(raw, lineno == 1), tok, vocab))
+            parsed.append((lineno, source(_decode_line(raw, lineno == 1))))
         except LineError as e:
             errors.append((lineno, e.reason, str(e)))
-    sft = bool(recs) and isinstance(recs[0], tuple)
-    ids = [r[0] if sft else r for r in recs]
+    if kind == "pretrain":
+        texts = [src for _, src in parsed if isinstance(src, str)]
+    else:
+        texts = [text for _, segs in parsed for text, _ in segs]
+    encoded = iter(tok.encode_batch(texts))
+    ids_out, labels_out = [], []
+    for lineno, src in parsed:
+        if kind == "pretrain":
+            ids = np.append(np.asarray(next(encoded) if isinstance(src, str) else src, dtype=np.int64), EOS_ID)
+        else:
+            pieces = [(next(encoded), learned) for _, learned in src]
+            ids = np.asarray([i for p, _ in pieces for i in p], dtype=np.int64)
+            labels = np.asarray([i if learned else IGNORE_INDEX for p, learned in pieces for i in p], np.int32)
+        try:
+            _check_vocab(ids, vocab)
+            if kind == "sft" and not (labels != IGNORE_INDEX).any():
+                raise LineError("no assistant turn", "no assistant message to learn from")
+        except LineError as e:
+            errors.append((lineno, e.reason, str(e)))
+            continue
+        ids_out.append(ids.astype(np.int32))
+        if kind == "sft":
+            labels_out.append(labels)
+    errors.sort()
     return _TaskResult(
-        file_index, np.array([len(r) for r in ids], dtype=np.int64),
-        np.concatenate(ids) if ids else np.zeros(0, np.int32),
-        np.concatenate([r[1] for r in recs]) if sft else None, errors)
+        file_index, np.array([len(r) for r in ids_out], dtype=np.int64),
+        np.concatenate(ids_out) if ids_out else np.zeros(0, np.int32),
+        (np.concatenate(labels_out) if labels_out else np.zeros(0, np.int32)) if kind == "sft" else None,
+        errors)
 
 
 # ---- the run ---------------------------------------------------------------------------------------
@@ -312,7 +327,7 @@ def _read_records(opts: Options, summary: Summary) -> list:
                 opts.workers, initializer=_init_worker, initargs=(opts.tokenizer, opts.kind, opts.vocab_size))
             results = pool.imap(_process, tasks)
         else:
-            _init_worker(opts.tokenizer, opts.kind, opts.vocab_size)
+            _init_worker(opts.tokenizer, opts.kind, opts.vocab_size, num_threads=-1)
             results = map(_process, tasks)
         try:
             for res in results:
