@@ -297,6 +297,16 @@ def test_loader_resumes_from_a_global_offset(sft_dir):
     assert (one.indices().reshape(-1, 2, 2)[:, 1].reshape(-1) == resumed_loader.indices()).all()
 
 
+def test_loader_reads_streams_longer_than_the_file(sft_dir):
+    rows = read(sft_dir)
+    n = len(rows["input_ids"])
+    loader = DataLoader(sft_dir, 8, seed=2, epochs=3)          # 3n indices on one rank
+    idx = loader.indices()
+    assert len(loader) == (3 * n) // 8 and len(idx) > 2 * n
+    got = np.concatenate([b["input_ids"] for b in loader])
+    assert (got == rows["input_ids"][idx]).all()
+
+
 def test_stream_order_shuffle_and_epochs():
     a = stream_indices(10, seed=1, shuffle=True, start=0, stop=20)
     assert sorted(a[:10]) == sorted(a[10:]) == list(range(10)) and list(a[:10]) != list(a[10:])

@@ -118,17 +118,12 @@ class DataLoader:
         idx = self.indices().tolist()
         if not idx:
             raise LoaderError("nothing left to read at this offset")
-        # MindRecord's SubsetSampler refuses repeated indices, so a multi-epoch stream is read as consecutive
-        # runs without repeats (one per epoch, roughly), concatenated in order
-        runs, seen = [[]], set()
-        for i in idx:
-            if i in seen:
-                runs.append([])
-                seen = set()
-            runs[-1].append(i)
-            seen.add(i)
-        parts = [ds.MindDataset(self.file, columns_list=self.columns, sampler=ds.SubsetSampler(run),
-                                num_parallel_workers=self.num_parallel_workers) for run in runs]
+        # MindRecord's SubsetSampler refuses more indices than the file has samples ("indices size: 269 should
+        # be less than or equal to database size: 268"; repeats themselves are fine), so a multi-epoch stream
+        # is read as consecutive runs of at most num_samples indices, concatenated in order
+        n = self.num_samples
+        parts = [ds.MindDataset(self.file, columns_list=self.columns, sampler=ds.SubsetSampler(idx[a:a + n]),
+                                num_parallel_workers=self.num_parallel_workers) for a in range(0, len(idx), n)]
         d = parts[0]
         for part in parts[1:]:
             d = d + part
