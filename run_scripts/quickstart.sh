@@ -1,25 +1,31 @@
 #!/usr/bin/env bash
-# The main job on this CPU with the tiny embedded config. Creates/updates .venv first.
-# Today: the model's sizes and one forward + loss on random weights. Grows with training and inference.
+# The main job on this CPU with the tiny embedded config (creates/updates .venv first):
+# preprocess the bundled sample data, pretrain the tiny TeleChat2, fine-tune it on the bundled dialogues,
+# convert the result to an HF release, and print where the reports are. Outputs go to ./output/quickstart.
 source "$(dirname "$0")/_venv.sh"
-echo "== telechat2 info --preset tiny"
-telechat2 info --preset tiny
-echo "== forward + loss of a randomly initialised tiny TeleChat2 (MindSpore, CPU, jit)"
-python - <<'PY'
-import time
-import numpy as np
-import mindspore as ms
-from telechat2 import TeleChat2Config, TeleChat2ForCausalLM
+OUT="${QUICKSTART_OUT:-output/quickstart}"
+rm -rf "$OUT"
+mkdir -p "$OUT/data"
+DATA=configs/cpu/data
+TOK=configs/cpu/tokenizer/tokenizer.model
 
-ms.set_device("CPU")
-ms.set_seed(0)
-cfg = TeleChat2Config.from_preset("tiny")
-model = TeleChat2ForCausalLM(cfg)
-ids = np.random.RandomState(0).randint(0, cfg.vocab_size, (2, cfg.seq_length)).astype(np.int32)
-forward = ms.jit(model.construct)
-t = time.perf_counter()
-logits = forward(ms.Tensor(ids))
-loss = forward(ms.Tensor(ids), ms.Tensor(ids))
-print(f"logits {tuple(logits.shape)} {logits.dtype}; loss {float(loss.asnumpy()):.4f} "
-      f"(ln V = {np.log(cfg.vocab_size):.4f} for an untrained model); {time.perf_counter() - t:.1f}s incl. compile")
-PY
+echo "== 1/4 preprocess the bundled sample data to MindRecord"
+telechat2 preprocess pretrain --input "$DATA/pretrain.jsonl" --tokenizer "$TOK" --seq-length 64 --output "$OUT/data/pretrain"
+telechat2 preprocess sft --input "$DATA/sft.jsonl" --tokenizer "$TOK" --seq-length 256 --output "$OUT/data/sft"
+
+echo "== 2/4 pretrain the tiny model (configs/cpu/pretrain_tiny.yaml)"
+telechat2 train --config configs/cpu/pretrain_tiny.yaml --train-dataset "$OUT/data/pretrain" \
+    --set output_dir="$OUT/pretrain"
+
+echo "== 3/4 fine-tune it (configs/cpu/finetune_tiny.yaml, loss on assistant tokens only)"
+telechat2 train --config configs/cpu/finetune_tiny.yaml --train-dataset "$OUT/data/sft" \
+    --load-checkpoint "$OUT/pretrain" --set output_dir="$OUT/finetune"
+
+echo "== 4/4 convert the fine-tuned model to an HF release and check it tensor by tensor"
+telechat2 convert ms2hf --checkpoint "$OUT/finetune" --output "$OUT/hf"
+telechat2 convert verify "$OUT/finetune" "$OUT/hf"
+
+echo
+echo "pretrain report: $OUT/pretrain/report/report.md"
+echo "finetune report: $OUT/finetune/report/report.md"
+echo "HF release:      $OUT/hf"

@@ -2,6 +2,7 @@
 
 Supported: an HF folder (sharded or single safetensors; `pytorch_model*.bin` pickles with allow_pickle),
 a MindSpore folder written by `telechat2 convert hf2ms` (safetensors or .ckpt shards + index + config.json),
+a training output folder or one of its checkpoints (`telechat2 train`; the newest complete one is used),
 and a single `.safetensors` or `.ckpt` file (config from --config).
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 
 from ..config import TeleChat2Config
 from .ckpt_io import CkptFile
+from .manifest import resolve_run_checkpoint
 from .names import UnknownTensorName, expected_shapes, hf_to_ms, ms_to_hf
 from .safetensors_io import SAFETENSORS_DTYPES, CheckpointError, SafetensorsFile, bf16_bits_to_f32
 
@@ -150,6 +152,7 @@ def open_checkpoint(path: str, config: str | None = None, allow_pickle: bool = F
     """Index a checkpoint (folder or file) without reading tensor data; names mapped to MindSpore names."""
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file or folder")
+    path = resolve_run_checkpoint(path)          # a training output folder: its newest complete checkpoint
     index = {}
     if os.path.isdir(path):
         files, index = _weight_files(path)

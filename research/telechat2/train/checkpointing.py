@@ -14,21 +14,19 @@ missing or whose files do not match it.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
-import warnings
 
 import numpy as np
 
 from ..checkpoint.safetensors_io import CheckpointError, SafetensorsFile, bf16_bits_to_f32, f32_to_bf16_bits, \
     write_safetensors
 
-STEP_DIR = re.compile(r"^step_(\d+)$")
-MANIFEST = "manifest.json"
+from ..checkpoint.manifest import MANIFEST, check, latest_valid, list_checkpoints, resolve_run_checkpoint, sha256
+
+__all__ = ["save", "read_into", "load_state", "check", "latest_valid", "list_checkpoints", "resolve_run_checkpoint"]
 
 
 def fault_point(name: str) -> None:
@@ -38,14 +36,6 @@ def fault_point(name: str) -> None:
         import sys
         sys.stdout.flush()
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _param_to_numpy(p) -> tuple[str, np.ndarray]:
@@ -104,43 +94,6 @@ def save(ckpt_root: str, step: int, *, model_params, optim_params, state: dict, 
     for old in sorted(list_checkpoints(ckpt_root))[:-keep]:
         shutil.rmtree(os.path.join(ckpt_root, f"step_{old:08d}"), ignore_errors=True)
     return final
-
-
-def list_checkpoints(ckpt_root: str) -> list[int]:
-    if not os.path.isdir(ckpt_root):
-        return []
-    return sorted(int(m.group(1)) for d in os.listdir(ckpt_root) if (m := STEP_DIR.match(d)))
-
-
-def check(path: str) -> str | None:
-    """None if the checkpoint folder is complete and matches its manifest, else what is wrong."""
-    try:
-        with open(os.path.join(path, MANIFEST), encoding="utf-8") as fh:
-            manifest = json.load(fh)
-    except FileNotFoundError:
-        return "no manifest.json (incomplete write?)"
-    except json.JSONDecodeError as e:
-        return f"manifest.json is corrupt ({e})"
-    for f, meta in manifest.get("files", {}).items():
-        p = os.path.join(path, f)
-        if not os.path.exists(p):
-            return f"{f} is missing"
-        if os.path.getsize(p) != meta["bytes"]:
-            return f"{f} has {os.path.getsize(p)} bytes, the manifest says {meta['bytes']}"
-        if sha256(p) != meta["sha256"]:
-            return f"{f} does not match its checksum"
-    return None
-
-
-def latest_valid(ckpt_root: str) -> str | None:
-    """The newest checkpoint that passes `check`; broken ones are skipped with a warning."""
-    for step in reversed(list_checkpoints(ckpt_root)):
-        path = os.path.join(ckpt_root, f"step_{step:08d}")
-        problem = check(path)
-        if problem is None:
-            return path
-        warnings.warn(f"skipping checkpoint {path}: {problem}", stacklevel=2)
-    return None
 
 
 def load_state(path: str) -> dict:

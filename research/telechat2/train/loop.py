@@ -201,7 +201,8 @@ def train(cfg: dict, *, resume: bool = False, progress: bool = True) -> str:
     run_info = {"output_dir": out, "model": cfg["model"].get("preset") or "custom",
                 "parameters": model_cfg.num_parameters(), "run_mode": cfg["run_mode"], "devices": devices,
                 "layout": "dp1 tp1 pp1 cp1", "global_batch": global_batch, "seq_length": seq,
-                "amp": f"{cfg['amp']['level']} {cfg['amp']['dtype']}",
+                "amp": cfg["amp"]["level"] if cfg["amp"]["level"] in ("none", "O0") else
+                f"{cfg['amp']['level']} {cfg['amp']['dtype']}",
                 "peak_host_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "peak_tflops_per_device": peak,
                 "peak_source": "configured" if cfg["report"]["peak_tflops"] else "measured MindSpore fp32 GEMM"}
