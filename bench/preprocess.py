@@ -5,7 +5,7 @@ is a small part of the run. Reports the tokenize phase (read + parse + chat temp
 that runs in the workers) and the whole run (plus packing and MindRecord writing), and the speed-up of all
 cores over one process.
 
-    python bench/preprocess.py [--repeat 20] [--workers N]
+    python bench/preprocess.py [--repeat 100] [--workers N]
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def repeated(src: str, dst: str, times: int) -> str:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repeat", type=int, default=20)
+    p.add_argument("--repeat", type=int, default=100)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="the 'all cores' run")
     args = p.parse_args()
     tmp = tempfile.mkdtemp(prefix="bench_preprocess_")

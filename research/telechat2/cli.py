@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_convert_parser(sub)
     from .train.cli import add_train_parsers
     add_train_parsers(sub)
+    from .infer.cli import add_infer_parsers
+    add_infer_parsers(sub)
     return p
 
 

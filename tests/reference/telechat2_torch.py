@@ -121,3 +121,56 @@ def random_state_dict(cfg: dict, seed: int = 0, std: float = 0.02) -> dict:
     sd["transformer.ln_f.weight"] = norm_w()
     sd["lm_head.weight"] = n(V, H)
     return sd
+
+
+@torch.no_grad()
+def greedy_with_kv_cache(sd: dict, cfg: dict, input_ids: torch.Tensor, new_tokens: int):
+    """Greedy decoding with a growing KV cache (equal-length prompts, below training_seqlen).
+
+    Returns (tokens [B, new_tokens], prefill seconds, decode seconds). For benchmarks.
+    """
+    import time
+    B, P = input_ids.shape
+    H, nh = cfg["hidden_size"], cfg["n_head"]
+    nkv = cfg.get("num_key_value_heads") or nh
+    hd, eps, rep = H // nh, cfg["layer_norm_epsilon"], nh // nkv
+    caches = [[None, None] for _ in range(cfg["n_layer"])]
+
+    def step(ids, start):
+        T = ids.shape[1]
+        pos = torch.arange(start, start + T)[None].expand(B, T)
+        cos, sin = rope_cos_sin(pos, start + T, cfg, False)
+        cos, sin = cos[:, None], sin[:, None]
+        x = sd["transformer.word_embeddings.weight"][ids]
+        for i in range(cfg["n_layer"]):
+            p = f"transformer.h.{i}."
+            h = rms_norm(x, sd[p + "input_layernorm.weight"], eps)
+            q = (h @ sd[p + "self_attention.query.weight"].T).view(B, T, nh, hd).transpose(1, 2)
+            kv = (h @ sd[p + "self_attention.key_value.weight"].T).view(B, T, nkv, 2 * hd)
+            k, v = kv[..., :hd].transpose(1, 2), kv[..., hd:].transpose(1, 2)
+            q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+            if caches[i][0] is not None:
+                k, v = torch.cat([caches[i][0], k], 2), torch.cat([caches[i][1], v], 2)
+            caches[i] = [k, v]
+            kr, vr = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+            scores = (q @ kr.transpose(-1, -2)) / math.sqrt(hd)
+            S = kr.shape[2]
+            mask = torch.ones(T, S, dtype=torch.bool).tril(S - T)
+            probs = torch.softmax(scores.masked_fill(~mask, torch.finfo(torch.float32).min), -1)
+            x = x + (probs @ vr).transpose(1, 2).reshape(B, T, H) @ sd[p + "self_attention.dense.weight"].T \
+                + sd[p + "self_attention.dense.bias"]
+            h = rms_norm(x, sd[p + "post_attention_layernorm.weight"], eps)
+            g = F.silu(h @ sd[p + "mlp.gate_proj.weight"].T) * (h @ sd[p + "mlp.up_proj.weight"].T)
+            x = x + g @ sd[p + "mlp.down_proj.weight"].T + sd[p + "mlp.down_proj.bias"]
+        x = rms_norm(x[:, -1:], sd["transformer.ln_f.weight"], eps)
+        return (x @ sd["lm_head.weight"].T)[:, 0].argmax(-1)
+
+    t0 = time.perf_counter()
+    tok = step(input_ids, 0)
+    t1 = time.perf_counter()
+    out = [tok]
+    for i in range(new_tokens - 1):
+        tok = step(tok[:, None], P + i)
+        out.append(tok)
+    t2 = time.perf_counter()
+    return torch.stack(out, 1), t1 - t0, t2 - t1

@@ -38,6 +38,18 @@ def repeat_kv(x, n_rep: int):
     return ops.broadcast_to(x.expand_dims(2), (B, nkv, n_rep, S, hd)).reshape(B, nkv * n_rep, S, hd)
 
 
+def write_cache(cache, new, write_slot):
+    """Store `new` [B, nkv, T, hd] in the cache Parameter [B, nkv, L, hd]; return the updated cache."""
+    T, L = new.shape[2], cache.shape[2]
+    new = new.astype(cache.dtype)
+    if write_slot is None:                      # prefill: slots [0, T)
+        full = new if T == L else ops.cat((new, cache[:, :, T:]), 2)
+    else:                                       # one decode token into the marked slot
+        full = ops.select(ops.broadcast_to(write_slot, cache.shape), ops.broadcast_to(new, cache.shape), cache)
+    ops.assign(cache, full)
+    return full
+
+
 class Attention(nn.Cell):
     def __init__(self, config: TeleChat2Config, mesh: ParallelMesh):
         super().__init__()
@@ -56,14 +68,18 @@ class Attention(nn.Cell):
         self.wk_v = ColumnParallelLinear(H, 2 * config.kv_heads * hd, bias=False, **common)
         self.wo = RowParallelLinear(config.num_heads * hd, H, bias=True, **common)
 
-    def construct(self, x, cos, sin, allowed):
-        # x: [B, S, H]; cos/sin: [B|1, 1, S, hd]; allowed: bool [B|1, 1, S, S]
+    def construct(self, x, cos, sin, allowed, k_cache=None, v_cache=None, write_slot=None):
+        # x: [B, S, H]; cos/sin: [B|1, 1, S, hd]; allowed: bool [B|1, 1, S, S], or [B|1, 1, S, L] with a cache
+        # k_cache/v_cache: Parameters [B, nkv, L, hd] (generation); the new keys/values are written into
+        # slots [0, S) (prefill, write_slot None) or into the slot marked by write_slot [1, 1, L, 1] (S == 1)
         B, S, _ = x.shape
         q = self.wq(x).reshape(B, S, self.heads, self.head_dim).transpose(0, 2, 1, 3)     # [B, nh, S, hd]
         kv = self.wk_v(x).reshape(B, S, self.kv_heads, 2 * self.head_dim)
         k, v = ops.split(kv, self.head_dim, -1)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)                            # [B, nkv, S, hd]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if k_cache is not None:
+            k, v = write_cache(k_cache, k, write_slot), write_cache(v_cache, v, write_slot)  # [B, nkv, L, hd]
         k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)
         if self.use_flash_attention:
             ctx = self._flash_attention(q, k, v, allowed)

@@ -35,9 +35,10 @@ class DecoderLayer(nn.Cell):
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **norm)
         self.feed_forward = MLP(config, mesh)
 
-    def construct(self, x, cos, sin, allowed):
-        # x: [B, S, H] in the residual dtype
-        h = x + self.attention(self.attention_norm(x), cos, sin, allowed).astype(self.res_dtype)
+    def construct(self, x, cos, sin, allowed, k_cache=None, v_cache=None, write_slot=None):
+        # x: [B, S, H] in the residual dtype; the cache arguments are for generation (see Attention)
+        attn = self.attention(self.attention_norm(x), cos, sin, allowed, k_cache, v_cache, write_slot)
+        h = x + attn.astype(self.res_dtype)
         return h + self.feed_forward(self.ffn_norm(h)).astype(self.res_dtype)
 
 
@@ -53,10 +54,14 @@ class TeleChat2Model(nn.Cell):
                                 compute_type=ms_dtype(config.layernorm_compute_type),
                                 param_dtype=ms_dtype(config.param_init_type), fused=config.use_fused_rms_norm)
 
-    def construct(self, input_ids, cos, sin, allowed):
+    def construct(self, input_ids, cos, sin, allowed, k_caches=None, v_caches=None, write_slot=None):
         x = self.tok_embeddings(input_ids).astype(self.res_dtype)     # [B, S, H]
-        for layer in self.layers:
-            x = layer(x, cos, sin, allowed)
+        if k_caches is None:
+            for layer in self.layers:
+                x = layer(x, cos, sin, allowed)
+        else:
+            for i in range(len(self.layers)):
+                x = self.layers[i](x, cos, sin, allowed, k_caches[i], v_caches[i], write_slot)
         return self.norm_out(x)
 
 
@@ -93,6 +98,16 @@ class TeleChat2ForCausalLM(nn.Cell):
         model = cls(TeleChat2Config.from_hf_config(hf_dir, **config_overrides), mesh)
         load_weights(model, hf_dir)
         return model
+
+    def generate(self, input_ids, max_new_tokens: int = 32, do_sample: bool = False, **kwargs) -> list[list[int]]:
+        """Prompt + new tokens per row (list of ints), with a preallocated KV cache.
+
+        input_ids: list of token-id lists (lengths may differ; left-padded internally) or a 2-D array.
+        kwargs: temperature, top_k, top_p, repetition_penalty, seed, eos_token_id, stop_token_ids,
+        pad_token_id (see telechat2.infer.sampling.GenerationConfig), streamer, timings.
+        """
+        from ..infer.generate import generate
+        return generate(self, input_ids, max_new_tokens=max_new_tokens, do_sample=do_sample, **kwargs)
 
     def __call__(self, input_ids, *args, **kwargs):
         # accept numpy arrays (PyNative); under ms.jit `construct` is compiled directly

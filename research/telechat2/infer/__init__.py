@@ -1,0 +1,1 @@
+"""Generation with a preallocated KV cache, sampling, and the predict/chat front ends."""

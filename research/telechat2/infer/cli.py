@@ -1,0 +1,66 @@
+"""`telechat2 predict` and `telechat2 chat`."""
+from __future__ import annotations
+
+import json
+
+
+def _gen_args(p):
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--do-sample", action="store_true", default=None)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override any config key")
+
+
+def _gen_overrides(args) -> dict:
+    return {k: getattr(args, k) for k in ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p",
+                                          "repetition_penalty", "seed")}
+
+
+def cmd_predict(args) -> int:
+    from ..train.run_config import load_run_config
+    from .predict import predict
+    cfg = load_run_config(args.config, args.set or [])
+    results = predict(cfg, checkpoint=args.checkpoint, prompt=args.prompt, input_file=args.input_file,
+                      output=args.output, force=args.force, batch_size=args.batch_size,
+                      refuse_overlong=args.refuse_overlong, **_gen_overrides(args))
+    if not args.output:
+        for r in results:
+            print(json.dumps(r, ensure_ascii=False))
+    else:
+        print(f"wrote {len(results)} results to {args.output}")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from ..train.run_config import load_run_config
+    from .predict import chat
+    cfg = load_run_config(args.config, args.set or [])
+    chat(cfg, checkpoint=args.checkpoint, system=args.system, **_gen_overrides(args))
+    return 0
+
+
+def add_infer_parsers(sub) -> None:
+    p = sub.add_parser("predict", help="generate for a prompt or a jsonl file of prompts/conversations")
+    p.add_argument("--config", required=True, help="predict YAML (configs/cpu/predict_tiny.yaml, ...)")
+    p.add_argument("--checkpoint", help="weights (HF folder, MindSpore folder/file, training output folder)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one user message")
+    src.add_argument("--input-file", help='jsonl: {"input": ...} or {"system", "dialog", "tools"} per line')
+    p.add_argument("--output", help="write results here as jsonl (default: stdout)")
+    p.add_argument("--force", action="store_true", help="replace an existing --output")
+    p.add_argument("--batch-size", type=int, help="prompts per batch (default runner_config.batch_size)")
+    p.add_argument("--refuse-overlong", action="store_true",
+                   help="refuse prompts that do not fit the context instead of truncating them from the left")
+    _gen_args(p)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat (/reset, /system TEXT, /exit)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--checkpoint")
+    p.add_argument("--system", help="system prompt (default: the release's)")
+    _gen_args(p)
+    p.set_defaults(func=cmd_chat)

@@ -1,0 +1,156 @@
+"""Generation with a preallocated KV cache: static shapes, so prefill and decode each compile once.
+
+Shapes: prompts are left-padded to P (rounded up to `bucket`), the cache holds L = P + max_new_tokens
+(rounded up) slots per layer. Prefill runs the padded prompt [B, P] and writes slots [0, P); decode step i
+runs one token [B, 1] and writes slot P + i. A query attends to the slots at or before its own that hold
+real tokens (padding slots are masked); positions count real tokens only (cumsum of the mask), so a
+left-padded row computes exactly what it computes alone.
+
+Positions past `training_seqlen` (dynamic NTK): the tables of each forward are built for the total length
+so far (P + i + 1, the padded length, as the HF code does) and applied to the new token only; cached keys keep
+the rotation they were written with. Below training_seqlen the tables do not depend on the length, so
+cached decoding equals a full recompute exactly; beyond it the two differ by design.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, ParameterTuple, Tensor, nn
+from mindspore.common.initializer import Zero, initializer
+
+from ..dtypes import ms_dtype
+from ..errors import TeleChat2Error
+from .sampling import GenerationConfig, choose_next
+
+
+class CachedDecoder(nn.Cell):
+    """The model plus KV-cache Parameters for one (batch, cache length); returns last-position logits."""
+
+    def __init__(self, model, batch: int, cache_len: int):
+        super().__init__(auto_prefix=False)
+        c = model.config
+        self.model = model
+        shape = (batch, c.kv_heads // model.mesh.tp, cache_len, c.head_dim)
+        dtype = ms_dtype(c.compute_dtype)
+        self.k_caches = ParameterTuple([Parameter(initializer(Zero(), shape, dtype), name=f"kv_cache.k.{i}",
+                                                  requires_grad=False) for i in range(c.num_layers)])
+        self.v_caches = ParameterTuple([Parameter(initializer(Zero(), shape, dtype), name=f"kv_cache.v.{i}",
+                                                  requires_grad=False) for i in range(c.num_layers)])
+
+    def construct(self, input_ids, cos, sin, allowed, write_slot=None):
+        hidden = self.model.model(input_ids, cos, sin, allowed, self.k_caches, self.v_caches, write_slot)
+        return self.model.lm_head(hidden[:, -1:]).astype(ms.float32)[:, 0]          # [B, V]
+
+
+def _round_up(n: int, m: int) -> int:
+    return int(math.ceil(n / m) * m)
+
+
+class Generator:
+    """Compiled prefill/decode per (batch, prompt bucket, cache length), reused across calls."""
+
+    def __init__(self, model, bucket: int = 32, use_jit: bool = True):
+        self.model, self.bucket, self.use_jit = model, bucket, use_jit
+        self._decoders: dict[tuple[int, int], tuple] = {}
+
+    def _decoder(self, batch, cache_len):
+        key = (batch, cache_len)
+        if key not in self._decoders:
+            dec = CachedDecoder(self.model, batch, cache_len)
+            fn = ms.jit(dec.construct) if self.use_jit else dec.construct
+            self._decoders[key] = (dec, fn)
+        return self._decoders[key]
+
+    def _tables(self, total_len: int, positions: np.ndarray):
+        """cos, sin [B, 1, T, hd] for positions [B, T] of a forward of total length `total_len`."""
+        from ..model.transformer import _cached_rope_tables
+        c = self.model.config
+        cos, sin = _cached_rope_tables(total_len, total_len, c.head_dim, c.rope_theta, c.seq_length, c.base_seqlen,
+                                       c.rope_fp16_tables)
+        dt = ms_dtype(c.rotary_dtype)
+        return Tensor(cos[positions][:, None], dt), Tensor(sin[positions][:, None], dt)
+
+    def generate(self, prompts: list[list[int]], cfg: GenerationConfig, streamer=None, timings: dict | None = None):
+        """Full sequences (prompt + new tokens, up to and including a stop token) as lists of ints.
+
+        streamer(step, tokens) is called with the [B] new token ids of every step (finished rows repeat pad).
+        """
+        cfg.validate()
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise TeleChat2Error("generate: every prompt needs at least one token")
+        vocab = self.model.config.vocab_size
+        for r, p in enumerate(prompts):
+            bad = [t for t in p if not 0 <= int(t) < vocab]
+            if bad:
+                raise TeleChat2Error(f"generate: prompt {r} holds token id {bad[0]} outside [0, {vocab})")
+        B = len(prompts)
+        P = _round_up(max(len(p) for p in prompts), self.bucket)
+        L = _round_up(P + cfg.max_new_tokens, self.bucket)
+        dec, run = self._decoder(B, L)
+        for cache in (*dec.k_caches, *dec.v_caches):
+            cache.set_data(ms.Tensor(np.zeros(cache.shape, np.float32)).astype(cache.dtype))
+
+        ids = np.full((B, P), cfg.pad_token_id, np.int32)
+        real = np.zeros((B, L), bool)                       # slots holding real tokens
+        for r, p in enumerate(prompts):
+            ids[r, P - len(p):] = p
+            real[r, P - len(p):P] = True
+        positions = np.maximum(np.cumsum(real[:, :P], 1) - 1, 0)
+        causal = np.tril(np.ones((P, L), bool))
+        allowed = causal[None] & real[:, None, :]
+        allowed |= np.eye(P, L, dtype=bool)[None]            # a padding query sees itself: no empty rows
+        cos, sin = self._tables(P, positions)
+        t0 = time.perf_counter()
+        logits = run(Tensor(ids), cos, sin, Tensor(allowed[:, None])).asnumpy()
+        if timings is not None:
+            timings["prefill_s"] = time.perf_counter() - t0
+
+        rng = np.random.default_rng(cfg.seed)
+        stops = {cfg.eos_token_id, *cfg.stop_token_ids}
+        seqs = [list(map(int, p)) for p in prompts]
+        seen = [np.asarray(p, np.int64) for p in prompts]
+        done = np.zeros(B, bool)
+        last_pos = positions[:, -1]
+        for step in range(cfg.max_new_tokens):
+            nxt = choose_next(logits, seen, cfg, rng)
+            nxt = np.where(done, cfg.pad_token_id, nxt)
+            for r in np.flatnonzero(~done):
+                seqs[r].append(int(nxt[r]))
+                seen[r] = np.append(seen[r], nxt[r])
+            done |= np.isin(nxt, list(stops))
+            if streamer is not None:
+                streamer(step, nxt.tolist())
+            if timings is not None and step == 0:
+                timings["first_token_s"] = time.perf_counter() - t0
+            if done.all() or step == cfg.max_new_tokens - 1:
+                break
+            slot = P + step
+            real[:, slot] = True
+            last_pos = last_pos + 1
+            allowed = (np.arange(L) <= slot)[None, :] & real     # [B, L]
+            write = np.zeros((1, 1, L, 1), bool)
+            write[0, 0, slot, 0] = True
+            cos, sin = self._tables(slot + 1, last_pos[:, None])
+            logits = run(Tensor(nxt[:, None].astype(np.int32)), cos, sin, Tensor(allowed[:, None, None]),
+                         Tensor(write)).asnumpy()
+        if timings is not None:
+            timings["total_s"] = time.perf_counter() - t0
+        return seqs
+
+
+def generate(model, input_ids, *, streamer=None, timings=None, **kwargs) -> list[list[int]]:
+    """`model.generate`: input_ids is a list of token-id lists (lengths may differ) or a 2-D array."""
+    if isinstance(input_ids, (np.ndarray, Tensor)):
+        arr = input_ids.asnumpy() if isinstance(input_ids, Tensor) else input_ids
+        if arr.ndim != 2:
+            raise TeleChat2Error(f"generate: input_ids must be 2-D [batch, length], got shape {arr.shape}")
+        prompts = [list(map(int, row)) for row in arr]
+    else:
+        prompts = [list(map(int, p)) for p in input_ids]
+    cfg = GenerationConfig(**kwargs)
+    if not hasattr(model, "_generator"):
+        model._generator = Generator(model)
+    return model._generator.generate(prompts, cfg, streamer=streamer, timings=timings)

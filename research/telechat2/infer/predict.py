@@ -1,0 +1,236 @@
+"""`telechat2 predict` and `telechat2 chat`: the run config, the checkpoint and the tokenizer around generate.
+
+Inputs per line (jsonl): MindFormers' `{"input": "..."}` (one user turn) or TeleChat2's chat format
+`{"system": ..., "dialog": [{"role": "user"|"bot"|"assistant"|"tool", "content": ...}, ...], "tools": [...]}`
+ending with a user or tool turn. Every line is parsed and rendered before anything is generated; a bad line
+stops the run naming file:line.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+import warnings
+
+from ..errors import TeleChat2Error
+from .sampling import RELEASE_DEFAULTS, GenerationConfig
+
+GENERATION_KEYS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")
+
+
+class PredictError(TeleChat2Error):
+    """Bad predict input (file:line), a missing checkpoint or tokenizer, an over-long prompt with --refuse."""
+
+
+def generation_config(cfg: dict, **overrides) -> GenerationConfig:
+    """TeleChat2's release defaults <- generation keys of model.model_config <- command-line overrides."""
+    mc = cfg["model"].get("model_config") or {}
+    values = {**RELEASE_DEFAULTS, **{k: mc[k] for k in GENERATION_KEYS if k in mc}}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return GenerationConfig(**values, eos_token_id=mc.get("eos_token_id", 2), pad_token_id=mc.get("pad_token_id", 3))
+
+
+def context_length(cfg: dict, model_cfg) -> int:
+    """Prompt + new tokens allowed: model_config.max_decode_length (MindFormers) or seq_length."""
+    return int((cfg["model"].get("model_config") or {}).get("max_decode_length") or model_cfg.seq_length)
+
+
+def load_for_inference(cfg: dict, checkpoint: str | None):
+    """(model, tokenizer, model config) with the checks done before any weight is read."""
+    import mindspore as ms
+    from ..checkpoint.load import load_weights
+    from ..model import TeleChat2ForCausalLM
+    from ..tokenizer import TeleChat2Tokenizer
+    from ..train.run_config import model_config
+    path = checkpoint or cfg["load_checkpoint"]
+    if not path:
+        raise PredictError("no checkpoint: pass --checkpoint (or set load_checkpoint in the config)")
+    if not os.path.exists(path):
+        raise PredictError(f"checkpoint {path}: no such file or folder")
+    vocab = cfg["processor"]["tokenizer"]["vocab_file"] or cfg["train_dataset"]["tokenizer"]
+    if not vocab or not os.path.exists(vocab):
+        raise PredictError(f"processor.tokenizer.vocab_file: {vocab or '(empty)'}: no such tokenizer.model")
+    ms.set_device(cfg["context"]["device_target"])
+    model_cfg = model_config(cfg)
+    tokenizer = TeleChat2Tokenizer(vocab)
+    model = TeleChat2ForCausalLM(model_cfg)
+    load_weights(model, path)
+    return model, tokenizer, model_cfg
+
+
+def conversation_of(obj) -> tuple[list[dict], list | None]:
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    head = [{"role": "system", "content": obj["system"]}] if obj.get("system") is not None else []
+    if "dialog" in obj:
+        if not isinstance(obj["dialog"], list) or not obj["dialog"]:
+            raise ValueError("'dialog' must be a non-empty list of messages")
+        messages = head + obj["dialog"]
+    elif "input" in obj:
+        if not isinstance(obj["input"], str):
+            raise ValueError("'input' must be a string")
+        messages = head + [{"role": "user", "content": obj["input"]}]
+    else:
+        raise ValueError("expected 'input' or 'dialog' (with optional 'system', 'tools')")
+    from ..tokenizer.template import normalize_messages
+    last = normalize_messages(messages)[-1]["role"]           # names a bad turn (unknown role, no content)
+    if last not in ("user", "tool"):
+        raise ValueError(f"the conversation must end with a user or tool turn to answer, not {last!r}")
+    return messages, obj.get("tools") or None
+
+
+def read_requests(path: str, tokenizer) -> list[dict]:
+    """Every line rendered to prompt ids; errors name file:line."""
+    requests = []
+    try:
+        fh = open(path, "rb")
+    except OSError as e:
+        raise PredictError(f"{path}: cannot open: {e.strerror}") from None
+    with fh:
+        for lineno, raw in enumerate(fh, 1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+                messages, tools = conversation_of(obj)
+                ids = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
+            except UnicodeDecodeError:
+                raise PredictError(f"{path}:{lineno}: not UTF-8 text") from None
+            except json.JSONDecodeError as e:
+                raise PredictError(f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+            except (ValueError, TeleChat2Error) as e:
+                raise PredictError(f"{path}:{lineno}: {e}") from None
+            requests.append({"line": lineno, "prompt_ids": ids, "request": obj})
+    if not requests:
+        raise PredictError(f"{path}: no input lines")
+    return requests
+
+
+def fit_prompt(ids: list[int], limit: int, where: str, refuse: bool) -> list[int]:
+    """Keep the last `limit` tokens (warning), or refuse an over-long prompt."""
+    if len(ids) <= limit:
+        return ids
+    if refuse or limit <= 0:
+        raise PredictError(f"{where}: prompt has {len(ids)} tokens, more than the {max(limit, 0)} that fit the context "
+                           "with max_new_tokens")
+    warnings.warn(f"{where}: prompt of {len(ids)} tokens truncated from the left to {limit}", stacklevel=2)
+    return ids[-limit:]
+
+
+def reply_of(tokenizer, new_ids: list[int], gen: GenerationConfig) -> dict:
+    stops = {gen.eos_token_id, *gen.stop_token_ids}
+    finish = "stop" if new_ids and new_ids[-1] in stops else "length"
+    body = new_ids[:-1] if finish == "stop" else new_ids
+    text = tokenizer.decode(body)
+    out = {"text": text, "finish_reason": finish, "tool_calls": [], "tool_call_error": None}
+    if "<tool_call>" in text or "</tool_call>" in text:
+        try:
+            parsed = tokenizer.parse_tool_calls(text)
+            out["tool_calls"] = [{"name": c.name, "arguments": c.arguments} for c in parsed.tool_calls]
+            out["content"] = parsed.content
+        except TeleChat2Error as e:
+            out["tool_call_error"] = str(e)
+    return out
+
+
+def predict(cfg: dict, *, checkpoint=None, prompt=None, input_file=None, output=None, force=False,
+            batch_size=None, refuse_overlong=False, **gen_overrides) -> list[dict]:
+    from tqdm import tqdm
+    if output and os.path.exists(output) and not force:
+        raise PredictError(f"{output} exists; pass --force to replace it")
+    model, tokenizer, model_cfg = load_for_inference(cfg, checkpoint)
+    gen = generation_config(cfg, vocab_limit=tokenizer.vocab_size, **gen_overrides)
+    if prompt is not None:
+        requests = [{"line": None, "prompt_ids": tokenizer.apply_chat_template([{"role": "user", "content": prompt}]),
+                     "request": {"input": prompt}}]
+    else:
+        requests = read_requests(input_file, tokenizer)
+    limit = context_length(cfg, model_cfg) - gen.max_new_tokens
+    for r in requests:
+        where = f"{input_file}:{r['line']}" if r["line"] else "--prompt"
+        r["prompt_ids"] = fit_prompt(r["prompt_ids"], limit, where, refuse_overlong)
+    bs = batch_size or cfg["runner_config"]["batch_size"]
+    results = []
+    for start in tqdm(range(0, len(requests), bs), desc="predict", unit="batch", file=sys.stderr,
+                      disable=len(requests) <= bs):
+        chunk = requests[start:start + bs]
+        timings = {}
+        seqs = model.generate([r["prompt_ids"] for r in chunk], timings=timings, **vars(gen))
+        for r, seq in zip(chunk, seqs):
+            new = seq[len(r["prompt_ids"]):]
+            res = {"line": r["line"], **reply_of(tokenizer, new, gen), "prompt_tokens": len(r["prompt_ids"]),
+                   "completion_tokens": len(new), "time_to_first_token_s": timings["first_token_s"],
+                   "tokens_per_s": len(new) / timings["total_s"] if timings["total_s"] else 0.0}
+            results.append(res)
+    if output:
+        fd, tmp = tempfile.mkstemp(prefix=".predict-", dir=os.path.dirname(os.path.abspath(output)))
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            for res in results:
+                fh.write(json.dumps(res, ensure_ascii=False) + "\n")
+        os.replace(tmp, output)
+    return results
+
+
+def chat(cfg: dict, *, checkpoint=None, system=None, stdin=None, stdout=None, **gen_overrides) -> None:
+    """Multi-turn chat on stdin/stdout: /reset, /system TEXT, /exit. Replies stream as they are generated.
+    The oldest turns are dropped when the conversation no longer fits the context."""
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    model, tokenizer, model_cfg = load_for_inference(cfg, checkpoint)
+    gen = generation_config(cfg, vocab_limit=tokenizer.vocab_size, **gen_overrides)
+    limit = context_length(cfg, model_cfg) - gen.max_new_tokens
+    history: list[dict] = []
+    interactive = stdin.isatty()
+    while True:
+        if interactive:
+            stdout.write("user> ")
+            stdout.flush()
+        line = stdin.readline()
+        if not line:
+            break
+        text = line.rstrip("\n")
+        if not text.strip():
+            continue
+        if text.strip() in ("/exit", "/quit"):
+            break
+        if text.strip() == "/reset":
+            history = []
+            stdout.write("[history cleared]\n")
+            continue
+        if text.startswith("/system"):
+            system = text[len("/system"):].strip() or None
+            history = []
+            stdout.write(f"[system prompt {'set' if system else 'reset to the default'}; history cleared]\n")
+            continue
+        history.append({"role": "user", "content": text})
+        head = [{"role": "system", "content": system}] if system else []
+        ids = tokenizer.apply_chat_template(head + history)
+        while len(ids) > limit and len(history) > 1:        # drop the oldest exchange
+            history = history[2:] if len(history) > 2 else history[1:]
+            ids = tokenizer.apply_chat_template(head + history)
+        ids = fit_prompt(ids, limit, "chat", refuse=False)
+        stdout.write("bot> ")
+        stdout.flush()
+        new: list[int] = []
+        shown = ""
+
+        def stream(step, tokens):
+            nonlocal shown
+            tok = tokens[0]
+            if tok in (gen.eos_token_id, *gen.stop_token_ids):
+                return
+            new.append(tok)
+            text_now = tokenizer.decode(new)
+            if not text_now.endswith("\ufffd"):          # wait for the rest of a multi-byte character
+                stdout.write(text_now[len(shown):])
+                stdout.flush()
+                shown = text_now
+        t = time.perf_counter()
+        model.generate([ids], streamer=stream, **vars(gen))
+        reply = tokenizer.decode(new)
+        stdout.write(reply[len(shown):] + "\n")
+        stdout.flush()
+        history.append({"role": "assistant", "content": reply})
+        if interactive:
+            stdout.write(f"[{len(new)} tokens, {len(new) / (time.perf_counter() - t):.1f} tokens/s]\n")
