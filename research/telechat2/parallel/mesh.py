@@ -1,24 +1,160 @@
-"""The device mesh: which slice of the model and data this rank holds.
+"""The device mesh: the parallel layout, its validation, and this rank's place and groups in it.
 
-Order of the axes (outermost first): dp x pp x cp x tp, tp innermost so tensor-parallel peers are
-neighbouring ranks (same node).
+Axes, outermost first: dp x pp x cp x tp. tp is innermost so tensor-parallel peers are neighbouring ranks
+(the same node); rank = ((dp_rank * pp + pp_rank) * cp + cp_rank) * tp + tp_rank.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
+
+from ..errors import TeleChat2Error
+
+AXES = ("dp", "pp", "cp", "tp")
+
+
+class LayoutError(TeleChat2Error):
+    """A parallel layout that cannot work; the message names the constraint and the YAML key."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    dp: int = 1                       # parallel_config.data_parallel
+    tp: int = 1                       # parallel_config.model_parallel
+    pp: int = 1                       # parallel_config.pipeline_stage
+    cp: int = 1                       # parallel_config.context_parallel
+    sequence_parallel: bool = False   # parallel_config.use_seq_parallel
+    micro_batch_num: int = 1          # parallel_config.micro_batch_num
+    optimizer_shard: bool = False     # parallel.enable_parallel_optimizer (ZeRO-1 over dp)
+
+    @property
+    def world(self) -> int:
+        return self.dp * self.pp * self.cp * self.tp
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {"dp": self.dp, "pp": self.pp, "cp": self.cp, "tp": self.tp}
+
+    def coords(self, rank: int) -> dict[str, int]:
+        out = {}
+        for axis in reversed(AXES):
+            rank, out[axis] = divmod(rank, self.sizes[axis])
+        return out
+
+    def rank_of(self, **coords) -> int:
+        rank = 0
+        for axis in AXES:
+            rank = rank * self.sizes[axis] + coords.get(axis, 0)
+        return rank
+
+    def group_ranks(self, axis: str, rank: int) -> list[int]:
+        """The ranks that share every coordinate with `rank` except `axis` (in axis order)."""
+        c = self.coords(rank)
+        return [self.rank_of(**{**c, axis: i}) for i in range(self.sizes[axis])]
+
+    def describe(self) -> str:
+        s = f"dp{self.dp} tp{self.tp} pp{self.pp} cp{self.cp}"
+        return s + (" sp" if self.sequence_parallel and self.tp > 1 else "") + (" zero1" if self.optimizer_shard else "")
+
+    @classmethod
+    def from_run_config(cls, cfg: dict) -> "Layout":
+        pc, par = cfg["parallel_config"], cfg["parallel"]
+        return cls(dp=pc["data_parallel"], tp=pc["model_parallel"], pp=pc["pipeline_stage"],
+                   cp=pc["context_parallel"], sequence_parallel=bool(pc["use_seq_parallel"]),
+                   micro_batch_num=pc["micro_batch_num"], optimizer_shard=bool(par["enable_parallel_optimizer"]))
+
+
+def validate_layout(layout: Layout, config, *, devices: int | None = None, seq_length: int | None = None) -> None:
+    """Refuse a layout that cannot run `config` (a TeleChat2Config); errors name the constraint and key."""
+    def need(cond, msg):
+        if not cond:
+            raise LayoutError(msg)
+
+    for key, v in (("data_parallel", layout.dp), ("model_parallel", layout.tp), ("pipeline_stage", layout.pp),
+                   ("context_parallel", layout.cp), ("micro_batch_num", layout.micro_batch_num)):
+        need(isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+             f"parallel_config.{key} must be an integer >= 1, got {v!r}")
+    if devices is not None:
+        need(layout.world == devices,
+             f"world size {devices} != data_parallel {layout.dp} x model_parallel {layout.tp} x pipeline_stage "
+             f"{layout.pp} x context_parallel {layout.cp} = {layout.world}")
+    tp, c = layout.tp, config
+    need(c.num_heads % tp == 0, f"num_heads {c.num_heads} is not divisible by model_parallel {tp}")
+    need(c.kv_heads % tp == 0 or tp % c.kv_heads == 0,
+         f"n_kv_heads {c.kv_heads} and model_parallel {tp}: one must divide the other (kv heads are split "
+         f"over tp, or replicated when tp exceeds them)")
+    need(c.intermediate_size % tp == 0, f"intermediate_size {c.intermediate_size} is not divisible by model_parallel {tp}")
+    need(c.vocab_size % tp == 0, f"vocab_size {c.vocab_size} is not divisible by model_parallel {tp} "
+                                 "(pad the vocabulary to a multiple of it)")
+    need(c.num_layers >= layout.pp, f"num_layers {c.num_layers} < pipeline_stage {layout.pp}")
+    if layout.pp > 1:
+        need(layout.micro_batch_num >= layout.pp,
+             f"micro_batch_num {layout.micro_batch_num} < pipeline_stage {layout.pp}: the pipeline cannot fill")
+    seq = c.seq_length if seq_length is None else seq_length
+    if layout.cp > 1:
+        need(seq % (2 * layout.cp) == 0,
+             f"seq_length {seq} is not divisible by 2 x context_parallel = {2 * layout.cp} (zigzag chunks)")
+    if layout.sequence_parallel and tp > 1:
+        need((seq // layout.cp) % tp == 0,
+             f"use_seq_parallel: seq_length {seq} / context_parallel {layout.cp} is not divisible by "
+             f"model_parallel {tp}")
+    if layout.sequence_parallel and tp == 1:
+        warnings.warn("use_seq_parallel has no effect with model_parallel 1", stacklevel=2)
+    if layout.optimizer_shard and layout.dp == 1:
+        warnings.warn("enable_parallel_optimizer has no effect with data_parallel 1", stacklevel=2)
 
 
 @dataclass(frozen=True)
 class ParallelMesh:
-    tp: int = 1          # tensor (model) parallel size
-    tp_rank: int = 0
-    sequence_parallel: bool = False
-
-    def __post_init__(self):
-        if self.tp != 1 or self.sequence_parallel:
-            raise NotImplementedError("tensor/sequence parallel layouts are not available yet; use tp=1")
+    """This rank's place in a layout and the names of its communication groups (None at size 1)."""
+    layout: Layout = field(default_factory=Layout)
+    rank: int = 0
+    groups: dict = field(default_factory=dict)     # axis -> group name, for axes of size > 1
 
     @classmethod
     def single(cls) -> "ParallelMesh":
         """The one-device mesh: every layer is the plain layer."""
         return cls()
+
+    @classmethod
+    def from_world(cls, layout: Layout) -> "ParallelMesh":
+        """Join the msrun world, check its size, and create this rank's dp/pp/cp/tp groups."""
+        from mindspore.communication import create_group, get_group_size, get_rank, init
+        init()
+        rank, world = get_rank(), get_group_size()
+        if world != layout.world:
+            raise LayoutError(f"world size {world} (msrun --worker_num) != data_parallel {layout.dp} x "
+                              f"model_parallel {layout.tp} x pipeline_stage {layout.pp} x context_parallel "
+                              f"{layout.cp} = {layout.world}")
+        groups = {}
+        for axis in AXES:
+            if layout.sizes[axis] > 1:
+                ranks = layout.group_ranks(axis, rank)
+                name = f"{axis}_" + "_".join(map(str, ranks))
+                create_group(name, ranks)
+                groups[axis] = name
+        return cls(layout, rank, groups)
+
+    def coord(self, axis: str) -> int:
+        return self.layout.coords(self.rank)[axis]
+
+    # the names the layers read
+    @property
+    def tp(self) -> int:
+        return self.layout.tp
+
+    @property
+    def tp_rank(self) -> int:
+        return self.coord("tp")
+
+    @property
+    def dp(self) -> int:
+        return self.layout.dp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.coord("dp")
+
+    @property
+    def sequence_parallel(self) -> bool:
+        return self.layout.sequence_parallel and self.layout.tp > 1
