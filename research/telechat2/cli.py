@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parsers(sub)
     from .infer.cli import add_infer_parsers
     add_infer_parsers(sub)
+    from .plan.cli import add_plan_parsers
+    add_plan_parsers(sub)
     return p
 
 

@@ -15,13 +15,20 @@ def load_weights(model, path: str, allow_pickle: bool = False) -> None:
     """
     import mindspore as ms
 
+    from ..parallel.layers import shard_specs
+
     source = open_checkpoint(path, allow_pickle=allow_pickle)
     check_against_config(source, model.config)
     params = model.parameters_dict()
+    specs = shard_specs(model)                      # under tensor parallel: read only this rank's block
     for name, entry in source.entries.items():
         param = params[name]
-        if tuple(param.shape) != entry.shape:       # a sharded layout loads slices (parallel checkpoints)
+        raw = entry.read_raw()
+        if name in specs:
+            axis, start, length = specs[name]
+            raw = raw[(slice(None),) * axis + (slice(start, start + length),)]
+        if tuple(param.shape) != tuple(raw.shape):
             raise CheckpointError(f"{entry.origin}: tensor {entry.stored_name!r}: model parameter has shape "
-                                  f"{list(param.shape)}, checkpoint {list(entry.shape)}")
-        value = np.ascontiguousarray(to_f32(entry.read_raw(), entry.dtype))
+                                  f"{list(param.shape)}, checkpoint block {list(raw.shape)}")
+        value = np.ascontiguousarray(to_f32(raw, entry.dtype))
         param.set_data(ms.Tensor(value).astype(param.dtype))

@@ -42,7 +42,7 @@ class CachedDecoder(nn.Cell):
 
     def construct(self, input_ids, cos, sin, allowed, write_slot=None):
         hidden = self.model.model(input_ids, cos, sin, allowed, self.k_caches, self.v_caches, write_slot)
-        return self.model.lm_head(hidden[:, -1:]).astype(ms.float32)[:, 0]          # [B, V]
+        return self.model.head_logits(hidden[:, -1:])[:, 0]                            # [B, V]
 
 
 def _round_up(n: int, m: int) -> int:

@@ -53,27 +53,36 @@ def write_cache(cache, new, write_slot):
 class Attention(nn.Cell):
     def __init__(self, config: TeleChat2Config, mesh: ParallelMesh):
         super().__init__()
-        H, hd = config.hidden_size, config.head_dim
+        H, hd, tp = config.hidden_size, config.head_dim, mesh.tp
         self.head_dim = hd
-        self.heads = config.num_heads // mesh.tp              # query heads on this rank
-        self.kv_heads = config.kv_heads // mesh.tp            # kv heads on this rank
-        self.n_rep = config.num_heads // config.kv_heads
+        self.heads = config.num_heads // tp                     # query heads on this rank
+        common = dict(mesh=mesh, init_std=config.initializer_range, param_dtype=ms_dtype(config.param_init_type),
+                      compute_dtype=ms_dtype(config.compute_dtype))
+        # rows of wk_v are [K_0; V_0; K_1; V_1; ...] (hd rows each), so a contiguous row split keeps whole kv heads
+        if config.kv_heads % tp == 0:
+            self.kv_heads, kv_rows, self.kv_replicas = config.kv_heads // tp, None, None
+        else:                                                   # fewer kv heads than tp ranks: replicate
+            per_kv = tp // config.kv_heads                      # ranks sharing one kv head
+            head = mesh.tp_rank // per_kv
+            self.kv_heads, kv_rows = 1, (head * 2 * hd, 2 * hd)
+            self.kv_replicas = [mesh.layout.rank_of(**{**mesh.layout.coords(mesh.rank), "tp": head * per_kv + i})
+                                for i in range(per_kv)]
+        self.n_rep = self.heads // self.kv_heads
         self.compute_dtype = ms_dtype(config.compute_dtype)
         self.softmax_dtype = ms_dtype(config.softmax_compute_type)
         self.use_flash_attention = config.use_flash_attention
-        common = dict(mesh=mesh, init_std=config.initializer_range, param_dtype=ms_dtype(config.param_init_type),
-                      compute_dtype=self.compute_dtype)
         self.wq = ColumnParallelLinear(H, config.num_heads * hd, bias=False, **common)
-        # rows of wk_v are [K_0; V_0; K_1; V_1; ...] (hd rows each), so a contiguous row split keeps whole kv heads
-        self.wk_v = ColumnParallelLinear(H, 2 * config.kv_heads * hd, bias=False, **common)
+        self.wk_v = ColumnParallelLinear(H, 2 * config.kv_heads * hd, bias=False, rows=kv_rows, **common)
         self.wo = RowParallelLinear(config.num_heads * hd, H, bias=True, **common)
 
     def construct(self, x, cos, sin, allowed, k_cache=None, v_cache=None, write_slot=None):
-        # x: [B, S, H]; cos/sin: [B|1, 1, S, hd]; allowed: bool [B|1, 1, S, S], or [B|1, 1, S, L] with a cache
+        # x: [B, S, H] (SP: [B, S/tp, H]); cos/sin: [B|1, 1, S, hd]; allowed: bool [B|1, 1, S, S] ([.., S, L] with
+        # a cache); heads are this rank's: nh/tp query heads, n_kv/tp kv heads (or one replicated kv head)
         # k_cache/v_cache: Parameters [B, nkv, L, hd] (generation); the new keys/values are written into
         # slots [0, S) (prefill, write_slot None) or into the slot marked by write_slot [1, 1, L, 1] (S == 1)
-        B, S, _ = x.shape
-        q = self.wq(x).reshape(B, S, self.heads, self.head_dim).transpose(0, 2, 1, 3)     # [B, nh, S, hd]
+        q = self.wq(x)                                                                     # [B, S, nh/tp*hd]
+        B, S, _ = q.shape
+        q = q.reshape(B, S, self.heads, self.head_dim).transpose(0, 2, 1, 3)               # [B, nh, S, hd]
         kv = self.wk_v(x).reshape(B, S, self.kv_heads, 2 * self.head_dim)
         k, v = ops.split(kv, self.head_dim, -1)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)                            # [B, nkv, S, hd]

@@ -15,6 +15,8 @@ from mindspore import Tensor, nn, ops
 from ..config import TeleChat2Config
 from ..dtypes import ms_dtype
 from ..parallel import ColumnParallelLinear, ParallelMesh, VocabParallelEmbedding
+from ..parallel.cross_entropy import VocabParallelCrossEntropy
+from ..parallel.mappings import GatherFromTensorParallel, tp_collective
 from .attention import Attention
 from .loss import causal_lm_loss, token_cross_entropy
 from .mlp import MLP
@@ -86,10 +88,14 @@ class TeleChat2ForCausalLM(nn.Cell):
         self.mesh = mesh
         self.rotary_dtype = ms_dtype(config.rotary_dtype)
         self.model = TeleChat2Model(config, mesh)
+        # logits stay split over the vocabulary: the loss reduces over tp, logits() gathers them
         self.lm_head = ColumnParallelLinear(config.hidden_size, config.vocab_size, bias=False, mesh=mesh,
                                             init_std=config.initializer_range,
                                             param_dtype=ms_dtype(config.param_init_type),
                                             compute_dtype=ms_dtype(config.compute_dtype))
+        self.gather_vocab = tp_collective(GatherFromTensorParallel, mesh) if mesh.tp > 1 else None
+        self.vocab_parallel_loss = VocabParallelCrossEntropy(mesh, config.vocab_size, config.ignore_token_id) \
+            if mesh.tp > 1 else None
 
     @classmethod
     def from_hf(cls, hf_dir: str, mesh: ParallelMesh | None = None, **config_overrides) -> "TeleChat2ForCausalLM":
@@ -126,8 +132,16 @@ class TeleChat2ForCausalLM(nn.Cell):
             return cos[:seq_len].reshape(1, 1, seq_len, -1), sin[:seq_len].reshape(1, 1, seq_len, -1)
         return ops.gather(cos, position_ids, 0).expand_dims(1), ops.gather(sin, position_ids, 0).expand_dims(1)
 
+    def head_logits(self, hidden):
+        """fp32 logits [B, S, V] of final hidden states (gathered over the vocabulary under tp)."""
+        logits = self.lm_head(hidden).astype(ms.float32)
+        return logits if self.gather_vocab is None else self.gather_vocab(logits)
+
     def logits(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None):
         """fp32 logits [B, S, V]. segment_ids [B, S] (packed documents): attend only within a segment."""
+        return self._vocab_logits(input_ids, attention_mask, position_ids, segment_ids, gather=True)
+
+    def _vocab_logits(self, input_ids, attention_mask, position_ids, segment_ids, gather):
         batch, seq_len = input_ids.shape
         cos, sin = self.rotary(seq_len, position_ids)
         allowed = Tensor(_causal_mask(seq_len))                               # [1, 1, S, S]
@@ -137,7 +151,9 @@ class TeleChat2ForCausalLM(nn.Cell):
             same = segment_ids.reshape(batch, 1, seq_len, 1) == segment_ids.reshape(batch, 1, 1, seq_len)
             allowed = ops.logical_and(allowed, same)
         hidden = self.model(input_ids, cos, sin, allowed)
-        return self.lm_head(hidden).astype(ms.float32)
+        if gather:
+            return self.head_logits(hidden)
+        return self.lm_head(hidden).astype(ms.float32)                        # [B, S, V/tp]
 
     def construct(self, input_ids, labels=None, attention_mask=None, position_ids=None):
         # input_ids: [B, S] int; labels: [B, S] aligned with input_ids (HF style, shifted here);
@@ -152,8 +168,11 @@ class TeleChat2ForCausalLM(nn.Cell):
 
         The trainer's loss: a packed sample of S+1 ids gives input_ids = ids[:, :-1], targets = ids[:, 1:].
         """
-        logits = self.logits(input_ids, None, position_ids, segment_ids)
-        return token_cross_entropy(logits, targets, self.config.ignore_token_id)
+        if self.vocab_parallel_loss is None:
+            logits = self.logits(input_ids, None, position_ids, segment_ids)
+            return token_cross_entropy(logits, targets, self.config.ignore_token_id)
+        logits = self._vocab_logits(input_ids, None, position_ids, segment_ids, gather=False)
+        return self.vocab_parallel_loss(logits, targets)
 
 
 def _without_unavailable_kernels(config: TeleChat2Config) -> TeleChat2Config:

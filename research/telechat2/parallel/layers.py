@@ -1,7 +1,15 @@
 """Column/row parallel linears and the vocab-parallel embedding (Megatron layout).
 
-Weights are stored like torch.nn.Linear: [out_features, in_features]. A column-parallel linear holds
-rows [out/tp] of the weight, a row-parallel linear holds columns [in/tp]. At tp=1 both are nn.Linear.
+Weights are stored like torch.nn.Linear: [out_features, in_features]. A column-parallel linear holds a block
+of rows of the weight, a row-parallel linear a block of columns. The communication contract is in the
+constructor flags: a column-parallel linear (output split over tp) feeds a row-parallel linear
+(`input_is_parallel`), so an MLP or an attention block communicates only at its two edges:
+
+    no SP:  x [b, s, h] -> copy_to_tp -> column -> [b, s, f/tp] -> row -> reduce_from_tp -> [b, s, h]
+    SP:     x [b, s/tp, h] -> gather_seq -> column -> [b, s, f/tp] -> row -> reduce_scatter_seq -> [b, s/tp, h]
+
+At tp=1 no collective is built and each layer is the plain layer. `shard_spec` records, per parameter,
+which block of the full tensor this rank holds: {attr: (axis, start, length)} (absent: replicated).
 """
 from __future__ import annotations
 
@@ -9,6 +17,8 @@ import mindspore as ms
 from mindspore import Parameter, mint, nn, ops
 from mindspore.common.initializer import Normal, Zero, initializer
 
+from .mappings import (CopyToTensorParallel, GatherFromSequenceParallel, GatherFromTensorParallel,
+                       ReduceFromTensorParallel, ReduceScatterToSequenceParallel, tp_collective)
 from .mesh import ParallelMesh
 
 
@@ -19,57 +29,108 @@ def _divide(n: int, parts: int, what: str) -> int:
 
 
 class ColumnParallelLinear(nn.Cell):
-    """y = x W^T (+ b), W split along its output rows; output stays split unless gather_output."""
+    """y = x W^T (+ b) with W's rows split over tp; the output stays split unless gather_output.
+
+    `rows=(start, length)` overrides the contiguous split (replicated kv heads hold the same rows on
+    several ranks).
+    """
 
     def __init__(self, in_features, out_features, *, bias, mesh: ParallelMesh, init_std=0.02,
-                 param_dtype=ms.float32, compute_dtype=ms.float32, gather_output=False):
+                 param_dtype=ms.float32, compute_dtype=ms.float32, gather_output=False, rows=None):
         super().__init__()
-        self.out_per_rank = _divide(out_features, mesh.tp, "out_features")
+        if rows is None:
+            n = _divide(out_features, mesh.tp, "out_features")
+            rows = (mesh.tp_rank * n, n)
+        self.out_per_rank = rows[1]
         self.compute_dtype = compute_dtype
-        self.gather_output = gather_output
-        self.weight = Parameter(initializer(Normal(init_std), (self.out_per_rank, in_features), param_dtype),
-                                name="weight")
-        self.bias = Parameter(initializer(Zero(), (self.out_per_rank,), param_dtype), name="bias") if bias else None
+        self.weight = Parameter(initializer(Normal(init_std), (rows[1], in_features), param_dtype), name="weight")
+        self.bias = Parameter(initializer(Zero(), (rows[1],), param_dtype), name="bias") if bias else None
+        self.shard_spec = {}
+        if rows != (0, out_features):
+            self.shard_spec = {"weight": (0, *rows), **({"bias": (0, *rows)} if bias else {})}
+        self.input_comm = self.output_comm = None
+        if mesh.tp > 1:
+            self.input_comm = tp_collective(GatherFromSequenceParallel if mesh.sequence_parallel
+                                            else CopyToTensorParallel, mesh)
+            if gather_output:
+                self.output_comm = tp_collective(GatherFromTensorParallel, mesh)
 
     def construct(self, x):
-        # x: [..., in] -> [..., out/tp]
+        # x: [b, s, in] (SP: [b, s/tp, in]) -> [b, s, out/tp] (gather_output: [b, s, out])
+        if self.input_comm is not None:
+            x = self.input_comm(x)
         w = self.weight.astype(self.compute_dtype)
         b = None if self.bias is None else self.bias.astype(self.compute_dtype)
-        return mint.nn.functional.linear(x.astype(self.compute_dtype), w, b)
+        y = mint.nn.functional.linear(x.astype(self.compute_dtype), w, b)
+        if self.output_comm is not None:
+            y = self.output_comm(y)
+        return y
 
 
 class RowParallelLinear(nn.Cell):
-    """y = x W^T + b, W split along its input columns; partial sums are reduced over tp."""
+    """y = x W^T + b with W's columns split over tp; partial sums are reduced (SP: reduce-scattered along
+    the sequence) before the bias, which every rank holds whole."""
 
     def __init__(self, in_features, out_features, *, bias, mesh: ParallelMesh, init_std=0.02,
-                 param_dtype=ms.float32, compute_dtype=ms.float32, input_is_parallel=True):
+                 param_dtype=ms.float32, compute_dtype=ms.float32):
         super().__init__()
-        self.in_per_rank = _divide(in_features, mesh.tp, "in_features")
+        n = _divide(in_features, mesh.tp, "in_features")
         self.compute_dtype = compute_dtype
-        self.input_is_parallel = input_is_parallel
-        self.weight = Parameter(initializer(Normal(init_std), (out_features, self.in_per_rank), param_dtype),
-                                name="weight")
+        self.weight = Parameter(initializer(Normal(init_std), (out_features, n), param_dtype), name="weight")
         self.bias = Parameter(initializer(Zero(), (out_features,), param_dtype), name="bias") if bias else None
+        self.shard_spec = {"weight": (1, mesh.tp_rank * n, n)} if mesh.tp > 1 else {}
+        self.output_comm = None
+        if mesh.tp > 1:
+            self.output_comm = tp_collective(ReduceScatterToSequenceParallel if mesh.sequence_parallel
+                                             else ReduceFromTensorParallel, mesh)
 
     def construct(self, x):
-        # x: [..., in/tp] -> [..., out]; the bias is added once, after the reduction
+        # x: [b, s, in/tp] -> [b, s, out] (SP: [b, s/tp, out])
         y = mint.nn.functional.linear(x.astype(self.compute_dtype), self.weight.astype(self.compute_dtype))
+        if self.output_comm is not None:
+            y = self.output_comm(y)
         if self.bias is not None:
             y = y + self.bias.astype(self.compute_dtype)
         return y
 
 
 class VocabParallelEmbedding(nn.Cell):
-    """Embedding lookup with the table split along the vocabulary; no scaling."""
+    """Embedding lookup with the table's rows (vocabulary) split over tp; no scaling.
+
+    Ids outside this rank's rows look up row 0 and are zeroed; the partial embeddings are summed over tp
+    (SP: reduce-scattered along the sequence).
+    """
 
     def __init__(self, vocab_size, hidden_size, *, mesh: ParallelMesh, init_std=0.02, param_dtype=ms.float32):
         super().__init__()
-        self.vocab_per_rank = _divide(vocab_size, mesh.tp, "vocab_size")
-        self.vocab_start = mesh.tp_rank * self.vocab_per_rank
+        n = _divide(vocab_size, mesh.tp, "vocab_size")
+        self.vocab_start, self.vocab_per_rank = mesh.tp_rank * n, n
         # MindFormers' name for the table, so its checkpoints load unchanged
-        self.embedding_weight = Parameter(
-            initializer(Normal(init_std), (self.vocab_per_rank, hidden_size), param_dtype), name="embedding_weight")
+        self.embedding_weight = Parameter(initializer(Normal(init_std), (n, hidden_size), param_dtype),
+                                          name="embedding_weight")
+        self.shard_spec = {"embedding_weight": (0, self.vocab_start, n)} if mesh.tp > 1 else {}
+        self.output_comm = None
+        if mesh.tp > 1:
+            self.output_comm = tp_collective(ReduceScatterToSequenceParallel if mesh.sequence_parallel
+                                             else ReduceFromTensorParallel, mesh)
 
     def construct(self, input_ids):
-        # [B, S] int -> [B, S, H]
-        return ops.gather(self.embedding_weight, input_ids, 0)
+        # [b, s] int -> [b, s, h] (SP: [b, s/tp, h])
+        if self.output_comm is None:
+            return ops.gather(self.embedding_weight, input_ids, 0)
+        local = input_ids - self.vocab_start
+        outside = ops.logical_or(local < 0, local >= self.vocab_per_rank)
+        local = ops.select(outside, ops.zeros_like(local), local)
+        out = ops.gather(self.embedding_weight, local, 0)
+        out = ops.select(outside.expand_dims(-1), ops.zeros_like(out), out)
+        return self.output_comm(out)
+
+
+def shard_specs(model) -> dict[str, tuple[int, int, int]]:
+    """Full parameter name -> (axis, start, length) of the block this rank holds; replicated ones absent."""
+    specs = {}
+    for prefix, cell in model.cells_and_names():
+        for attr, spec in getattr(cell, "shard_spec", {}).items():
+            param = getattr(cell, attr)
+            specs[param.name] = spec
+    return specs

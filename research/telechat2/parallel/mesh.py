@@ -158,3 +158,10 @@ class ParallelMesh:
     @property
     def sequence_parallel(self) -> bool:
         return self.layout.sequence_parallel and self.layout.tp > 1
+
+
+def barrier(mesh: ParallelMesh) -> None:
+    """Wait for every rank (no-op on one device)."""
+    if mesh.layout.world > 1:
+        from mindspore.mint.distributed import barrier as _barrier
+        _barrier()

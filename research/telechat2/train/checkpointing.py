@@ -7,9 +7,11 @@
         config.json              the model config (HF field names)
         manifest.json            sha256 and size of every file above; written last
 
-A checkpoint is built in a hidden temporary folder and renamed into place, so a kill at any moment leaves
-either the previous complete checkpoints or a temporary folder that is ignored (and removed at the next
-save). `latest_valid` walks the checkpoints newest first and skips, with a warning, any whose manifest is
+On more than one device each rank writes its own model/optimizer files (its tensor-parallel block, its
+ZeRO slice) and a rank.json (coordinates, and the block of each full tensor it holds) under rank_R/;
+rank 0 writes the rest once every rank is done. A checkpoint is built in the hidden folder
+.step_N.tmp and renamed into place, so a kill at any moment leaves either the previous complete
+checkpoints or a temporary folder that is ignored (and removed at the next save). `latest_valid` walks the checkpoints newest first and skips, with a warning, any whose manifest is
 missing or whose files do not match it.
 """
 from __future__ import annotations
@@ -17,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 
 import numpy as np
 
@@ -70,29 +71,56 @@ def read_into(path: str, params) -> None:
         p.set_data(ms.Tensor(value).astype(p.dtype))
 
 
-def save(ckpt_root: str, step: int, *, model_params, optim_params, state: dict, model_config, keep: int) -> str:
-    os.makedirs(ckpt_root, exist_ok=True)
-    for stale in os.listdir(ckpt_root):               # leftovers of a run killed mid-save
-        if stale.startswith(".step_") and ".tmp-" in stale:
-            shutil.rmtree(os.path.join(ckpt_root, stale), ignore_errors=True)
+def rank_folder(step_dir: str, mesh) -> str:
+    """Where this rank's files live: the step folder itself on one device, else step_N/rank_R/."""
+    return step_dir if mesh.layout.world == 1 else os.path.join(step_dir, f"rank_{mesh.rank}")
+
+
+def save(ckpt_root: str, step: int, *, model, optim_params, state: dict, keep: int) -> str:
+    """Write checkpoint `step` (every rank calls this; rank 0 publishes it)."""
+    from ..parallel.layers import shard_specs
+    from ..parallel.mesh import barrier
+    mesh = model.mesh
+    rank0 = mesh.rank == 0
     name = f"step_{step:08d}"
-    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=ckpt_root)
-    write_tensors(os.path.join(tmp, "model.safetensors"), model_params)
+    tmp = os.path.join(ckpt_root, f".{name}.tmp")
+    if rank0:
+        os.makedirs(ckpt_root, exist_ok=True)
+        for stale in os.listdir(ckpt_root):           # leftovers of a run killed mid-save
+            if stale.startswith(".step_") and ".tmp" in stale:
+                shutil.rmtree(os.path.join(ckpt_root, stale), ignore_errors=True)
+        os.makedirs(tmp)
+    barrier(mesh)
+    mine = rank_folder(tmp, mesh)
+    os.makedirs(mine, exist_ok=True)
+    params = model.trainable_params()
+    write_tensors(os.path.join(mine, "model.safetensors"), params)
     fault_point(f"checkpoint:{step}")                  # crash tests: die with the checkpoint half written
-    write_tensors(os.path.join(tmp, "optimizer.safetensors"), optim_params)
-    with open(os.path.join(tmp, "state.json"), "w", encoding="utf-8") as fh:
-        json.dump(state, fh, indent=2)
-    model_config.save_hf_config(os.path.join(tmp, "config.json"))
-    files = {f: {"sha256": sha256(os.path.join(tmp, f)), "bytes": os.path.getsize(os.path.join(tmp, f))}
-             for f in sorted(os.listdir(tmp))}
-    with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as fh:
-        json.dump({"step": step, "files": files}, fh, indent=2)
+    write_tensors(os.path.join(mine, "optimizer.safetensors"), optim_params)
+    if mesh.layout.world > 1:                          # what this rank holds, for loading into other layouts
+        with open(os.path.join(mine, "rank.json"), "w", encoding="utf-8") as fh:
+            json.dump({"rank": mesh.rank, "coords": mesh.layout.coords(mesh.rank), "layout": mesh.layout.sizes,
+                       "shards": {k: list(v) for k, v in shard_specs(model).items()}}, fh, indent=1)
+    barrier(mesh)
     final = os.path.join(ckpt_root, name)
-    if os.path.exists(final):                          # a re-run of the same step: replace it
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    for old in sorted(list_checkpoints(ckpt_root))[:-keep]:
-        shutil.rmtree(os.path.join(ckpt_root, f"step_{old:08d}"), ignore_errors=True)
+    if rank0:
+        with open(os.path.join(tmp, "state.json"), "w", encoding="utf-8") as fh:
+            json.dump(state, fh, indent=2)
+        model.config.save_hf_config(os.path.join(tmp, "config.json"))
+        files = {}
+        for folder, _, names in sorted(os.walk(tmp)):
+            for f in sorted(names):
+                rel = os.path.relpath(os.path.join(folder, f), tmp)
+                files[rel] = {"sha256": sha256(os.path.join(tmp, rel)), "bytes": os.path.getsize(os.path.join(tmp, rel))}
+        with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as fh:
+            json.dump({"step": step, "world": mesh.layout.world, "layout": mesh.layout.sizes, "files": files}, fh,
+                      indent=2)
+        if os.path.exists(final):                      # a re-run of the same step: replace it
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        for old in sorted(list_checkpoints(ckpt_root))[:-keep]:
+            shutil.rmtree(os.path.join(ckpt_root, f"step_{old:08d}"), ignore_errors=True)
+    barrier(mesh)
     return final
 
 

@@ -83,8 +83,14 @@ def train(cfg: dict, *, resume: bool = False, progress: bool = True) -> str:
     from ..data.loader import DataLoader
     from ..model import TeleChat2ForCausalLM
 
+    from ..parallel.mesh import Layout, LayoutError, ParallelMesh, barrier, validate_layout
+
     out = os.path.abspath(cfg["output_dir"])
     model_cfg = model_config(cfg)
+    layout = Layout.from_run_config(cfg)
+    validate_layout(layout, model_cfg)
+    if layout.pp > 1 or layout.cp > 1:
+        raise LayoutError("pipeline_stage and context_parallel > 1 are not implemented yet")
     rc, lr_cfg = cfg["runner_config"], cfg["lr_schedule"]
     ckpt_cb = callback(cfg, "CheckpointMonitor")
     ckpt_root = os.path.join(out, "checkpoint")
@@ -96,9 +102,20 @@ def train(cfg: dict, *, resume: bool = False, progress: bool = True) -> str:
     os.makedirs(out, exist_ok=True)
     ms.set_device(cfg["context"]["device_target"])
     ms.set_seed(cfg["seed"])
+    launched = int(os.environ.get("MS_WORKER_NUM", "1"))
+    if layout.world == 1 and launched > 1:
+        raise LayoutError(f"msrun started {launched} workers but the layout is one device; set "
+                          "parallel_config (data_parallel x model_parallel x ...) to the worker count")
+    mesh = ParallelMesh.from_world(layout) if layout.world > 1 else ParallelMesh.single()
+    rank0 = mesh.rank == 0
+    progress = progress and rank0
+    if rank0:                                   # raw .jsonl is preprocessed once, by rank 0
+        data_dir = prepare_dataset(cfg, model_cfg, progress)
+    barrier(mesh)
     data_dir = prepare_dataset(cfg, model_cfg, progress)
-    probe = DataLoader(data_dir, rc["batch_size"], seed=cfg["seed"], epochs=rc["epochs"],
+    loader_args = dict(rank=mesh.dp_rank, rank_size=mesh.dp, seed=cfg["seed"], epochs=rc["epochs"],
                        shuffle=cfg["train_dataset"]["data_loader"]["shuffle"])
+    probe = DataLoader(data_dir, rc["batch_size"], **loader_args)
     data_seq = probe.meta.get("seq_length")
     if data_seq is not None and data_seq != model_cfg.seq_length:
         raise TrainError(f"{data_dir}: samples have seq_length {data_seq}, model_config.seq_length is "
@@ -106,8 +123,8 @@ def train(cfg: dict, *, resume: bool = False, progress: bool = True) -> str:
     if cfg["run_mode"] == "finetune" and "labels" not in (probe.columns or []):
         raise TrainError(f"{data_dir}: run_mode finetune needs a `labels` column (telechat2 preprocess sft)")
     accum = rc["gradient_accumulation_steps"]
-    devices = 1
-    global_batch = rc["batch_size"] * devices * accum
+    devices = layout.world
+    global_batch = rc["batch_size"] * mesh.dp * accum
     total_steps = len(probe) // accum
     if rc["max_steps"] > 0:
         total_steps = min(total_steps, rc["max_steps"])
@@ -117,10 +134,11 @@ def train(cfg: dict, *, resume: bool = False, progress: bool = True) -> str:
     resume_from = checkpointing.latest_valid(ckpt_root) if resume or cfg["resume_training"] else None
     if (resume or cfg["resume_training"]) and resume_from is None:
         print(f"[telechat2] no complete checkpoint under {ckpt_root}; starting from step 0", file=sys.stderr)
-    save_resolved(cfg, os.path.join(out, "run_config.yaml"))
+    if rank0:
+        save_resolved(cfg, os.path.join(out, "run_config.yaml"))
 
     # ---- model, optimizer, state ------------------------------------------------------------------
-    model = TeleChat2ForCausalLM(model_cfg)
+    model = TeleChat2ForCausalLM(model_cfg, mesh)
     if cfg["recompute_config"]["recompute"]:
         for layer in model.model.layers:
             layer.recompute()
@@ -128,12 +146,14 @@ def train(cfg: dict, *, resume: bool = False, progress: bool = True) -> str:
         load_weights(model, load_path)
     params = model.trainable_params()
     opt_cfg = cfg["optimizer"]
-    optimizer = AdamW(params, betas=opt_cfg["betas"], eps=opt_cfg["eps"], weight_decay=opt_cfg["weight_decay"])
+    optimizer = AdamW(params, betas=opt_cfg["betas"], eps=opt_cfg["eps"], weight_decay=opt_cfg["weight_decay"],
+                      mesh=mesh)
     scaler = LossScaler(cfg["runner_wrapper"]["scale_sense"])
     step, consumed, history = 0, 0, []
     if resume_from:
-        checkpointing.read_into(os.path.join(resume_from, "model.safetensors"), params)
-        checkpointing.read_into(os.path.join(resume_from, "optimizer.safetensors"), optimizer.state_parameters())
+        rank_dir = checkpointing.rank_folder(resume_from, mesh)
+        checkpointing.read_into(os.path.join(rank_dir, "model.safetensors"), params)
+        checkpointing.read_into(os.path.join(rank_dir, "optimizer.safetensors"), optimizer.state_parameters())
         state = checkpointing.load_state(resume_from)
         step, consumed, history = state["step"], state["consumed_samples"], state["history"]
         scaler.load_state_dict(state["loss_scale"])
@@ -145,8 +165,7 @@ def train(cfg: dict, *, resume: bool = False, progress: bool = True) -> str:
     if cfg["context"]["mode"] == 0:
         accumulate, apply = ms.jit(accumulate), ms.jit(apply)
 
-    loader = DataLoader(data_dir, rc["batch_size"], seed=cfg["seed"], epochs=rc["epochs"], offset=consumed,
-                        shuffle=cfg["train_dataset"]["data_loader"]["shuffle"])
+    loader = DataLoader(data_dir, rc["batch_size"], offset=consumed, **loader_args)
     batches = iter(loader)
     seq = model_cfg.seq_length
     flops_per_step = flops_per_token(model_cfg, seq) * global_batch * seq
@@ -159,12 +178,14 @@ def train(cfg: dict, *, resume: bool = False, progress: bool = True) -> str:
         t0 = time.perf_counter()
         lr = lr_at(step, lr_cfg, total_steps)
         scale = ms.Tensor(scaler.scale, ms.float32)
-        loss_sum = 0.0
+        loss_sum = None
         for _ in range(accum):
             batch = next(batches)
             ids = batch["input_ids"]
             targets = batch["labels"][:, 1:] if "labels" in batch else ids[:, 1:]
-            loss_sum += float(accumulate(ms.Tensor(ids[:, :-1]), ms.Tensor(targets), scale).asnumpy()) / scaler.scale
+            loss = accumulate(ms.Tensor(ids[:, :-1]), ms.Tensor(targets), scale)
+            loss_sum = loss if loss_sum is None else loss_sum + loss
+        loss_sum = float(train_step.dp_mean(loss_sum).asnumpy()) / scaler.scale     # the global loss
         norm, finite = apply(ms.Tensor(lr, ms.float32), ms.Tensor(1.0 / (scaler.scale * accum), ms.float32))
         finite = bool(finite.asnumpy())
         grad_norm = float(norm.asnumpy()) if finite else float("inf")
@@ -193,19 +214,21 @@ def train(cfg: dict, *, resume: bool = False, progress: bool = True) -> str:
         if step % ckpt_cb["save_checkpoint_steps"] == 0 or step == total_steps:
             state = {"step": step, "consumed_samples": consumed, "loss_scale": scaler.state_dict(),
                      "seed": cfg["seed"], "global_batch": global_batch, "history": history,
-                     "layout": {"dp": 1, "tp": 1, "pp": 1, "cp": 1, "rank": 0, "world": 1}}
-            checkpointing.save(ckpt_root, step, model_params=params, optim_params=optimizer.state_parameters(),
-                               state=state, model_config=model_cfg, keep=ckpt_cb["keep_checkpoint_max"])
+                     "layout": layout.sizes}
+            checkpointing.save(ckpt_root, step, model=model, optim_params=optimizer.state_parameters(),
+                               state=state, keep=ckpt_cb["keep_checkpoint_max"])
     bar.close()
 
     run_info = {"output_dir": out, "model": cfg["model"].get("preset") or "custom",
                 "parameters": model_cfg.num_parameters(), "run_mode": cfg["run_mode"], "devices": devices,
-                "layout": "dp1 tp1 pp1 cp1", "global_batch": global_batch, "seq_length": seq,
+                "layout": layout.describe(), "global_batch": global_batch, "seq_length": seq,
                 "amp": cfg["amp"]["level"] if cfg["amp"]["level"] in ("none", "O0") else
                 f"{cfg['amp']['level']} {cfg['amp']['dtype']}",
                 "peak_host_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "peak_tflops_per_device": peak,
                 "peak_source": "configured" if cfg["report"]["peak_tflops"] else "measured MindSpore fp32 GEMM"}
-    report_dir = write_report(out, run_info, history)
-    print(f"[telechat2] report: {os.path.join(report_dir, 'report.md')}", file=sys.stderr)
+    if rank0:
+        report_dir = write_report(out, run_info, history)
+        print(f"[telechat2] report: {os.path.join(report_dir, 'report.md')}", file=sys.stderr)
+    barrier(mesh)
     return out

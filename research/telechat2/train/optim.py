@@ -19,21 +19,43 @@ class AdamW(nn.Cell):
     `construct(grads, lr, grad_mult)` applies one step; `grad_mult` folds loss-scale removal, gradient
     accumulation averaging and clipping into one multiplier. m, v and the updates are fp32; parameters
     in fp32 are the master weights (the network casts them to its compute dtype at use).
+
+    With `mesh` and dp > 1 (ZeRO-1, `parallel.enable_parallel_optimizer`), each dp rank keeps m and v for
+    one contiguous 1/dp slice of every flattened parameter (padded to a multiple of dp), updates that
+    slice, and the updated slices are all-gathered over dp into the full parameter.
     """
 
-    def __init__(self, params, *, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1):
+    def __init__(self, params, *, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, mesh=None):
         super().__init__()
         self.params = ParameterTuple(params)
-        self.m = ParameterTuple([Parameter(initializer(Zero(), p.shape, ms.float32), name=f"adam_m.{p.name}")
-                                 for p in params])
-        self.v = ParameterTuple([Parameter(initializer(Zero(), p.shape, ms.float32), name=f"adam_v.{p.name}")
-                                 for p in params])
+        self.shard = mesh is not None and mesh.layout.optimizer_shard and mesh.dp > 1
+        dp, dp_rank = (mesh.dp, mesh.dp_rank) if self.shard else (1, 0)
+        self.sizes = tuple(p.size for p in params)
+        self.chunks = tuple(-(-p.size // dp) for p in params)           # ceil(size / dp)
+        self.starts = tuple(dp_rank * c for c in self.chunks)
+        state_shape = [(c,) for c in self.chunks] if self.shard else [p.shape for p in params]
+        self.m = ParameterTuple([Parameter(initializer(Zero(), sh, ms.float32), name=f"adam_m.{p.name}")
+                                 for p, sh in zip(params, state_shape)])
+        self.v = ParameterTuple([Parameter(initializer(Zero(), sh, ms.float32), name=f"adam_v.{p.name}")
+                                 for p, sh in zip(params, state_shape)])
         self.step = Parameter(Tensor(0, ms.int32), name="adam_step")
         self.decay = tuple(0.0 if no_weight_decay(p.name) else float(weight_decay) for p in params)
         self.beta1, self.beta2, self.eps = float(betas[0]), float(betas[1]), float(eps)
+        self.dp = dp
+        if self.shard:
+            from ..parallel.mappings import _Collective
+            self.dp_gather = _Collective(mesh.groups["dp"], dp, dp_rank)
 
     def state_parameters(self):
         return [*self.m, *self.v, self.step]
+
+    def _slice(self, x, i):
+        """This rank's slice of the flattened, zero-padded tensor."""
+        flat = x.reshape(-1)
+        pad = self.chunks[i] * self.dp - self.sizes[i]
+        if pad:
+            flat = ops.cat((flat, ops.zeros((pad,), flat.dtype)))
+        return flat[self.starts[i]:self.starts[i] + self.chunks[i]]
 
     def construct(self, grads, lr, grad_mult):
         step = self.step + 1
@@ -44,20 +66,19 @@ class AdamW(nn.Cell):
         for i in range(len(self.params)):
             p, m, v = self.params[i], self.m[i], self.v[i]
             g = grads[i].astype(ms.float32) * grad_mult
+            w = p.astype(ms.float32)
+            if self.shard:
+                g, w = self._slice(g, i), self._slice(w, i)
             m_new = self.beta1 * m + (1.0 - self.beta1) * g
             v_new = self.beta2 * v + (1.0 - self.beta2) * ops.square(g)
-            update = (m_new / bc1) / (ops.sqrt(v_new / bc2) + self.eps) + self.decay[i] * p.astype(ms.float32)
+            update = (m_new / bc1) / (ops.sqrt(v_new / bc2) + self.eps) + self.decay[i] * w
+            w_new = w - lr * update
             ops.assign(m, m_new)
             ops.assign(v, v_new)
-            ops.assign(p, (p.astype(ms.float32) - lr * update).astype(p.dtype))
+            if self.shard:
+                w_new = self.dp_gather.all_gather(w_new, 0)[:self.sizes[i]].reshape(p.shape)
+            ops.assign(p, w_new.astype(p.dtype))
         return step
-
-
-def global_norm_and_finite(grads):
-    """(sqrt(sum g^2) in fp32, all values finite) over a tuple of gradients."""
-    sq = [ops.square(g.astype(ms.float32)).sum() for g in grads]
-    total = ops.addn(sq)
-    return ops.sqrt(total), ops.isfinite(total)
 
 
 def lr_at(step: int, cfg: dict, total_steps: int) -> float:

@@ -1,0 +1,141 @@
+"""Autograd-aware collectives: each is a Cell whose `bprop` is the conjugate collective.
+
+    name                          forward                         backward                        dim
+    CopyToTensorParallel          identity                        all-reduce over tp              -
+    ReduceFromTensorParallel      all-reduce over tp              identity                        -
+    GatherFromTensorParallel      all-gather over tp              keep own chunk                  last
+    GatherFromSequenceParallel    all-gather over tp              reduce-scatter over tp          1 (seq)
+    ReduceScatterToSequenceParallel  reduce-scatter over tp       all-gather over tp              1 (seq)
+    ScatterToSequenceParallel     keep own chunk                  all-gather over tp              1 (seq)
+
+Every helper is the identity at group size 1 (the layers then never build it). On Ascend the native
+AllGather/ReduceScatter kernels are used; MindSpore's CPU backend has AllGather only on the world group and
+no ReduceScatter, so there both are formed from AllReduce (all-gather: place the chunk in zeros, sum;
+reduce-scatter: sum, keep own chunk), which is exact and works on any sub-group, in PyNative and under jit.
+"""
+from __future__ import annotations
+
+import mindspore as ms
+from mindspore import nn, ops
+from mindspore.ops import ReduceOp
+
+
+def native_collectives() -> bool:
+    return ms.get_context("device_target") == "Ascend"
+
+
+class _Collective(nn.Cell):
+    """Shared parts: the group, its size, this rank's index in it, and the all-reduce."""
+
+    def __init__(self, group: str, size: int, index: int):
+        super().__init__()
+        self.size, self.index = size, index
+        self.all_reduce_sum = ops.AllReduce(ReduceOp.SUM, group)
+        self.native = native_collectives()
+        if self.native:
+            self.all_gather0 = ops.AllGather(group)          # along dim 0
+            self.reduce_scatter0 = ops.ReduceScatter(ReduceOp.SUM, group)
+
+    def chunk(self, x, dim):
+        """This rank's chunk of x along dim (plain indexing: it also compiles inside bprop graphs)."""
+        n = x.shape[dim] // self.size
+        start, stop = self.index * n, (self.index + 1) * n
+        if dim == 0:
+            return x[start:stop]
+        if dim == 1:
+            return x[:, start:stop]
+        return x[..., start:stop]               # the last dim
+
+    def all_gather(self, x, dim):
+        if self.native:
+            y = self.all_gather0(ops.moveaxis(x, dim, 0)) if dim != 0 else self.all_gather0(x)
+            return ops.moveaxis(y, 0, dim) if dim != 0 else y
+        # zeros before and after our chunk, then a sum over the group
+        n = x.shape[dim]
+        parts = []
+        if self.index > 0:
+            shape = list(x.shape)
+            shape[dim] = n * self.index
+            parts.append(ops.zeros(tuple(shape), x.dtype))
+        parts.append(x)
+        if self.index < self.size - 1:
+            shape = list(x.shape)
+            shape[dim] = n * (self.size - 1 - self.index)
+            parts.append(ops.zeros(tuple(shape), x.dtype))
+        return self.all_reduce_sum(ops.cat(parts, dim))
+
+    def reduce_scatter(self, x, dim):
+        if self.native:
+            y = self.reduce_scatter0(ops.moveaxis(x, dim, 0)) if dim != 0 else self.reduce_scatter0(x)
+            return ops.moveaxis(y, 0, dim) if dim != 0 else y
+        return self.chunk(self.all_reduce_sum(x), dim)
+
+
+class CopyToTensorParallel(_Collective):
+    def construct(self, x):
+        return ops.identity(x)
+
+    def bprop(self, x, out, dout):
+        return (self.all_reduce_sum(dout),)
+
+
+class ReduceFromTensorParallel(_Collective):
+    def construct(self, x):
+        return self.all_reduce_sum(x)
+
+    def bprop(self, x, out, dout):
+        return (dout,)
+
+
+class GatherFromTensorParallel(_Collective):
+    def construct(self, x):
+        return self.all_gather(x, -1 % x.ndim)
+
+    def bprop(self, x, out, dout):
+        return (self.chunk(dout, -1 % dout.ndim),)
+
+
+class GatherFromSequenceParallel(_Collective):
+    def construct(self, x):
+        return self.all_gather(x, 1)
+
+    def bprop(self, x, out, dout):
+        return (self.reduce_scatter(dout, 1),)
+
+
+class ReduceScatterToSequenceParallel(_Collective):
+    def construct(self, x):
+        return self.reduce_scatter(x, 1)
+
+    def bprop(self, x, out, dout):
+        return (self.all_gather(dout, 1),)
+
+
+class ScatterToSequenceParallel(_Collective):
+    def construct(self, x):
+        return self.chunk(x, 1)
+
+    def bprop(self, x, out, dout):
+        return (self.all_gather(dout, 1),)
+
+
+class AllReduceMax(_Collective):
+    """Max over the group, no gradient (MindSpore's CPU AllReduce sums only: there, gather and take the max)."""
+
+    def __init__(self, group: str, size: int, index: int):
+        super().__init__(group, size, index)
+        if self.native:
+            self.all_reduce_max = ops.AllReduce(ReduceOp.MAX, group)
+
+    def construct(self, x):
+        if self.native:
+            return self.all_reduce_max(x)
+        return self.all_gather(x.expand_dims(-1), x.ndim).max(-1)
+
+    def bprop(self, x, out, dout):
+        return (ops.zeros_like(x),)
+
+
+def tp_collective(cls, mesh):
+    """An instance of collective `cls` over this rank's tensor-parallel group."""
+    return cls(mesh.groups["tp"], mesh.tp, mesh.tp_rank)

@@ -1,0 +1,168 @@
+"""`telechat2 check-config`: every key, the layout for N devices and the memory per device, without a run."""
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from dataclasses import dataclass, field, replace
+
+from ..errors import TeleChat2Error
+from ..parallel.mesh import Layout, LayoutError
+from ..train.run_config import load_run_config, model_config
+from .hardware import ATLAS_800T_A2, GB, HOST_GRAPH, HOST_PYNATIVE, Hardware
+from .model import Estimate, Plan, estimate, host_training_memory, inference_memory, validate_plan
+
+
+@dataclass
+class CheckResult:
+    path: str
+    devices: int
+    cfg: dict
+    summary: list[str]                    # what was checked, one line each
+    memory: dict[str, float]              # bytes per device by part
+    budget_gb: float
+    budget_source: str
+    estimate: Estimate | None = None      # training on an accelerator: step time too
+    warnings: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def memory_gb(self) -> float:
+        return sum(self.memory.values()) / GB
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> dict:
+        out = {"config": self.path, "devices": self.devices, "ok": self.ok, "run_mode": self.cfg["run_mode"],
+               "device_target": self.cfg["context"]["device_target"],
+               "memory_gb_per_device": round(self.memory_gb, 3), "budget_gb": round(self.budget_gb, 3),
+               "budget_source": self.budget_source,
+               "memory_breakdown_gb": {k: round(v / GB, 4) for k, v in self.memory.items()},
+               "warnings": self.warnings, "problems": self.problems}
+        if self.estimate is not None:
+            out["estimate"] = self.estimate.to_json()
+        return out
+
+
+def parse_memory_gb(text, key: str) -> float:
+    """'58GB', '54.5GB', '1024MB' -> GB."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(GB|MB|G|M)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise TeleChat2Error(f"{key}: expected a size like '58GB', got {text!r}")
+    value = float(m.group(1))
+    return value / 1024 if (m.group(2) or "GB").upper().startswith("M") else value
+
+
+def host_memory_gb() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB
+
+
+def recompute_mode(cfg: dict) -> str:
+    rc = cfg["recompute_config"]
+    if rc["recompute"]:
+        return "full"
+    return "selective" if rc["select_recompute"] else "none"
+
+
+def check_config(path: str, devices: int, *, hbm_gb: float | None = None, peak_tflops: float | None = None,
+                 overrides=()) -> CheckResult:
+    """Raises ConfigError/LayoutError for a bad key or layout; memory over budget is listed in `problems`."""
+    if not isinstance(devices, int) or devices < 1:
+        raise TeleChat2Error(f"--devices must be a positive integer, got {devices!r}")
+    cfg = load_run_config(path, list(overrides))
+    mc = model_config(cfg, path)
+    rc = cfg["runner_config"]
+    target = cfg["context"]["device_target"]
+    seen_warnings: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = _check(path, devices, cfg, mc, rc, target, hbm_gb, peak_tflops)
+    seen_warnings += [str(w.message) for w in caught]
+    result.warnings = seen_warnings + result.warnings
+    return result
+
+
+def _budget(cfg: dict, target: str, hbm_gb: float | None) -> tuple[float, str]:
+    if target == "CPU":
+        if hbm_gb is not None:
+            return hbm_gb, "--hbm-gb (host memory)"
+        return host_memory_gb(), "this machine's physical memory"
+    hbm = 64.0 if hbm_gb is None else hbm_gb
+    mdm = parse_memory_gb(cfg["context"]["max_device_memory"], "context.max_device_memory")
+    if mdm > hbm:
+        return hbm, f"--hbm-gb {hbm:g} (context.max_device_memory {mdm:g} GB exceeds it)"
+    return mdm, "context.max_device_memory"
+
+
+def _check(path, devices, cfg, mc, rc, target, hbm_gb, peak_tflops) -> CheckResult:
+    layout = Layout.from_run_config(cfg)
+    budget, source = _budget(cfg, target, hbm_gb)
+    amp = cfg["amp"]
+    amp_text = "model_config dtypes" if amp["level"] == "none" else f"AMP {amp['level']} {amp['dtype']}"
+    summary = [f"run_mode {cfg['run_mode']}, {mc.num_parameters() / 1e9:.2f}B parameters "
+               f"({mc.num_layers} layers, hidden {mc.hidden_size}), seq_length {mc.seq_length}, {amp_text} "
+               f"(compute {mc.compute_dtype}, residual {mc.res_dtype}, master weights {mc.param_init_type})",
+               f"device_target {target}, jit_level {cfg['context']['jit_config'].get('jit_level')}, "
+               f"flash attention {mc.use_flash_attention}, fused RMSNorm {mc.use_fused_rms_norm}"]
+    notes = []
+    if cfg["run_mode"] == "predict":
+        if layout.pp > 1 or layout.cp > 1:
+            raise LayoutError("predict runs tensor parallel only: pipeline_stage and context_parallel must be 1")
+        validate_plan(Plan(layout), mc, devices=devices, seq_length=mc.seq_length)
+        context = int((cfg["model"].get("model_config") or {}).get("max_decode_length") or mc.seq_length)
+        memory = inference_memory(mc, layout.tp, rc["batch_size"], context)
+        summary.append(f"layout {layout.describe()} for {devices} device(s); batch {rc['batch_size']} x "
+                       f"context {context} tokens (KV cache)")
+        result = CheckResult(path, devices, cfg, summary, memory, budget, source)
+    else:
+        micro = (layout.micro_batch_num if layout.pp > 1 else 1) * rc["gradient_accumulation_steps"]
+        plan = Plan(replace(layout, micro_batch_num=micro), recompute_mode(cfg),
+                    micro_batch_size=rc["batch_size"])
+        validate_plan(plan, mc, devices=devices, seq_length=mc.seq_length)
+        summary.append(f"layout {plan.describe()} for {devices} device(s); global batch {plan.global_batch} "
+                       f"= dp {layout.dp} x {micro} micro-batch(es) x batch_size {rc['batch_size']}")
+        if target == "CPU":
+            if devices > 1:
+                notes.append("CPU estimate is per process of a one-process run; other processes add their own")
+            host = HOST_GRAPH if cfg["context"]["mode"] == 0 else HOST_PYNATIVE
+            memory = host_training_memory(mc, plan, mc.seq_length, host)
+            result = CheckResult(path, devices, cfg, summary, memory, budget, source)
+        else:
+            hw = ATLAS_800T_A2.with_(hbm_gb=hbm_gb or ATLAS_800T_A2.hbm_gb,
+                                     peak_tflops=peak_tflops or ATLAS_800T_A2.peak_tflops)
+            est = estimate(mc, plan, mc.seq_length, hw)
+            result = CheckResult(path, devices, cfg, summary, est.memory, budget, source, estimate=est)
+    if result.memory_gb > budget:
+        hint = " (try recompute_config.recompute: True, optimizer sharding, more model_parallel or " \
+               "pipeline_stage; `telechat2 plan` ranks the layouts that fit)" if cfg["run_mode"] != "predict" \
+            else " (raise model_parallel)"
+        result.problems.append(f"memory: the estimate {result.memory_gb:.2f} GB per device exceeds "
+                               f"{budget:.2f} GB ({source}){hint}")
+    for key in (("train_dataset", "data_loader", "dataset_dir"), ("processor", "tokenizer", "vocab_file")):
+        node = cfg
+        for k in key:
+            node = node[k]
+        needed = key[0] != "train_dataset" or cfg["run_mode"] != "predict"
+        if needed and not node:
+            notes.append(f"{'.'.join(key)} is empty: give it on the command line "
+                         f"({'--train-dataset' if key[0] == 'train_dataset' else '--set ' + '.'.join(key) + '=...'})")
+    result.warnings += notes
+    return result
+
+
+def format_check(r: CheckResult, hw: Hardware = ATLAS_800T_A2) -> str:
+    lines = [f"{r.path}: {'OK' if r.ok else 'PROBLEMS'} for {r.devices} device(s)"]
+    lines += [f"  {s}" for s in r.summary]
+    lines.append(f"  memory per device (estimate): {r.memory_gb:.2f} GB of {r.budget_gb:.2f} GB ({r.budget_source})")
+    lines.append("    " + ", ".join(f"{k} {v / GB:.2f}" for k, v in r.memory.items()))
+    if r.estimate is not None:
+        e = r.estimate
+        lines.append(f"  step time (estimate, {hw.name}, peak {e.peak_tflops:g} TFLOPS x efficiency "
+                     f"{hw.efficiency}): {e.step_time_s:.2f} s, {e.tokens_per_s_per_device:.0f} tokens/s/p, "
+                     f"MFU {100 * e.mfu:.1f}%")
+        lines.append("    " + ", ".join(f"{k} {v:.3f}" for k, v in e.time.items() if v))
+    lines += [f"  warning: {w}" for w in r.warnings]
+    lines += [f"  error: {p}" for p in r.problems]
+    return "\n".join(lines)

@@ -1,0 +1,293 @@
+"""The planner's cost model: memory per device and step time of one training layout.
+
+Shapes per device: b = micro-batch size, s = seq_length / cp tokens of one micro-batch, h/tp, f/tp
+columns, the heaviest pipeline stage's ceil(L / pp) layers. Every formula is written out in
+docs/planner.md; this file is the executable copy of that page.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ..config import TeleChat2Config
+from ..parallel.mesh import Layout, LayoutError, validate_layout
+from ..perf import flops_per_token
+from .hardware import GB, MIB, Hardware, HostRuntime
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+RECOMPUTE = ("none", "selective", "full")
+GRAD_BYTES = 4            # gradients of fp32 parameters (and their accumulation buffers) are fp32
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One training layout: the mesh plus the options that change memory and time but not the mesh."""
+    layout: Layout
+    recompute: str = "none"          # none | selective (norms, SwiGLU products) | full (each layer's input only)
+    vpp: int = 1                     # interleaved pipeline: model chunks per device (1: plain 1F1B)
+    micro_batch_size: int = 1        # sequences per micro-batch (runner_config.batch_size)
+
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches per optimizer step per data-parallel rank (pipeline micro-batches or accumulation)."""
+        return self.layout.micro_batch_num
+
+    @property
+    def global_batch(self) -> int:
+        return self.layout.dp * self.micro_batches * self.micro_batch_size
+
+    def describe(self) -> str:
+        s = f"{self.layout.describe()} mb{self.micro_batches}"
+        if self.vpp > 1:
+            s += f" vpp{self.vpp}"
+        return s + (f" recompute={self.recompute}" if self.recompute != "none" else "")
+
+
+def validate_plan(plan: Plan, config: TeleChat2Config, *, devices: int | None = None,
+                  seq_length: int | None = None) -> None:
+    """validate_layout plus the planner's own options; raises LayoutError naming the constraint."""
+    validate_layout(plan.layout, config, devices=devices, seq_length=seq_length)
+    if plan.recompute not in RECOMPUTE:
+        raise LayoutError(f"recompute must be one of {', '.join(RECOMPUTE)}, got {plan.recompute!r}")
+    if not (isinstance(plan.micro_batch_size, int) and plan.micro_batch_size >= 1):
+        raise LayoutError(f"micro batch size (runner_config.batch_size) must be >= 1, got {plan.micro_batch_size!r}")
+    if not (isinstance(plan.vpp, int) and plan.vpp >= 1):
+        raise LayoutError(f"vpp (pipeline interleave) must be an integer >= 1, got {plan.vpp!r}")
+    pp = plan.layout.pp
+    if plan.vpp > 1:
+        if pp == 1:
+            raise LayoutError(f"vpp {plan.vpp} needs pipeline_stage > 1 (an interleaved pipeline)")
+        if plan.micro_batches % pp:
+            raise LayoutError(f"interleaved pipeline: micro_batch_num {plan.micro_batches} is not a multiple of "
+                              f"pipeline_stage {pp}")
+        if config.num_layers < pp * plan.vpp:
+            raise LayoutError(f"num_layers {config.num_layers} < pipeline_stage {pp} x vpp {plan.vpp}")
+
+
+# ---- sizes ----------------------------------------------------------------------------------------
+
+def layer_params_per_device(c: TeleChat2Config, tp: int) -> float:
+    """One decoder layer's parameters on one tensor-parallel rank (kv heads replicate when tp exceeds them)."""
+    h, f, hd = c.hidden_size, c.intermediate_size, c.head_dim
+    split = tp                                   # wq, wo and the MLP are split over tp
+    kv = 2 * c.kv_heads * hd * h / min(tp, c.kv_heads)
+    return (c.num_heads * hd * h + h * h + h + 3 * h * f + h) / split + kv + 2 * h
+
+
+def stage_params(c: TeleChat2Config, tp: int, pp: int) -> float:
+    """Parameters one device holds on the heaviest pipeline stage: ceil(L/pp) layers plus the embedding
+    (first stage) or lm_head and the final norm (last stage); both ends on one stage when pp is 1."""
+    vocab = c.vocab_size * c.hidden_size / tp
+    ends = 2 * vocab + c.hidden_size if pp == 1 else vocab + c.hidden_size
+    return math.ceil(c.num_layers / pp) * layer_params_per_device(c, tp) + ends
+
+
+def layer_activation_bytes(c: TeleChat2Config, tp: int, sequence_parallel: bool, recompute: str) -> float:
+    """Bytes one layer keeps per token of a micro-batch until its backward (flash attention: no S x S).
+
+    With sequence parallel the tensors along the sequence (residual inputs, norm outputs) are split over tp
+    and the all-gathered matmul inputs are re-gathered in the backward, not kept."""
+    cb, rb = DTYPE_BYTES[c.compute_dtype], DTYPE_BYTES[c.res_dtype]
+    h, f, hkv = c.hidden_size, c.intermediate_size, c.kv_heads * c.head_dim
+    seq_split = tp if sequence_parallel else 1
+    inputs = 2 * rb * h / seq_split                        # residual stream into attention and into the MLP
+    norms = 2 * cb * h / seq_split                         # the two RMSNorm outputs
+    qkv = cb * (h / tp + 2 * hkv / min(tp, c.kv_heads))
+    attn = cb * h / tp + 2 * 4 * c.num_heads / tp          # attention output + softmax max/sum (fp32)
+    if not c.use_flash_attention:                          # scores and probabilities, S x S per head
+        attn += c.num_heads / tp * c.seq_length * (4 + cb)
+    gate_up = 2 * cb * f / tp
+    swiglu = 2 * cb * f / tp                               # silu(gate) and silu(gate) * up
+    if recompute == "full":
+        return rb * h / seq_split
+    if recompute == "selective":
+        return inputs + qkv + attn + gate_up
+    return inputs + norms + qkv + attn + gate_up + swiglu
+
+
+def inflight_micro_batches(plan: Plan) -> float:
+    """Micro-batches whose activations the first pipeline stage holds at once under 1F1B."""
+    pp = plan.layout.pp
+    if pp == 1:
+        return 1.0
+    n = min(plan.micro_batches, pp)
+    return n * (1 + (pp - 1) / (pp * plan.vpp)) if plan.vpp > 1 else float(n)
+
+
+# ---- memory -----------------------------------------------------------------------------------------
+
+def training_memory(c: TeleChat2Config, plan: Plan, seq_length: int) -> dict[str, float]:
+    """Bytes per device by part, for the heaviest stage (Ascend: flash attention as configured)."""
+    lay = plan.layout
+    P = stage_params(c, lay.tp, lay.pp)
+    pb, cb = DTYPE_BYTES[c.param_init_type], DTYPE_BYTES[c.compute_dtype]
+    zero = lay.optimizer_shard and lay.dp > 1
+    if zero:
+        # master weights, gradients and Adam moments sharded over dp; a compute-dtype working copy of the
+        # stage's weights is gathered for forward and backward. Micro-batch gradients accumulate in a full
+        # buffer that is reduce-scattered once per step.
+        mem = {"weights": P * pb / lay.dp + P * cb,
+               "gradients": P * GRAD_BYTES * (1 if plan.micro_batches > 1 else 1 / lay.dp),
+               "optimizer": 2 * 4 * P / lay.dp}
+    else:
+        mem = {"weights": P * pb, "gradients": P * GRAD_BYTES, "optimizer": 2 * 4 * P}
+    tokens = plan.micro_batch_size * seq_length / lay.cp
+    layers = math.ceil(c.num_layers / lay.pp)
+    sp = lay.sequence_parallel and lay.tp > 1
+    kept = layer_activation_bytes(c, lay.tp, sp, plan.recompute)
+    whole = layer_activation_bytes(c, lay.tp, sp, "none")
+    mem["activations"] = tokens * layers * kept * inflight_micro_batches(plan)
+    mem["recompute_working"] = tokens * (whole - kept)           # one layer re-run during its backward
+    # last stage: lm_head output in compute dtype, fp32 logits and their gradient, one micro-batch
+    mem["logits"] = tokens * c.vocab_size / lay.tp * (cb + 4 + 4)
+    if lay.cp > 1:
+        # ring attention: K/V blocks in flight (double-buffered) and fp32 dK/dV accumulators of the layer
+        kv = tokens * 2 * c.kv_heads * c.head_dim / min(lay.tp, c.kv_heads)
+        mem["ring_attention"] = kv * (2 * cb + 2 * 4)
+    return mem
+
+
+def inference_memory(c: TeleChat2Config, tp: int, batch: int, context: int) -> dict[str, float]:
+    """Bytes per device for generation: weights in param dtype, the KV cache, one prefill's activations."""
+    pb, cb = DTYPE_BYTES[c.param_init_type], DTYPE_BYTES[c.compute_dtype]
+    kv_heads = c.kv_heads / min(tp, c.kv_heads)
+    tokens = batch * context
+    return {
+        "weights": stage_params(c, tp, 1) * pb,
+        "kv_cache": c.num_layers * 2 * kv_heads * c.head_dim * tokens * cb,
+        "activations": tokens * layer_activation_bytes(c, tp, False, "none"),
+        "logits": tokens * c.vocab_size / tp * 4,
+    }
+
+
+def host_training_memory(c: TeleChat2Config, plan: Plan, seq_length: int, host: HostRuntime) -> dict[str, float]:
+    """Peak resident bytes of a one-process CPU training run. Besides the model's own tensors it counts the
+    runtime (interpreter, MindSpore, data pipeline) and, in graph mode, the compiler's memory per layer;
+    those constants are measured (HostRuntime). The CPU uses the primitive attention (S x S scores)."""
+    c = c.replace(use_flash_attention=False)
+    tokens = plan.micro_batch_size * seq_length
+    return {
+        "runtime": host.runtime_mb * MIB,
+        "graph_compiler": host.compile_mb_per_layer * c.num_layers * MIB,
+        "parameters_and_optimizer": host.bytes_per_param * c.num_parameters(),
+        "activations": tokens * c.num_layers * layer_activation_bytes(c, 1, False, plan.recompute),
+        "logits": tokens * c.vocab_size * (DTYPE_BYTES[c.compute_dtype] + 4 + 4),
+    }
+
+
+# ---- time -------------------------------------------------------------------------------------------
+
+def training_time(c: TeleChat2Config, plan: Plan, seq_length: int, hw: Hardware) -> dict[str, float]:
+    """Seconds per optimizer step by part. Compute is shared evenly by the devices (stages balanced, as
+    MindFormers' `offset` does); communication is not overlapped with compute, except ring-attention
+    transfers, which hide behind the attention of the block they feed."""
+    lay = plan.layout
+    devices, mb, tp = lay.world, plan.micro_batches, lay.tp
+    cb = DTYPE_BYTES[c.compute_dtype]
+    rate = hw.peak_tflops * 1e12 * hw.efficiency
+    tokens = plan.micro_batch_size * seq_length / lay.cp          # one micro-batch on one device
+    layers = c.num_layers / lay.pp
+    step_tokens = plan.global_batch * seq_length
+    full = plan.recompute == "full"
+
+    t = {"compute": flops_per_token(c, seq_length) * step_tokens / devices * (4 / 3 if full else 1) / rate}
+    # selective recompute re-runs memory-bound elementwise work (the norms, SiLU and the gate product):
+    # the bytes dropped from the kept activations are written again and their inputs read once more
+    if plan.recompute == "selective":
+        sp = lay.sequence_parallel and tp > 1
+        dropped = (layer_activation_bytes(c, tp, sp, "none") - layer_activation_bytes(c, tp, sp, "selective"))
+        t["compute"] += 2 * dropped * tokens * layers * mb / (hw.hbm_gb_s * GB)
+
+    # tensor parallel: per layer and micro-batch, in all-reduce equivalents (reduce-scatter + all-gather):
+    # 2 forward (attention, MLP), 2 backward, +1 re-gather with sequence parallel, +2 under full recompute
+    sp = lay.sequence_parallel and tp > 1
+    ar = 4 + (1 if sp else 0) + (2 if full else 0)
+    ar_bytes = 2 * (tp - 1) / tp * tokens * c.hidden_size * cb
+    t["tensor_parallel"] = ar * ar_bytes * layers * mb / hw.group_bandwidth(tp, tp) if tp > 1 else 0.0
+
+    # context parallel (ring attention): cp-1 K/V block transfers forward, twice that backward (K/V and dK/dV)
+    if lay.cp > 1:
+        kv_block = tokens * 2 * c.kv_heads * c.head_dim / min(tp, c.kv_heads) * cb
+        passes = 3 + (1 if full else 0)
+        comm = passes * (lay.cp - 1) * kv_block * layers * mb / hw.group_bandwidth(lay.cp, tp * lay.cp)
+        attn = (3 + (1 if full else 0)) * 4 * tokens * seq_length * c.hidden_size / tp * layers * mb / rate
+        t["context_parallel"] = max(0.0, comm - attn)
+    else:
+        t["context_parallel"] = 0.0
+
+    # pipeline bubble: (pp-1) idle slots out of (vpp*mb + pp - 1)
+    slots = plan.vpp * mb
+    busy = t["compute"] + t["tensor_parallel"] + t["context_parallel"]
+    t["pipeline_bubble"] = busy * (lay.pp - 1) / slots
+    # pipeline sends: activation forward, its gradient backward, per micro-batch and model chunk
+    act = tokens * c.hidden_size * cb / (tp if sp else 1)
+    t["pipeline_p2p"] = 2 * slots * act / hw.p2p_bandwidth(tp * lay.cp * lay.pp) if lay.pp > 1 else 0.0
+
+    # gradients, once per step, over every rank holding the same weights (dp x cp): an all-reduce of fp32
+    # gradients, or with optimizer sharding a reduce-scatter of them plus an all-gather of the weights in
+    # compute dtype
+    P = stage_params(c, tp, lay.pp)
+    n = lay.dp * lay.cp
+    if n > 1:
+        zero = lay.optimizer_shard and lay.dp > 1
+        volume = (n - 1) / n * P * (GRAD_BYTES + cb if zero else 2 * GRAD_BYTES)
+        span = lay.world if lay.dp > 1 else tp * lay.cp
+        t["data_parallel"] = volume / hw.group_bandwidth(n, span)
+    else:
+        t["data_parallel"] = 0.0
+    return t
+
+
+@dataclass
+class Estimate:
+    plan: Plan
+    memory: dict[str, float]                 # bytes per device by part
+    budget_gb: float
+    time: dict[str, float] = field(default_factory=dict)   # seconds per step by part (training only)
+    tokens_per_step: int = 0
+    model_flops_per_step: float = 0.0        # per device, without recompute
+    peak_tflops: float = 0.0
+
+    @property
+    def memory_gb(self) -> float:
+        return sum(self.memory.values()) / GB
+
+    @property
+    def fits(self) -> bool:
+        return self.memory_gb <= self.budget_gb
+
+    @property
+    def step_time_s(self) -> float:
+        return sum(self.time.values())
+
+    @property
+    def tokens_per_s_per_device(self) -> float:
+        return self.tokens_per_step / self.plan.layout.world / self.step_time_s if self.time else 0.0
+
+    @property
+    def mfu(self) -> float:
+        return self.model_flops_per_step / self.step_time_s / (self.peak_tflops * 1e12) if self.time else 0.0
+
+    def to_json(self) -> dict:
+        lay = self.plan.layout
+        return {
+            "dp": lay.dp, "tp": lay.tp, "pp": lay.pp, "cp": lay.cp, "micro_batch_num": lay.micro_batch_num,
+            "memory_gb_per_device": round(self.memory_gb, 3), "fits": self.fits,
+            "step_time_s": round(self.step_time_s, 4),
+            "tokens_per_s_per_device": round(self.tokens_per_s_per_device, 2), "mfu": round(self.mfu, 4),
+            "sequence_parallel": bool(lay.sequence_parallel and lay.tp > 1),
+            "optimizer_shard": bool(lay.optimizer_shard and lay.dp > 1),
+            "recompute": self.plan.recompute, "vpp": self.plan.vpp,
+            "micro_batch_size": self.plan.micro_batch_size, "global_batch": self.plan.global_batch,
+            "budget_gb": round(self.budget_gb, 3),
+            "memory_breakdown_gb": {k: round(v / GB, 3) for k, v in self.memory.items()},
+            "time_breakdown_s": {k: round(v, 4) for k, v in self.time.items()},
+        }
+
+
+def estimate(c: TeleChat2Config, plan: Plan, seq_length: int, hw: Hardware) -> Estimate:
+    """Memory and step time of one (already validated) training plan."""
+    time = training_time(c, plan, seq_length, hw)
+    tokens = plan.global_batch * seq_length
+    return Estimate(plan, training_memory(c, plan, seq_length), hw.budget_gb, time, tokens,
+                    flops_per_token(c, seq_length) * tokens / plan.layout.world, hw.peak_tflops)

@@ -1,0 +1,70 @@
+"""Launch telechat2 under msrun with local CPU workers, and read what the ranks wrote."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import numpy as np
+from safetensors.numpy import load_file
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENTRY = os.path.join(REPO, "run_scripts", "telechat2_entry.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def msrun(workers: int, args: list[str], log_dir: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `telechat2 ARGS` on `workers` local CPU workers; logs in log_dir/worker_N.log."""
+    msrun_bin = os.path.join(os.path.dirname(sys.executable), "msrun")
+    cmd = [msrun_bin, f"--worker_num={workers}", f"--local_worker_num={workers}", f"--master_port={free_port()}",
+           f"--log_dir={log_dir}", "--join=True", "--cluster_time_out=300", ENTRY, *args]
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def worker_log(log_dir: str, rank: int) -> str:
+    with open(os.path.join(log_dir, f"worker_{rank}.log"), errors="replace") as fh:
+        return fh.read()
+
+
+LOSS = re.compile(r"step:\[\s*(\d+)/\s*\d+\], loss: ([0-9.]+)")
+
+
+def logged_losses(text: str) -> list[float]:
+    return [float(m.group(2)) for m in LOSS.finditer(text)]
+
+
+def report_losses(out: str) -> list[float]:
+    with open(os.path.join(out, "report", "report.json")) as fh:
+        return [s["loss"] for s in json.load(fh)["steps"]]
+
+
+def gathered_weights(step_dir: str) -> dict[str, np.ndarray]:
+    """Full tensors of a checkpoint written on one device or by several ranks (blocks from rank.json)."""
+    if os.path.exists(os.path.join(step_dir, "model.safetensors")):
+        return load_file(os.path.join(step_dir, "model.safetensors"))
+    full: dict[str, np.ndarray] = {}
+    ranks = sorted(d for d in os.listdir(step_dir) if d.startswith("rank_"))
+    for r in ranks:
+        info = json.load(open(os.path.join(step_dir, r, "rank.json")))
+        for name, block in load_file(os.path.join(step_dir, r, "model.safetensors")).items():
+            if name not in info["shards"]:
+                full.setdefault(name, block)
+                continue
+            axis, start, length = info["shards"][name]
+            parts = full.setdefault(name, {})
+            if isinstance(parts, dict):
+                parts[start] = block
+    for name, parts in list(full.items()):
+        if isinstance(parts, dict):
+            axis = next(json.load(open(os.path.join(step_dir, r, "rank.json")))["shards"][name][0] for r in ranks[:1])
+            full[name] = np.concatenate([parts[k] for k in sorted(parts)], axis=axis)
+    return full

@@ -1,0 +1,117 @@
+"""Every parallel layout trains exactly like one device: msrun with 2 and 4 local CPU workers, the same tiny
+model, data and initial weights; losses and final weights compared with the single-device run."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dist_util import REPO, gathered_weights, logged_losses, msrun, report_losses, worker_log
+from helpers import write_hf_folder
+from reference import telechat2_torch as ref
+from telechat2 import TeleChat2Config
+
+PRETRAIN = os.path.join(REPO, "configs", "cpu", "pretrain_tiny.yaml")
+TOKENIZER = os.path.join(REPO, "configs", "cpu", "tokenizer", "tokenizer.model")
+STEPS = 5
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("data") / "pretrain")
+    subprocess.run([sys.executable, "-m", "telechat2", "preprocess", "pretrain", "--input",
+                    os.path.join(REPO, "configs", "cpu", "data", "pretrain.jsonl"), "--tokenizer", TOKENIZER,
+                    "--seq-length", "64", "--output", out], check=True, capture_output=True)
+    return out
+
+
+def init_weights(tmp_path_factory, kv_heads):
+    cfg = TeleChat2Config.from_preset("tiny", n_kv_heads=kv_heads)
+    sd = ref.random_state_dict(cfg.to_hf_dict(), seed=5)
+    return write_hf_folder(str(tmp_path_factory.mktemp(f"init_kv{kv_heads}")), cfg, sd)
+
+
+def run_args(out, data, init, kv_heads, batch, *sets):
+    args = ["train", "--config", PRETRAIN, "--no-progress", "--set", f"output_dir={out}",
+            "--train-dataset", data, "--load-checkpoint", init,
+            "--set", f"runner_config.max_steps={STEPS}", "--set", f"runner_config.batch_size={batch}",
+            "--set", f"model.model_config.n_kv_heads={kv_heads}",
+            "--set", "callbacks.CheckpointMonitor.save_checkpoint_steps=100"]
+    for s in sets:
+        args += ["--set", s]
+    return args
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, data):
+    """Single-device baselines (global batch 4) for MHA and MQA."""
+    runs = {}
+    for kv in (4, 1):
+        init = init_weights(tmp_path_factory, kv)
+        out = str(tmp_path_factory.mktemp(f"single_kv{kv}"))
+        r = subprocess.run([sys.executable, "-m", "telechat2", *run_args(out, data, init, kv, 4)],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[kv] = (init, out, r.stdout)
+    return runs
+
+
+LAYOUTS = {
+    # name: (workers, per-rank batch, kv heads, --set overrides)
+    "tp2": (2, 4, 4, ["parallel_config.model_parallel=2"]),
+    "tp2_sp": (2, 4, 4, ["parallel_config.model_parallel=2", "parallel_config.use_seq_parallel=True"]),
+    "tp2_mqa_replicated_kv": (2, 4, 1, ["parallel_config.model_parallel=2", "parallel_config.use_seq_parallel=True"]),
+    "dp2": (2, 2, 4, ["parallel_config.data_parallel=2"]),
+    "dp2_zero1": (2, 2, 4, ["parallel_config.data_parallel=2", "parallel.enable_parallel_optimizer=True"]),
+    "dp2_tp2": (4, 2, 4, ["parallel_config.data_parallel=2", "parallel_config.model_parallel=2",
+                          "parallel_config.use_seq_parallel=True"]),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layout_matches_single_device(name, single, data, tmp_path):
+    workers, batch, kv, sets = LAYOUTS[name]
+    init, base_out, base_stdout = single[kv]
+    out = str(tmp_path / "out")
+    logs = str(tmp_path / "logs")
+    r = msrun(workers, run_args(out, data, init, kv, batch, *sets), logs)
+    assert r.returncode == 0, worker_log(logs, 0)[-4000:]
+    want = report_losses(base_out)
+    got = report_losses(out)
+    assert len(got) == STEPS
+    assert np.allclose(got, want, rtol=0, atol=1e-5), (got, want)
+    # every rank prints the global loss on its log line
+    for rank in range(workers):
+        assert np.allclose(logged_losses(worker_log(logs, rank)), logged_losses(base_stdout), atol=2e-6)
+    a = gathered_weights(os.path.join(base_out, "checkpoint", f"step_{STEPS:08d}"))
+    b = gathered_weights(os.path.join(out, "checkpoint", f"step_{STEPS:08d}"))
+    assert set(a) == set(b)
+    worst = max(float(np.abs(a[k] - b[k]).max()) for k in a)
+    assert worst <= 1e-5, worst
+
+
+def test_invalid_layouts_fail_before_training(tmp_path, data):
+    cases = [
+        (["parallel_config.model_parallel=3"], "num_heads 4 is not divisible by model_parallel 3"),
+        (["parallel_config.model_parallel=2", "model.model_config.n_kv_heads=4",
+          "model.model_config.intermediate_size=161"], "intermediate_size 161 is not divisible by model_parallel 2"),
+        (["parallel_config.pipeline_stage=2", "parallel_config.micro_batch_num=1"],
+         "micro_batch_num 1 < pipeline_stage 2"),
+        (["parallel_config.context_parallel=3"], "seq_length 64 is not divisible by 2 x context_parallel = 6"),
+    ]
+    for sets, needle in cases:
+        args = ["train", "--config", PRETRAIN, "--set", f"output_dir={tmp_path}", "--train-dataset", data]
+        for s in sets:
+            args += ["--set", s]
+        r = subprocess.run([sys.executable, "-m", "telechat2", *args], capture_output=True, text=True)
+        assert r.returncode == 1 and needle in r.stderr, (needle, r.stderr[-1500:])
+        assert "step:[" not in r.stdout
+
+
+def test_world_size_must_match_layout(tmp_path, data):
+    logs = str(tmp_path / "logs")
+    r = msrun(2, ["train", "--config", PRETRAIN, "--set", f"output_dir={tmp_path / 'o'}", "--train-dataset", data,
+                  "--set", "parallel_config.data_parallel=4"], logs)
+    assert r.returncode != 0
+    assert "world size 2 (msrun --worker_num) != data_parallel 4" in worker_log(logs, 0)
