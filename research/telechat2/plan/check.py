@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 from ..errors import TeleChat2Error
 from ..parallel.mesh import Layout, LayoutError
 from ..train.run_config import load_run_config, model_config
-from .hardware import ATLAS_800T_A2, GB, HOST_GRAPH, HOST_PYNATIVE, Hardware
+from .hardware import ATLAS_800T_A2, GB, HOST_GRAPH, HOST_PYNATIVE, MIB, Hardware
 from .model import Estimate, Plan, estimate, host_training_memory, inference_memory, validate_plan
 
 
@@ -23,8 +23,9 @@ class CheckResult:
     budget_gb: float
     budget_source: str
     estimate: Estimate | None = None      # training on an accelerator: step time too
-    warnings: list[str] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)   # legal but probably unintended (validate_layout's)
+    notes: list[str] = field(default_factory=list)      # what the command line still has to supply
+    problems: list[str] = field(default_factory=list)   # the run would fail: exit status 1
 
     @property
     def memory_gb(self) -> float:
@@ -40,7 +41,7 @@ class CheckResult:
                "memory_gb_per_device": round(self.memory_gb, 3), "budget_gb": round(self.budget_gb, 3),
                "budget_source": self.budget_source,
                "memory_breakdown_gb": {k: round(v / GB, 4) for k, v in self.memory.items()},
-               "warnings": self.warnings, "problems": self.problems}
+               "warnings": self.warnings, "notes": self.notes, "problems": self.problems}
         if self.estimate is not None:
             out["estimate"] = self.estimate.to_json()
         return out
@@ -73,14 +74,13 @@ def check_config(path: str, devices: int, *, hbm_gb: float | None = None, peak_t
         raise TeleChat2Error(f"--devices must be a positive integer, got {devices!r}")
     cfg = load_run_config(path, list(overrides))
     mc = model_config(cfg, path)
-    rc = cfg["runner_config"]
-    target = cfg["context"]["device_target"]
-    seen_warnings: list[str] = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = _check(path, devices, cfg, mc, rc, target, hbm_gb, peak_tflops)
-    seen_warnings += [str(w.message) for w in caught]
-    result.warnings = seen_warnings + result.warnings
+        try:
+            result = _check(path, devices, cfg, mc, hbm_gb, peak_tflops)
+        except LayoutError as e:
+            raise LayoutError(f"{path}: {e}") from None
+    result.warnings = [str(w.message) for w in caught]
     return result
 
 
@@ -96,14 +96,20 @@ def _budget(cfg: dict, target: str, hbm_gb: float | None) -> tuple[float, str]:
     return mdm, "context.max_device_memory"
 
 
-def _check(path, devices, cfg, mc, rc, target, hbm_gb, peak_tflops) -> CheckResult:
+def _params(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
+
+
+def _check(path, devices, cfg, mc, hbm_gb, peak_tflops) -> CheckResult:
+    rc, target = cfg["runner_config"], cfg["context"]["device_target"]
     layout = Layout.from_run_config(cfg)
     budget, source = _budget(cfg, target, hbm_gb)
     amp = cfg["amp"]
-    amp_text = "model_config dtypes" if amp["level"] == "none" else f"AMP {amp['level']} {amp['dtype']}"
-    summary = [f"run_mode {cfg['run_mode']}, {mc.num_parameters() / 1e9:.2f}B parameters "
+    amp_text = {"none": "model_config dtypes", "O0": "AMP O0"}.get(amp["level"], f"AMP {amp['level']} {amp['dtype']}")
+    weights = "weights" if cfg["run_mode"] == "predict" else "master weights"
+    summary = [f"run_mode {cfg['run_mode']}, {_params(mc.num_parameters())} parameters "
                f"({mc.num_layers} layers, hidden {mc.hidden_size}), seq_length {mc.seq_length}, {amp_text} "
-               f"(compute {mc.compute_dtype}, residual {mc.res_dtype}, master weights {mc.param_init_type})",
+               f"(compute {mc.compute_dtype}, residual {mc.res_dtype}, {weights} {mc.param_init_type})",
                f"device_target {target}, jit_level {cfg['context']['jit_config'].get('jit_level')}, "
                f"flash attention {mc.use_flash_attention}, fused RMSNorm {mc.use_fused_rms_norm}"]
     notes = []
@@ -113,6 +119,8 @@ def _check(path, devices, cfg, mc, rc, target, hbm_gb, peak_tflops) -> CheckResu
         validate_plan(Plan(layout), mc, devices=devices, seq_length=mc.seq_length)
         context = int((cfg["model"].get("model_config") or {}).get("max_decode_length") or mc.seq_length)
         memory = inference_memory(mc, layout.tp, rc["batch_size"], context)
+        if target == "CPU":       # the interpreter and MindSpore (the compiled graphs of generation not included)
+            memory = {"runtime": HOST_GRAPH.runtime_mb * MIB, **memory}
         summary.append(f"layout {layout.describe()} for {devices} device(s); batch {rc['batch_size']} x "
                        f"context {context} tokens (KV cache)")
         result = CheckResult(path, devices, cfg, summary, memory, budget, source)
@@ -144,11 +152,11 @@ def _check(path, devices, cfg, mc, rc, target, hbm_gb, peak_tflops) -> CheckResu
         node = cfg
         for k in key:
             node = node[k]
-        needed = key[0] != "train_dataset" or cfg["run_mode"] != "predict"
+        needed = (key[0] == "train_dataset") == (cfg["run_mode"] != "predict")   # data to train, tokenizer to chat
         if needed and not node:
             notes.append(f"{'.'.join(key)} is empty: give it on the command line "
                          f"({'--train-dataset' if key[0] == 'train_dataset' else '--set ' + '.'.join(key) + '=...'})")
-    result.warnings += notes
+    result.notes = notes
     return result
 
 
@@ -164,5 +172,6 @@ def format_check(r: CheckResult, hw: Hardware = ATLAS_800T_A2) -> str:
                      f"MFU {100 * e.mfu:.1f}%")
         lines.append("    " + ", ".join(f"{k} {v:.3f}" for k, v in e.time.items() if v))
     lines += [f"  warning: {w}" for w in r.warnings]
+    lines += [f"  note: {n}" for n in r.notes]
     lines += [f"  error: {p}" for p in r.problems]
     return "\n".join(lines)
