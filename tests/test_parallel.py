@@ -115,3 +115,21 @@ def test_world_size_must_match_layout(tmp_path, data):
                   "--set", "parallel_config.data_parallel=4"], logs)
     assert r.returncode != 0
     assert "world size 2 (msrun --worker_num) != data_parallel 4" in worker_log(logs, 0)
+
+
+def test_each_collective_forward_and_backward(tmp_path):
+    """Each named collective's forward and backward (its conjugate), in PyNative and under jit, on both ranks."""
+    import subprocess as sp
+    logs = str(tmp_path / "logs")
+    msrun_bin = os.path.join(os.path.dirname(sys.executable), "msrun")
+    from dist_util import free_port
+    r = sp.run([msrun_bin, "--worker_num=2", "--local_worker_num=2", f"--master_port={free_port()}",
+                f"--log_dir={logs}", "--join=True", os.path.join(REPO, "tests", "scenarios", "collectives.py")],
+               capture_output=True, text=True, timeout=300,
+               env={**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]})
+    for rank in (0, 1):
+        lines = [l for l in worker_log(logs, rank).splitlines() if l.startswith("CHECK ")]
+        assert len(lines) == 6 * 3 + 2, worker_log(logs, rank)[-3000:]
+        failed = [l for l in lines if " FAIL " in l]
+        assert not failed, failed
+    assert r.returncode == 0

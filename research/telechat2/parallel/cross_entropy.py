@@ -26,7 +26,7 @@ class VocabParallelCrossEntropy(nn.Cell):
     def construct(self, logits, targets):
         # logits: [b, s, V/tp] this rank's vocabulary block; targets: [b, s] global ids (-100 ignored)
         logits = logits.astype(ms.float32)
-        shift = ops.stop_gradient(self.max_over_tp(logits.max(-1, keepdims=True)))
+        shift = ops.stop_gradient(self.max_over_tp(ops.amax(logits, -1, True)))
         shifted = logits - shift
         sum_exp = self.sum_over_tp(ops.exp(shifted).sum(-1))                                 # [b, s]
         valid = targets != self.ignore_index

@@ -130,7 +130,7 @@ class AllReduceMax(_Collective):
     def construct(self, x):
         if self.native:
             return self.all_reduce_max(x)
-        return self.all_gather(x.expand_dims(-1), x.ndim).max(-1)
+        return ops.amax(self.all_gather(x.expand_dims(-1), x.ndim), -1)
 
     def bprop(self, x, out, dout):
         return (ops.zeros_like(x),)
