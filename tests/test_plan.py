@@ -1,0 +1,226 @@
+"""The capacity planner: calibration against MindFormers' published throughput (one efficiency constant),
+refusal of layouts that do not fit, the CPU memory estimate against a real run, CLI output and bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from telechat2.cli import main
+from telechat2.config import TeleChat2Config
+from telechat2.parallel.mesh import Layout, LayoutError
+from telechat2.plan import ATLAS_800T_A2, EFFICIENCY, Plan, estimate, validate_plan
+from telechat2.plan.check import check_config
+from telechat2.plan.search import parse_layout, planning_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRETRAIN_TINY = os.path.join(REPO, "configs", "cpu", "pretrain_tiny.yaml")
+
+# MindFormers' TeleChat2 fine-tuning yamls on Atlas 800T A2, seq 8192, and the README's tokens/s/p
+PUBLISHED = {
+    "7b": (Plan(Layout(dp=8, tp=1, pp=1, micro_batch_num=1, optimizer_shard=True), "full"), 2950),
+    "35b": (Plan(Layout(dp=1, tp=4, pp=4, sequence_parallel=True, micro_batch_num=32), "full"), 516),
+    "115b": (Plan(Layout(dp=8, tp=8, pp=8, sequence_parallel=True, micro_batch_num=8, optimizer_shard=True),
+                  "selective", vpp=3), 158),
+}
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("model", list(PUBLISHED))
+def test_calibration_within_20_percent_with_one_constant(model):
+    plan, published = PUBLISHED[model]
+    c = planning_config(model, 8192)
+    validate_plan(plan, c, devices=plan.layout.world, seq_length=8192)
+    assert ATLAS_800T_A2.efficiency == EFFICIENCY                    # the same constant for every model
+    e = estimate(c, plan, 8192, ATLAS_800T_A2)
+    assert e.fits, e.to_json()                                       # the published layouts run, so they must fit
+    assert abs(e.tokens_per_s_per_device / published - 1) < 0.20, (e.tokens_per_s_per_device, published)
+
+
+def test_calibration_through_the_cli(capsys):
+    code, out, _ = run_cli(capsys, "plan", "--model", "115b", "--devices", "512", "--format", "json",
+                           "--layout", "dp=8,tp=8,pp=8,cp=1,mb=8,vpp=3,recompute=selective,zero=1")
+    assert code == 0
+    [row] = json.loads(out)
+    assert (row["dp"], row["tp"], row["pp"], row["cp"], row["micro_batch_num"]) == (8, 8, 8, 1, 8)
+    assert abs(row["tokens_per_s_per_device"] / 158 - 1) < 0.20
+
+
+def test_plan_json_lists_ranked_fitting_layouts(capsys):
+    code, out, _ = run_cli(capsys, "plan", "--model", "115b", "--devices", "512", "--seq-length", "8192",
+                           "--hbm-gb", "64", "--peak-tflops", "295", "--format", "json", "--top", "0")
+    assert code == 0
+    rows = json.loads(out)
+    assert len(rows) > 10
+    for r in rows:
+        for key in ("dp", "tp", "pp", "cp", "micro_batch_num", "memory_gb_per_device", "fits", "step_time_s",
+                    "tokens_per_s_per_device", "mfu"):
+            assert key in r
+        assert r["fits"] and r["memory_gb_per_device"] <= 58.0
+        assert r["dp"] * r["tp"] * r["pp"] * r["cp"] == 512
+        assert 0 < r["mfu"] < 1
+    speeds = [r["tokens_per_s_per_device"] for r in rows]
+    assert speeds == sorted(speeds, reverse=True)
+
+
+def test_plan_table(capsys):
+    code, out, _ = run_cli(capsys, "plan", "--model", "7b", "--devices", "8", "--top", "3")
+    assert code == 0
+    lines = out.strip().splitlines()
+    assert "TeleChat2-7b" in lines[0] and "efficiency 0.75" in lines[0]
+    assert lines[2].split()[:3] == ["#", "dp", "tp"] and len(lines) == 6
+
+
+def test_plan_refuses_a_layout_that_does_not_fit(capsys):
+    # 7B on 8 devices without optimizer sharding: 16 bytes per parameter = 122 GB per device
+    code, out, err = run_cli(capsys, "plan", "--model", "7b", "--devices", "8", "--format", "json",
+                             "--layout", "dp=8,tp=1,pp=1,cp=1,mb=1,zero=0,recompute=full")
+    assert code == 1
+    [row] = json.loads(out)
+    assert row["fits"] is False and row["memory_gb_per_device"] > 100
+    assert "refused" in err and "GB" in err
+    # with sharding it fits (the published layout)
+    code, out, _ = run_cli(capsys, "plan", "--model", "7b", "--devices", "8", "--format", "json",
+                           "--layout", "dp=8,tp=1,pp=1,cp=1,mb=1,zero=1,recompute=full")
+    assert code == 0 and json.loads(out)[0]["fits"]
+
+
+def test_plan_refuses_when_nothing_fits(capsys):
+    code, _, err = run_cli(capsys, "plan", "--model", "115b", "--devices", "8")
+    assert code == 1 and "no layout fits" in err
+
+
+def test_non_fitting_layouts_only_with_all(capsys):
+    code, out, _ = run_cli(capsys, "plan", "--model", "35b", "--devices", "16", "--format", "json", "--top", "0")
+    fitting = json.loads(out)
+    code, out, _ = run_cli(capsys, "plan", "--model", "35b", "--devices", "16", "--format", "json", "--top", "0",
+                           "--all")
+    everything = json.loads(out)
+    assert all(r["fits"] for r in fitting)
+    assert len(everything) > len(fitting) and not everything[-1]["fits"]
+
+
+def test_smaller_hbm_fits_fewer_layouts(capsys):
+    code, out, _ = run_cli(capsys, "plan", "--model", "35b", "--devices", "16", "--format", "json", "--top", "0")
+    n64 = len(json.loads(out))
+    code, out, _ = run_cli(capsys, "plan", "--model", "35b", "--devices", "16", "--format", "json", "--top", "0",
+                           "--hbm-gb", "32")
+    n32 = len(json.loads(out)) if code == 0 else 0
+    assert n32 < n64
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "13b", "--devices", "8"], "unknown model '13b'"),
+    (["--model", "7b", "--devices", "0"], "--devices must be > 0"),
+    (["--model", "7b", "--devices", "8", "--layout", "dp8"], "expected key=value"),
+    (["--model", "7b", "--devices", "8", "--layout", "dp=x"], "dp='x' is not an integer"),
+    (["--model", "7b", "--devices", "8", "--layout", "dp=8,ep=2"], "unknown key 'ep'"),
+    (["--model", "7b", "--devices", "8", "--layout", "dp=8,dp=8"], "given twice"),
+    (["--model", "7b", "--devices", "8", "--layout", "dp=8,recompute=some"], "recompute must be one of"),
+    (["--model", "7b", "--devices", "8", "--layout", "dp=3,tp=1,pp=1,cp=1,mb=1"], "world size 8 != data_parallel 3"),
+    (["--model", "7b", "--devices", "6", "--layout", "dp=2,tp=3"], "num_heads 32 is not divisible by model_parallel 3"),
+    (["--model", "35b", "--devices", "16", "--layout", "dp=1,tp=4,pp=4,mb=2"], "micro_batch_num 2 < pipeline_stage 4"),
+    (["--model", "7b", "--devices", "8", "--layout", ""], "--layout is empty"),
+])
+def test_bad_input_gives_clear_errors(capsys, argv, message):
+    code, _, err = run_cli(capsys, "plan", *argv)
+    assert code == 1
+    assert message in err, err
+    assert "Traceback" not in err
+
+
+def test_parse_layout_aliases():
+    assert parse_layout("dp=8, mp=2, pp=1, cp=1, mb=4, zero=1, sp=0, recompute=full") == {
+        "dp": 8, "tp": 2, "pp": 1, "cp": 1, "mb": 4, "zero": True, "sp": False, "recompute": "full"}
+    with pytest.raises(LayoutError, match=">= 1"):
+        parse_layout("dp=0")
+
+
+def test_memory_model_orders():
+    """Each memory-saving option saves memory, and costs (or at least does not save) time."""
+    c = planning_config("35b", 8192)
+    base = Layout(dp=2, tp=4, pp=2, sequence_parallel=True, micro_batch_num=4)
+    est = {rc: estimate(c, Plan(base, rc), 8192, ATLAS_800T_A2) for rc in ("none", "selective", "full")}
+    assert est["none"].memory["activations"] > est["selective"].memory["activations"] > est["full"].memory["activations"]
+    assert est["none"].step_time_s < est["selective"].step_time_s < est["full"].step_time_s
+    sharded = estimate(c, Plan(Layout(dp=2, tp=4, pp=2, sequence_parallel=True, micro_batch_num=4,
+                                      optimizer_shard=True), "full"), 8192, ATLAS_800T_A2)
+    assert sharded.memory["optimizer"] == pytest.approx(est["full"].memory["optimizer"] / 2)
+    nosp = estimate(c, Plan(Layout(dp=2, tp=4, pp=2, micro_batch_num=4), "none"), 8192, ATLAS_800T_A2)
+    assert nosp.memory["activations"] > est["none"].memory["activations"]
+    # ring attention buffers appear with context parallel; the pipeline bubble with pipeline stages
+    cp = estimate(c, Plan(Layout(dp=1, tp=4, pp=2, cp=2, sequence_parallel=True, micro_batch_num=8), "full"),
+                  8192, ATLAS_800T_A2)
+    assert cp.memory["ring_attention"] > 0 and cp.time["pipeline_bubble"] > 0
+
+
+def test_interleave_shrinks_the_bubble():
+    c = planning_config("115b", 8192)
+    lay = Layout(dp=8, tp=8, pp=8, sequence_parallel=True, micro_batch_num=8, optimizer_shard=True)
+    plain, inter = (estimate(c, Plan(lay, "selective", vpp=v), 8192, ATLAS_800T_A2) for v in (1, 3))
+    # bubble fraction (pp-1)/(vpp*mb + pp-1): 7/15 plain, 7/31 interleaved
+    assert plain.time["pipeline_bubble"] / (plain.step_time_s - plain.time["data_parallel"]
+                                            - plain.time["pipeline_p2p"]) == pytest.approx(7 / 15)
+    assert inter.step_time_s < plain.step_time_s
+    assert inter.memory["activations"] > plain.memory["activations"]   # more micro-batches in flight
+    with pytest.raises(LayoutError, match="not a multiple of pipeline_stage"):
+        validate_plan(Plan(Layout(dp=8, tp=8, pp=8, micro_batch_num=12), vpp=3), c)
+
+
+def test_params_per_device_add_up():
+    """The per-device shards of all stages and ranks add back to the whole model (GQA kv replicated at tp 16)."""
+    from telechat2.plan.model import layer_params_per_device, stage_params
+    c = TeleChat2Config.from_preset("115b")
+    per_layer = (c.num_parameters() - 2 * c.vocab_size * c.hidden_size - c.hidden_size) / c.num_layers
+    assert layer_params_per_device(c, 8) * 8 == pytest.approx(per_layer, rel=1e-4)
+    assert layer_params_per_device(c, 16) * 16 > per_layer          # kv heads replicated past 8
+    assert stage_params(c, 1, 1) == pytest.approx(c.num_parameters(), rel=1e-4)
+
+
+# ---- check-config ---------------------------------------------------------------------------------------
+
+def test_check_config_cpu_tiny(capsys):
+    code, out, _ = run_cli(capsys, "check-config", PRETRAIN_TINY, "--devices", "1")
+    assert code == 0 and "OK for 1 device" in out and "memory per device (estimate)" in out
+
+
+def test_check_config_errors(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "check-config", PRETRAIN_TINY, "--devices", "2")
+    assert code == 1 and "world size 2 != data_parallel 1" in err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"base_config: {PRETRAIN_TINY}\nparallel_config:\n  data_paralel: 2\n")
+    code, _, err = run_cli(capsys, "check-config", str(bad), "--devices", "1")
+    assert code == 1 and "unknown key 'parallel_config.data_paralel'" in err and "data_parallel" in err
+    code, _, err = run_cli(capsys, "check-config", str(tmp_path / "missing.yaml"), "--devices", "1")
+    assert code == 1 and "no such config file" in err
+
+
+def test_check_config_refuses_what_does_not_fit(capsys):
+    cfg = os.path.join(REPO, "configs", "ascend", "finetune_7b_o1.yaml")
+    code, out, err = run_cli(capsys, "check-config", cfg, "--devices", "8", "--set", "recompute_config.recompute=False",
+                             "--set", "parallel.enable_parallel_optimizer=False")
+    assert code == 1 and "PROBLEMS" in out
+    assert "exceeds 58.00 GB (context.max_device_memory)" in err
+    code, _, err = run_cli(capsys, "check-config", cfg, "--devices", "8", "--hbm-gb", "32")
+    assert code == 1 and "exceeds 32.00 GB" in err
+
+
+def test_cpu_memory_estimate_within_25_percent_of_a_real_run(tmp_path):
+    """The estimate (MindSpore runtime + graph compiler per layer + bytes per parameter + activations + logits)
+    against the peak RSS `telechat2 train` measures for the tiny model (which the constants were not fitted on)."""
+    out = tmp_path / "run"
+    sets = [f"output_dir={out}", "runner_config.max_steps=2"]
+    cmd = [sys.executable, "-m", "telechat2", "train", "--config", PRETRAIN_TINY, "--no-progress"]
+    r = subprocess.run(cmd + [a for s in sets for a in ("--set", s)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with open(out / "report" / "report.json") as fh:
+        measured_mb = json.load(fh)["run"]["peak_host_memory_mb"]
+    est = check_config(PRETRAIN_TINY, 1, overrides=sets)
+    estimated_mb = sum(est.memory.values()) / 2 ** 20
+    assert abs(estimated_mb / measured_mb - 1) < 0.25, (estimated_mb, measured_mb, est.memory)
