@@ -51,20 +51,17 @@ def gathered_weights(step_dir: str) -> dict[str, np.ndarray]:
     """Full tensors of a checkpoint written on one device or by several ranks (blocks from rank.json)."""
     if os.path.exists(os.path.join(step_dir, "model.safetensors")):
         return load_file(os.path.join(step_dir, "model.safetensors"))
-    full: dict[str, np.ndarray] = {}
-    ranks = sorted(d for d in os.listdir(step_dir) if d.startswith("rank_"))
-    for r in ranks:
-        info = json.load(open(os.path.join(step_dir, r, "rank.json")))
+    whole: dict[str, np.ndarray] = {}
+    blocks: dict[str, tuple[int, dict]] = {}
+    for r in sorted(d for d in os.listdir(step_dir) if d.startswith("rank_")):
+        with open(os.path.join(step_dir, r, "rank.json")) as fh:
+            shards = json.load(fh)["shards"]
         for name, block in load_file(os.path.join(step_dir, r, "model.safetensors")).items():
-            if name not in info["shards"]:
-                full.setdefault(name, block)
-                continue
-            axis, start, length = info["shards"][name]
-            parts = full.setdefault(name, {})
-            if isinstance(parts, dict):
-                parts[start] = block
-    for name, parts in list(full.items()):
-        if isinstance(parts, dict):
-            axis = next(json.load(open(os.path.join(step_dir, r, "rank.json")))["shards"][name][0] for r in ranks[:1])
-            full[name] = np.concatenate([parts[k] for k in sorted(parts)], axis=axis)
-    return full
+            if name in shards:
+                axis, start, _ = shards[name]
+                blocks.setdefault(name, (axis, {}))[1][start] = block
+            else:
+                whole.setdefault(name, block)
+    for name, (axis, parts) in blocks.items():
+        whole[name] = np.concatenate([parts[k] for k in sorted(parts)], axis=axis)
+    return whole

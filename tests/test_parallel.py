@@ -133,3 +133,40 @@ def test_each_collective_forward_and_backward(tmp_path):
         failed = [l for l in lines if " FAIL " in l]
         assert not failed, failed
     assert r.returncode == 0
+
+
+PIPELINE = {
+    # name: (workers, per-rank micro batch, num_layers, --set overrides)
+    "pp2_mb4": (2, 1, 2, ["parallel_config.pipeline_stage=2", "parallel_config.micro_batch_num=4"]),
+    "pp2_uneven_3_layers": (2, 1, 3, ["parallel_config.pipeline_stage=2", "parallel_config.micro_batch_num=4"]),
+    "pp2_tp2": (4, 1, 2, ["parallel_config.pipeline_stage=2", "parallel_config.micro_batch_num=4",
+                          "parallel_config.model_parallel=2"]),
+}
+
+
+@pytest.fixture(scope="module")
+def single_3_layers(tmp_path_factory, data):
+    cfg = TeleChat2Config.from_preset("tiny", num_layers=3)
+    init = write_hf_folder(str(tmp_path_factory.mktemp("init_l3")), cfg, ref.random_state_dict(cfg.to_hf_dict(), seed=6))
+    out = str(tmp_path_factory.mktemp("single_l3"))
+    r = subprocess.run([sys.executable, "-m", "telechat2", *run_args(out, data, init, 4, 4, "model.model_config.num_layers=3")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return init, out, r.stdout
+
+
+@pytest.mark.parametrize("name", list(PIPELINE))
+def test_pipeline_matches_single_device(name, single, single_3_layers, data, tmp_path):
+    """1F1B over 4 micro-batches of 1 sample == one device on the same 4 samples."""
+    workers, batch, layers, sets = PIPELINE[name]
+    init, base_out, base_stdout = single[4] if layers == 2 else single_3_layers
+    out, logs = str(tmp_path / "out"), str(tmp_path / "logs")
+    r = msrun(workers, run_args(out, data, init, 4, batch, f"model.model_config.num_layers={layers}", *sets), logs)
+    assert r.returncode == 0, worker_log(logs, 0)[-4000:]
+    assert np.allclose(report_losses(out), report_losses(base_out), rtol=0, atol=1e-5)
+    for rank in range(workers):        # the last stage's loss on every rank's log line
+        assert np.allclose(logged_losses(worker_log(logs, rank)), logged_losses(base_stdout), atol=2e-6)
+    a = gathered_weights(os.path.join(base_out, "checkpoint", f"step_{STEPS:08d}"))
+    b = gathered_weights(os.path.join(out, "checkpoint", f"step_{STEPS:08d}"))
+    assert set(a) == set(b)
+    assert max(float(np.abs(a[k] - b[k]).max()) for k in a) <= 1e-5

@@ -21,7 +21,12 @@ def load_weights(model, path: str, allow_pickle: bool = False) -> None:
     check_against_config(source, model.config)
     params = model.parameters_dict()
     specs = shard_specs(model)                      # under tensor parallel: read only this rank's block
+    missing = sorted(set(params) - set(source.entries))
+    if missing:
+        raise CheckpointError(f"{path}: no tensor for model parameter(s) {', '.join(missing[:5])}")
     for name, entry in source.entries.items():
+        if name not in params:              # another pipeline stage's layer
+            continue
         param = params[name]
         raw = entry.read_raw()
         if name in specs:

@@ -45,26 +45,37 @@ class DecoderLayer(nn.Cell):
 
 
 class TeleChat2Model(nn.Cell):
-    def __init__(self, config: TeleChat2Config, mesh: ParallelMesh):
+    """Embedding -> decoder layers -> final norm. A pipeline stage holds only its block of layers
+    (`layer_ids`; parameter names keep the global layer index), the embedding on the first stage and the
+    final norm on the last."""
+
+    def __init__(self, config: TeleChat2Config, mesh: ParallelMesh, layer_ids=None, first=True, last=True):
         super().__init__()
         self.res_dtype = ms_dtype(config.res_dtype)
-        self.tok_embeddings = VocabParallelEmbedding(config.vocab_size, config.hidden_size, mesh=mesh,
-                                                     init_std=config.initializer_range,
-                                                     param_dtype=ms_dtype(config.param_init_type))
-        self.layers = nn.CellList([DecoderLayer(config, mesh) for _ in range(config.num_layers)])
-        self.norm_out = RMSNorm(config.hidden_size, config.rms_norm_eps,
-                                compute_type=ms_dtype(config.layernorm_compute_type),
-                                param_dtype=ms_dtype(config.param_init_type), fused=config.use_fused_rms_norm)
+        self.first, self.last = first, last
+        if first:
+            self.tok_embeddings = VocabParallelEmbedding(config.vocab_size, config.hidden_size, mesh=mesh,
+                                                         init_std=config.initializer_range,
+                                                         param_dtype=ms_dtype(config.param_init_type))
+        ids = range(config.num_layers) if layer_ids is None else layer_ids
+        self.layers = nn.CellDict({str(i): DecoderLayer(config, mesh) for i in ids})
+        if last:
+            self.norm_out = RMSNorm(config.hidden_size, config.rms_norm_eps,
+                                    compute_type=ms_dtype(config.layernorm_compute_type),
+                                    param_dtype=ms_dtype(config.param_init_type), fused=config.use_fused_rms_norm)
 
-    def construct(self, input_ids, cos, sin, allowed, k_caches=None, v_caches=None, write_slot=None):
-        x = self.tok_embeddings(input_ids).astype(self.res_dtype)     # [B, S, H]
+    def construct(self, inputs, cos, sin, allowed, k_caches=None, v_caches=None, write_slot=None):
+        # inputs: token ids [B, S] on the first stage, else hidden states [B, S, H] (SP: [B, S/tp, H])
+        x = self.tok_embeddings(inputs).astype(self.res_dtype) if self.first else inputs
         if k_caches is None:
-            for layer in self.layers:
+            for layer in self.layers.values():
                 x = layer(x, cos, sin, allowed)
         else:
-            for i in range(len(self.layers)):
-                x = self.layers[i](x, cos, sin, allowed, k_caches[i], v_caches[i], write_slot)
-        return self.norm_out(x)
+            i = 0
+            for layer in self.layers.values():
+                x = layer(x, cos, sin, allowed, k_caches[i], v_caches[i], write_slot)
+                i += 1
+        return self.norm_out(x) if self.last else x
 
 
 @functools.lru_cache(maxsize=16)
@@ -87,7 +98,12 @@ class TeleChat2ForCausalLM(nn.Cell):
         self.config = config
         self.mesh = mesh
         self.rotary_dtype = ms_dtype(config.rotary_dtype)
-        self.model = TeleChat2Model(config, mesh)
+        pp, stage = mesh.layout.pp, mesh.coord("pp")
+        self.first_stage, self.last_stage = stage == 0, stage == pp - 1
+        layer_ids = mesh.stage_layers(config.num_layers)[stage] if pp > 1 else None
+        self.model = TeleChat2Model(config, mesh, layer_ids, self.first_stage, self.last_stage)
+        if not self.last_stage:
+            return
         # logits stay split over the vocabulary: the loss reduces over tp, logits() gathers them
         self.lm_head = ColumnParallelLinear(config.hidden_size, config.vocab_size, bias=False, mesh=mesh,
                                             init_std=config.initializer_range,
@@ -162,6 +178,24 @@ class TeleChat2ForCausalLM(nn.Cell):
         if labels is None:
             return logits
         return causal_lm_loss(logits, labels, self.config.ignore_token_id)
+
+    def _mask_and_tables(self, seq_len):
+        cos, sin = self.rotary(seq_len)
+        return cos, sin, Tensor(_causal_mask(seq_len))
+
+    def stage_hidden(self, inputs):
+        """Pipeline stages before the last: token ids or hidden states -> hidden states [B, S, H]."""
+        cos, sin, allowed = self._mask_and_tables(inputs.shape[1])
+        return self.model(inputs, cos, sin, allowed)
+
+    def stage_loss(self, inputs, targets):
+        """The last pipeline stage: hidden states (or ids, without pipeline) -> mean next-token loss."""
+        cos, sin, allowed = self._mask_and_tables(inputs.shape[1])
+        hidden = self.model(inputs, cos, sin, allowed)
+        logits = self.lm_head(hidden).astype(ms.float32)
+        if self.vocab_parallel_loss is None:
+            return token_cross_entropy(logits, targets, self.config.ignore_token_id)
+        return self.vocab_parallel_loss(logits, targets)
 
     def next_token_loss(self, input_ids, targets, position_ids=None, segment_ids=None):
         """Mean cross entropy of logits[t] against targets[t] (already shifted; -100 ignored).

@@ -8,7 +8,7 @@ After backward, on every rank:
     parameter (norm weights, row-parallel biases) over tp; replicated kv heads (tp > n_kv) over the ranks
     sharing the head.
 The global gradient norm counts each distinct value once: sum_i w_i |g_i|^2 over this rank, all-reduced
-over tp, with w_i = 1 for tp-split tensors and 1/(number of holders) for replicated ones.
+over tp and pp, with w_i = 1 for tp-split tensors and 1/(number of holders) for replicated ones.
 """
 from __future__ import annotations
 
@@ -53,6 +53,7 @@ class GradReducer(nn.Cell):
         self.partial_reduce = nn.CellList([_Op(op) for _, op in partial])
         self.norm_weights = tuple(weights)
         self.tp_sum = ops.AllReduce(ReduceOp.SUM, mesh.groups["tp"]) if mesh.tp > 1 else None
+        self.pp_sum = ops.AllReduce(ReduceOp.SUM, mesh.groups["pp"]) if mesh.layout.pp > 1 else None
         self.dp = mesh.dp
         self.dp_sum = ops.AllReduce(ReduceOp.SUM, mesh.groups["dp"]) if mesh.dp > 1 else None
         buckets, current, size = [], [], 0
@@ -89,7 +90,13 @@ class GradReducer(nn.Cell):
                           for i in range(self.n)])
         if self.tp_sum is not None:
             total = self.tp_sum(total)
+        if self.pp_sum is not None:                  # every stage holds different parameters
+            total = self.pp_sum(total)
         return ops.sqrt(total), ops.isfinite(total)
+
+    def pipeline_sum(self, x):
+        """Sum over pipeline stages (the loss lives on the last one)."""
+        return x if self.pp_sum is None else self.pp_sum(x)
 
 
 class _Op(nn.Cell):

@@ -117,7 +117,7 @@ class ParallelMesh:
         return cls()
 
     @classmethod
-    def from_world(cls, layout: Layout) -> "ParallelMesh":
+    def from_world(cls, layout: Layout, stage_offset=None) -> "ParallelMesh":
         """Join the msrun world, check its size, and create this rank's dp/pp/cp/tp groups."""
         from mindspore.communication import create_group, get_group_size, get_rank, init
         init()
@@ -133,10 +133,21 @@ class ParallelMesh:
                 name = f"{axis}_" + "_".join(map(str, ranks))
                 create_group(name, ranks)
                 groups[axis] = name
-        return cls(layout, rank, groups)
+        return cls(layout, rank, groups, stage_offset)
+
+    stage_offset: tuple | int | None = None       # model_config.offset (layers per stage vs the even split)
 
     def coord(self, axis: str) -> int:
         return self.layout.coords(self.rank)[axis]
+
+    def stage_layers(self, num_layers: int) -> list:
+        from .pipeline import stage_layers
+        return stage_layers(num_layers, self.layout.pp, self.stage_offset)
+
+    def neighbour(self, step: int) -> int:
+        """Global rank of the pipeline stage `step` away from this one (same dp/cp/tp coordinates)."""
+        c = self.layout.coords(self.rank)
+        return self.layout.rank_of(**{**c, "pp": c["pp"] + step})
 
     # the names the layers read
     @property

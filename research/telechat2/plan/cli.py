@@ -59,7 +59,7 @@ def cmd_plan(args) -> int:
     header = (f"TeleChat2-{args.model} ({c.num_parameters() / 1e9:.2f}B), {devices} devices, seq {seq}, AMP "
               f"{args.amp}; {hw.name}: peak {hw.peak_tflops:g} TFLOPS x efficiency {hw.efficiency}, "
               f"{hw.budget_gb:g} GB per device for the model ({hw.hbm_gb:g} GB - {hw.reserved_gb:g} reserved)")
-    if args.layout:
+    if args.layout is not None:
         spec = parse_layout(args.layout)
         ests = rank([estimate(c, p, seq, hw) for p in plans_for_layout(spec, c, devices, seq, gb, mbs)])
         fitting = [e for e in ests if e.fits]

@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from ..dtypes import ms_dtype
 from ..errors import TeleChat2Error
 from ..perf import flops_per_token
 from . import checkpointing
@@ -89,8 +90,9 @@ def train(cfg: dict, *, resume: bool = False, progress: bool = True) -> str:
     model_cfg = model_config(cfg)
     layout = Layout.from_run_config(cfg)
     validate_layout(layout, model_cfg)
-    if layout.pp > 1 or layout.cp > 1:
-        raise LayoutError("pipeline_stage and context_parallel > 1 are not implemented yet")
+    if layout.cp > 1:
+        raise LayoutError("context_parallel > 1 is not implemented yet")
+    stage_offset = (cfg["model"].get("model_config") or {}).get("offset")
     rc, lr_cfg = cfg["runner_config"], cfg["lr_schedule"]
     ckpt_cb = callback(cfg, "CheckpointMonitor")
     ckpt_root = os.path.join(out, "checkpoint")
@@ -106,7 +108,10 @@ def train(cfg: dict, *, resume: bool = False, progress: bool = True) -> str:
     if layout.world == 1 and launched > 1:
         raise LayoutError(f"msrun started {launched} workers but the layout is one device; set "
                           "parallel_config (data_parallel x model_parallel x ...) to the worker count")
-    mesh = ParallelMesh.from_world(layout) if layout.world > 1 else ParallelMesh.single()
+    if layout.pp > 1:
+        from ..parallel.pipeline import stage_layers
+        stage_layers(model_cfg.num_layers, layout.pp, stage_offset)      # a bad offset list fails here
+    mesh = ParallelMesh.from_world(layout, stage_offset) if layout.world > 1 else ParallelMesh.single()
     rank0 = mesh.rank == 0
     progress = progress and rank0
     if rank0:                                   # raw .jsonl is preprocessed once, by rank 0
@@ -122,7 +127,8 @@ def train(cfg: dict, *, resume: bool = False, progress: bool = True) -> str:
                          f"{model_cfg.seq_length}; preprocess with --seq-length {model_cfg.seq_length}")
     if cfg["run_mode"] == "finetune" and "labels" not in (probe.columns or []):
         raise TrainError(f"{data_dir}: run_mode finetune needs a `labels` column (telechat2 preprocess sft)")
-    accum = rc["gradient_accumulation_steps"]
+    # micro-batches per optimizer step: gradient accumulation x pipeline micro-batches
+    accum = rc["gradient_accumulation_steps"] * (layout.micro_batch_num if layout.pp > 1 else 1)
     devices = layout.world
     global_batch = rc["batch_size"] * mesh.dp * accum
     total_steps = len(probe) // accum
@@ -140,7 +146,7 @@ def train(cfg: dict, *, resume: bool = False, progress: bool = True) -> str:
     # ---- model, optimizer, state ------------------------------------------------------------------
     model = TeleChat2ForCausalLM(model_cfg, mesh)
     if cfg["recompute_config"]["recompute"]:
-        for layer in model.model.layers:
+        for layer in model.model.layers.values():
             layer.recompute()
     if load_path and not resume_from:
         load_weights(model, load_path)
@@ -164,6 +170,13 @@ def train(cfg: dict, *, resume: bool = False, progress: bool = True) -> str:
     accumulate, apply = train_step.accumulate, train_step.apply
     if cfg["context"]["mode"] == 0:
         accumulate, apply = ms.jit(accumulate), ms.jit(apply)
+    pipeline = None
+    if layout.pp > 1:
+        from .step import PipelineStep
+        pipeline = PipelineStep(model, train_step, mesh, use_jit=cfg["context"]["mode"] == 0)
+        seq_local = model_cfg.seq_length // (layout.tp if mesh.sequence_parallel else 1)
+        act_like = ms.Tensor(np.zeros((rc["batch_size"], seq_local, model_cfg.hidden_size), np.float32)).astype(
+            ms_dtype(model_cfg.res_dtype))              # the activations stages exchange
 
     loader = DataLoader(data_dir, rc["batch_size"], offset=consumed, **loader_args)
     batches = iter(loader)
@@ -178,13 +191,18 @@ def train(cfg: dict, *, resume: bool = False, progress: bool = True) -> str:
         t0 = time.perf_counter()
         lr = lr_at(step, lr_cfg, total_steps)
         scale = ms.Tensor(scaler.scale, ms.float32)
-        loss_sum = None
+        micro = []
         for _ in range(accum):
             batch = next(batches)
             ids = batch["input_ids"]
-            targets = batch["labels"][:, 1:] if "labels" in batch else ids[:, 1:]
-            loss = accumulate(ms.Tensor(ids[:, :-1]), ms.Tensor(targets), scale)
-            loss_sum = loss if loss_sum is None else loss_sum + loss
+            micro.append((ids[:, :-1], batch["labels"][:, 1:] if "labels" in batch else ids[:, 1:]))
+        if pipeline is None:
+            loss_sum = None
+            for ids, targets in micro:
+                loss = accumulate(ms.Tensor(ids), ms.Tensor(targets), scale)
+                loss_sum = loss if loss_sum is None else loss_sum + loss
+        else:
+            loss_sum = train_step.reducer.pipeline_sum(pipeline.run(micro, scale, act_like))
         loss_sum = float(train_step.dp_mean(loss_sum).asnumpy()) / scaler.scale     # the global loss
         norm, finite = apply(ms.Tensor(lr, ms.float32), ms.Tensor(1.0 / (scaler.scale * accum), ms.float32))
         finite = bool(finite.asnumpy())

@@ -39,9 +39,13 @@ class TrainStep(nn.Cell):
     def accumulate(self, input_ids, targets, scale):
         """One micro-batch; returns the scaled loss."""
         loss, grads = self.grad_fn(input_ids, targets, scale)
+        self.add_grads(grads)
+        return loss
+
+    def add_grads(self, grads):
         for i in range(len(grads)):
             ops.assign_add(self.grad_acc[i], grads[i].astype(ms.float32))
-        return loss
+        return grads[0].sum()
 
     def apply(self, lr, grad_mult):
         """Returns (global gradient norm after unscaling, finite)."""
@@ -54,3 +58,58 @@ class TrainStep(nn.Cell):
         for acc in self.grad_acc:
             ops.assign(acc, ops.zeros_like(acc))
         return norm, finite
+
+
+class PipelineStep:
+    """One optimizer step's micro-batches through this pipeline stage with the 1F1B schedule.
+
+    Compiled pieces (no communication inside): the stage forward, the stage backward (recomputes the
+    forward; gradients of weights, and of the input activation except on the first stage), and on the last
+    stage the loss with its backward. Gradients land in TrainStep's buffers; `TrainStep.apply` follows.
+    """
+
+    def __init__(self, model, train_step: TrainStep, mesh, use_jit: bool = True):
+        self.model, self.train_step, self.mesh = model, train_step, mesh
+        self.stage, self.stages = mesh.coord("pp"), mesh.layout.pp
+        params = list(train_step.params)
+        jit = ms.jit if use_jit else (lambda f: f)
+        first, last = model.first_stage, model.last_stage
+        if last:
+            def loss_fn(x, targets, scale):
+                return model.stage_loss(x, targets) * scale
+            self.loss_grad = jit(ms.value_and_grad(loss_fn, grad_position=0, weights=params))
+        else:
+            def vjp_fn(x, dy):
+                return (model.stage_hidden(x) * dy).sum()
+            self.forward_fn = jit(model.stage_hidden)
+            self.backward_fn = jit(ms.value_and_grad(vjp_fn, grad_position=None if first else 0, weights=params))
+        self.add_grads = jit(train_step.add_grads)
+
+    def run(self, micro_batches, scale, act_like):
+        """micro_batches: [(input ids, targets)] numpy; returns the sum of the scaled losses (last stage, else 0)."""
+        from ..parallel.pipeline import run_1f1b
+        first, last = self.model.first_stage, self.model.last_stage
+        total = [ms.Tensor(0.0, ms.float32)]
+
+        def forward(i, x):
+            if last:
+                return None
+            return self.forward_fn(ms.Tensor(micro_batches[i][0]) if first else x)
+
+        def backward(i, x, dy):
+            if last:
+                loss, (dx, grads) = self.loss_grad(x, ms.Tensor(micro_batches[i][1]), scale)
+                total[0] = total[0] + loss
+            elif first:
+                _, grads = self.backward_fn(ms.Tensor(micro_batches[i][0]), dy)
+                dx = None
+            else:
+                _, (dx, grads) = self.backward_fn(x, dy)
+            self.add_grads(grads)
+            return dx
+
+        prev = self.mesh.neighbour(-1) if not first else None
+        nxt = self.mesh.neighbour(1) if not last else None
+        run_1f1b(stage=self.stage, stages=self.stages, micro_batches=len(micro_batches), prev_rank=prev,
+                 next_rank=nxt, forward=forward, backward=backward, act_like=act_like)
+        return total[0]
