@@ -150,23 +150,6 @@ def test_run_scripts_refuse_a_bad_config_before_starting(tmp_path):
 
 # ---- real msrun runs on this CPU -------------------------------------------------------------------------
 
-RANK_SCRIPT = """
-from mindspore.communication import get_group_size, get_rank, init
-init()
-print(f"worker rank {get_rank()} of {get_group_size()}", flush=True)
-"""
-
-
-def test_launcher_two_local_workers(tmp_path):
-    script = tmp_path / "rank.py"
-    script.write_text(RANK_SCRIPT)
-    logs = tmp_path / "msrun_log"
-    r = run(LAUNCHER, f"python {script}", "2", str(free_port()), str(logs), "True", "120", dry=False)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    for rank in (0, 1):
-        assert f"worker rank {rank} of 2" in (logs / f"worker_{rank}.log").read_text()
-
-
 def test_pretrain_sh_two_workers_tiny_data_parallel(tmp_path):
     """The tiny config through pretrain.sh on 2 local workers (data_parallel 2): both ranks step, rank 0 reports."""
     out, logs = tmp_path / "out", tmp_path / "msrun_log"
