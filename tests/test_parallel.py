@@ -170,3 +170,43 @@ def test_pipeline_matches_single_device(name, single, single_3_layers, data, tmp
     b = gathered_weights(os.path.join(out, "checkpoint", f"step_{STEPS:08d}"))
     assert set(a) == set(b)
     assert max(float(np.abs(a[k] - b[k]).max()) for k in a) <= 1e-5
+
+
+def test_distributed_checkpoint_exports_to_hf_and_loads_anywhere(single, data, tmp_path):
+    """A tp2 x pp2 checkpoint: `convert ms2hf` writes the HF release straight from the rank folders (the torch
+    reference then gives the single-device model's logits), `convert merge` writes one file, and a missing rank
+    is named."""
+    import shutil
+    import torch
+    from helpers import reference_logits
+    from safetensors.numpy import load_file
+    from telechat2 import TeleChat2ForCausalLM
+    from telechat2.checkpoint.load import load_weights
+    init, base_out, _ = single[4]
+    out, logs = str(tmp_path / "out"), str(tmp_path / "logs")
+    r = msrun(4, run_args(out, data, init, 4, 1, "parallel_config.pipeline_stage=2", "parallel_config.micro_batch_num=4",
+                          "parallel_config.model_parallel=2"), logs)
+    assert r.returncode == 0, worker_log(logs, 0)[-3000:]
+    hf = str(tmp_path / "hf")
+    r = subprocess.run([sys.executable, "-m", "telechat2", "convert", "ms2hf", "--checkpoint", out, "--output", hf],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = TeleChat2Config.from_hf_config(hf)
+    model = TeleChat2ForCausalLM(cfg)
+    load_weights(model, os.path.join(base_out, "checkpoint", f"step_{STEPS:08d}"))       # the single-device result
+    sd = {k: torch.from_numpy(v) for k, v in load_file(os.path.join(hf, "model.safetensors")).items()}
+    ids = np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 40)).astype(np.int32)
+    assert np.abs(model(ids).asnumpy() - reference_logits(cfg, sd, ids)).max() <= 1e-5
+    merged = str(tmp_path / "merged")
+    r = subprocess.run([sys.executable, "-m", "telechat2", "convert", "merge", "--checkpoint", out, "--output", merged],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-m", "telechat2", "convert", "verify", merged,
+                        os.path.join(base_out, "checkpoint", f"step_{STEPS:08d}"), "--atol", "1e-5"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    step = os.path.join(out, "checkpoint", f"step_{STEPS:08d}")
+    shutil.rmtree(os.path.join(step, "rank_3"))
+    r = subprocess.run([sys.executable, "-m", "telechat2", "convert", "merge", "--checkpoint", step, "--output",
+                        str(tmp_path / "m2")], capture_output=True, text=True)
+    assert r.returncode == 1 and "rank folder(s) rank_3 are missing" in r.stderr

@@ -32,6 +32,14 @@ def cmd_ms2hf(args) -> int:
     return 0
 
 
+def cmd_merge(args) -> int:
+    src = open_checkpoint(args.checkpoint, config=args.config)
+    out = write_checkpoint(src, _config_of(src), args.output, target="mindspore", dtype=args.dtype,
+                           fmt=args.format, max_shard_bytes=parse_size(args.max_shard_size), force=args.force)
+    print(f"wrote merged MindSpore checkpoint ({args.format}) to {out}")
+    return 0
+
+
 def cmd_verify(args) -> int:
     a = open_checkpoint(args.a, config=args.config, allow_pickle=args.allow_pickle)
     b = open_checkpoint(args.b, config=args.config, allow_pickle=args.allow_pickle)
@@ -69,6 +77,13 @@ def add_convert_parser(sub) -> None:
     p.add_argument("--output", required=True)
     common(p)
     p.set_defaults(func=cmd_ms2hf)
+
+    p = csub.add_parser("merge", help="a distributed (per-rank) checkpoint -> one full MindSpore checkpoint")
+    p.add_argument("--checkpoint", required=True, help="step folder with rank_*/ or a training output folder")
+    p.add_argument("--output", required=True)
+    p.add_argument("--format", choices=["safetensors", "ckpt"], default="safetensors")
+    common(p)
+    p.set_defaults(func=cmd_merge)
 
     p = csub.add_parser("verify", help="compare two checkpoints of any supported format, tensor by tensor")
     p.add_argument("a")

@@ -28,10 +28,7 @@ def load_weights(model, path: str, allow_pickle: bool = False) -> None:
         if name not in params:              # another pipeline stage's layer
             continue
         param = params[name]
-        raw = entry.read_raw()
-        if name in specs:
-            axis, start, length = specs[name]
-            raw = raw[(slice(None),) * axis + (slice(start, start + length),)]
+        raw = entry.read_block(*specs[name]) if name in specs else entry.read_raw()
         if tuple(param.shape) != tuple(raw.shape):
             raise CheckpointError(f"{entry.origin}: tensor {entry.stored_name!r}: model parameter has shape "
                                   f"{list(param.shape)}, checkpoint block {list(raw.shape)}")

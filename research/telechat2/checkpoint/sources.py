@@ -32,10 +32,17 @@ class TensorEntry:
     shape: tuple[int, ...]
     origin: str                        # file path, for messages
     read_raw: Callable[[], np.ndarray]  # the stored values (memory-mapped where possible; BF16 as uint16)
+    block_reader: Callable | None = None   # (axis, start, length) -> that block, reading only what it needs
 
     @property
     def nbytes(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(SAFETENSORS_DTYPES[self.dtype]).itemsize
+
+    def read_block(self, axis: int, start: int, length: int) -> np.ndarray:
+        """full[..., start:start+length, ...] along `axis` (memory-mapped sources read only that part)."""
+        if self.block_reader is not None:
+            return self.block_reader(axis, start, length)
+        return self.read_raw()[(slice(None),) * axis + (slice(start, start + length),)]
 
 
 @dataclass
@@ -153,6 +160,8 @@ def open_checkpoint(path: str, config: str | None = None, allow_pickle: bool = F
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file or folder")
     path = resolve_run_checkpoint(path)          # a training output folder: its newest complete checkpoint
+    if os.path.isdir(path) and glob.glob(os.path.join(path, "rank_*", "rank.json")):
+        return _open_distributed(path, config)
     index = {}
     if os.path.isdir(path):
         files, index = _weight_files(path)
@@ -204,3 +213,69 @@ def check_against_config(source: CheckpointSource, config: TeleChat2Config) -> N
                                   f"config (expected {list(shape)})")
         if e.dtype not in ("F32", "F16", "BF16"):
             raise CheckpointError(f"{e.origin}: tensor {e.stored_name!r}: dtype {e.dtype} is not a float type")
+
+
+def _open_distributed(path: str, config: str | None) -> CheckpointSource:
+    """A checkpoint written by several ranks (step_N/rank_R/ with rank.json): every full tensor is
+    assembled from the ranks' blocks on read, and a block request reads only the overlapping parts."""
+    ranks = {}
+    for info_path in sorted(glob.glob(os.path.join(path, "rank_*", "rank.json"))):
+        with open(info_path, encoding="utf-8") as fh:
+            info = json.load(fh)
+        ranks[info["rank"]] = (os.path.dirname(info_path), info)
+    layouts = {json.dumps(info["layout"], sort_keys=True) for _, info in ranks.values()}
+    steps = {info.get("step") for _, info in ranks.values()}
+    if len(layouts) > 1 or len(steps) > 1:
+        raise CheckpointError(f"{path}: rank folders disagree (layouts {sorted(layouts)}, steps {sorted(map(str, steps))});"
+                              " mixed checkpoints in one folder?")
+    layout = next(iter(ranks.values()))[1]["layout"]
+    world = int(np.prod(list(layout.values())))
+    missing = sorted(set(range(world)) - set(ranks))
+    if missing:
+        raise CheckpointError(f"{path}: layout {layout} has {world} ranks but rank folder(s) "
+                              f"{', '.join(f'rank_{r}' for r in missing)} are missing")
+    whole, blocks = {}, {}
+    for r in sorted(ranks):
+        folder, info = ranks[r]
+        f = SafetensorsFile(os.path.join(folder, "model.safetensors"))
+        for name in f.keys():
+            if name in info["shards"]:
+                axis, start, length = info["shards"][name]
+                blocks.setdefault(name, {}).setdefault(start, (axis, length, f))
+            else:
+                whole.setdefault(name, f)
+    entries = {}
+    for name, f in whole.items():
+        entries[name] = TensorEntry(name, name, f.dtype(name), tuple(f.shape(name)), f.path,
+                                    (lambda f=f, n=name: f.read_raw(n)))
+    for name, parts in blocks.items():
+        starts = sorted(parts)
+        axis = parts[starts[0]][0]
+        pos = 0
+        for st in starts:
+            a, length, f = parts[st]
+            if a != axis or st != pos or f.shape(name)[axis] != length:
+                raise CheckpointError(f"{path}: tensor {name!r}: the ranks' blocks do not tile it "
+                                      f"(block at {st} of length {length} along axis {a}, expected start {pos})")
+            pos += length
+        first = parts[starts[0]][2]
+        shape = list(first.shape(name))
+        shape[axis] = pos
+        spans = [(st, parts[st][1], parts[st][2]) for st in starts]
+
+        def read_block(ax, start, length, name=name, axis=axis, spans=spans, shape=tuple(shape)):
+            if ax != axis:
+                return read_full()[(slice(None),) * ax + (slice(start, start + length),)]
+            pieces = []
+            for st, ln, f in spans:
+                lo, hi = max(start, st), min(start + length, st + ln)
+                if lo < hi:
+                    pieces.append(f.read_raw(name)[(slice(None),) * axis + (slice(lo - st, hi - st),)])
+            return np.concatenate(pieces, axis=axis) if len(pieces) > 1 else pieces[0]
+
+        def read_full(name=name, axis=axis, spans=spans):
+            return np.concatenate([f.read_raw(name) for _, _, f in spans], axis=axis)
+        entries[name] = TensorEntry(name, name, first.dtype(name), tuple(shape), first.path, read_full, read_block)
+    cfg_path = config or os.path.join(path, "config.json")
+    cfg = _load_config(cfg_path) if os.path.exists(cfg_path) else None
+    return CheckpointSource(path, "mindspore", entries, cfg)

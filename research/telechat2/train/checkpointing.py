@@ -99,7 +99,8 @@ def save(ckpt_root: str, step: int, *, model, optim_params, state: dict, keep: i
     write_tensors(os.path.join(mine, "optimizer.safetensors"), optim_params)
     if mesh.layout.world > 1:                          # what this rank holds, for loading into other layouts
         with open(os.path.join(mine, "rank.json"), "w", encoding="utf-8") as fh:
-            json.dump({"rank": mesh.rank, "coords": mesh.layout.coords(mesh.rank), "layout": mesh.layout.sizes,
+            json.dump({"rank": mesh.rank, "step": step, "coords": mesh.layout.coords(mesh.rank),
+                       "layout": mesh.layout.sizes,
                        "shards": {k: list(v) for k, v in shard_specs(model).items()}}, fh, indent=1)
     barrier(mesh)
     final = os.path.join(ckpt_root, name)
