@@ -210,3 +210,37 @@ def test_distributed_checkpoint_exports_to_hf_and_loads_anywhere(single, data, t
     r = subprocess.run([sys.executable, "-m", "telechat2", "convert", "merge", "--checkpoint", step, "--output",
                         str(tmp_path / "m2")], capture_output=True, text=True)
     assert r.returncode == 1 and "rank folder(s) rank_3 are missing" in r.stderr
+
+
+def test_resume_in_another_layout(single, data, tmp_path_factory, tmp_path):
+    """Train tp2 x pp2 for 5 steps, then resume as one device and as dp2 x tp2 for 5 more: the losses of all
+    10 steps equal an uninterrupted single-device run (weights and AdamW state re-sliced, data position kept)."""
+    import shutil
+    init = single[4][0]
+    base = str(tmp_path_factory.mktemp("straight10"))
+    ten = ["lr_schedule.total_steps=10", "callbacks.CheckpointMonitor.save_checkpoint_steps=5"]
+    args = run_args(base, data, init, 4, 4, *ten)
+    args[args.index(f"runner_config.max_steps={STEPS}")] = "runner_config.max_steps=10"
+    r = subprocess.run([sys.executable, "-m", "telechat2", *args], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    want = report_losses(base)
+    first = str(tmp_path / "tp2pp2")
+    r = msrun(4, run_args(first, data, init, 4, 1, *ten, "parallel_config.pipeline_stage=2",
+                          "parallel_config.micro_batch_num=4", "parallel_config.model_parallel=2"), str(tmp_path / "l1"))
+    assert r.returncode == 0, worker_log(str(tmp_path / "l1"), 0)[-3000:]
+    second = str(tmp_path / "dp2tp2")
+    shutil.copytree(first, second)
+    # as one device
+    args = run_args(first, data, init, 4, 4, *ten) + ["--resume"]
+    args[args.index(f"runner_config.max_steps={STEPS}")] = "runner_config.max_steps=10"
+    r = subprocess.run([sys.executable, "-m", "telechat2", *args], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from" in r.stderr and "step 5" in r.stderr
+    assert np.allclose(report_losses(first), want, rtol=0, atol=1e-5), (report_losses(first), want)
+    # as dp2 x tp2
+    args = run_args(second, data, init, 4, 2, *ten, "parallel_config.data_parallel=2",
+                    "parallel_config.model_parallel=2") + ["--resume"]
+    args[args.index(f"runner_config.max_steps={STEPS}")] = "runner_config.max_steps=10"
+    r = msrun(4, args, str(tmp_path / "l2"))
+    assert r.returncode == 0, worker_log(str(tmp_path / "l2"), 0)[-3000:]
+    assert np.allclose(report_losses(second), want, rtol=0, atol=1e-5), (report_losses(second), want)

@@ -125,6 +125,79 @@ def save(ckpt_root: str, step: int, *, model, optim_params, state: dict, keep: i
     return final
 
 
+def _full_optimizer_tensors(step_dir: str):
+    """{state name: full tensor} of a checkpoint's optimizer, from one folder or from the ranks' files
+    (ZeRO slices concatenated over dp, tensor-parallel blocks joined along their axis)."""
+    state = load_state(step_dir)
+    single = os.path.join(step_dir, "optimizer.safetensors")
+    if os.path.exists(single):
+        f = SafetensorsFile(single)
+        return {n: np.array(f.read_raw(n)) for n in f.keys()}
+    from ..parallel.mesh import Layout
+    sizes = state["layout"]
+    layout = Layout(dp=sizes["dp"], tp=sizes["tp"], pp=sizes["pp"], cp=sizes["cp"])
+    zero = state.get("optimizer_shard", False) and layout.dp > 1
+    infos, files, model_files = {}, {}, {}
+    for r in range(layout.world):
+        folder = os.path.join(step_dir, f"rank_{r}")
+        with open(os.path.join(folder, "rank.json"), encoding="utf-8") as fh:
+            infos[r] = json.load(fh)
+        files[r] = SafetensorsFile(os.path.join(folder, "optimizer.safetensors"))
+        model_files[r] = SafetensorsFile(os.path.join(folder, "model.safetensors"))
+    full, blocks = {}, {}
+    for r in range(layout.world):
+        c = layout.coords(r)
+        if c["dp"] != 0:
+            continue                                   # dp replicas hold the same blocks (or their ZeRO slices)
+        peers = layout.group_ranks("dp", r)
+        for name in files[r].keys():
+            if name == "adam_step":
+                full[name] = np.array(files[r].read_raw(name))
+                continue
+            param = name.split(".", 1)[1]
+            local_shape = tuple(model_files[r].shape(param))
+            if zero:
+                flat = np.concatenate([np.array(files[q].read_raw(name)) for q in peers])
+                local = flat[:int(np.prod(local_shape))].reshape(local_shape)
+            else:
+                local = np.array(files[r].read_raw(name))
+            spec = infos[r]["shards"].get(param)
+            if spec is None:
+                full.setdefault(name, local)
+            else:
+                blocks.setdefault(name, (spec[0], {}))[1][spec[1]] = local
+    for name, (axis, parts) in blocks.items():
+        full[name] = np.concatenate([parts[k] for k in sorted(parts)], axis=axis)
+    return full
+
+
+def load_resharded(step_dir: str, model, optimizer) -> None:
+    """Resume from a checkpoint written in another layout: weights and AdamW state re-sliced for this rank."""
+    import mindspore as ms
+    from ..checkpoint.load import load_weights
+    from ..parallel.layers import shard_specs
+    load_weights(model, step_dir)
+    full = _full_optimizer_tensors(step_dir)
+    specs = shard_specs(model)
+    for p in optimizer.state_parameters():
+        if p.name not in full:
+            raise CheckpointError(f"{step_dir}: optimizer state {p.name!r} is missing")
+        value = full[p.name]
+        if p.name != "adam_step":
+            param = p.name.split(".", 1)[1]
+            if param in specs:
+                axis, start, length = specs[param]
+                value = value[(slice(None),) * axis + (slice(start, start + length),)]
+            if optimizer.shard:                        # this dp rank's ZeRO slice
+                i = [q.name for q in optimizer.params].index(param)
+                flat = np.concatenate([value.reshape(-1), np.zeros(optimizer.chunks[i] * optimizer.dp - value.size,
+                                                                    value.dtype)])
+                value = flat[optimizer.starts[i]:optimizer.starts[i] + optimizer.chunks[i]]
+        if tuple(value.shape) != tuple(p.shape):
+            raise CheckpointError(f"{step_dir}: optimizer state {p.name!r}: {list(value.shape)} vs {list(p.shape)}")
+        p.set_data(ms.Tensor(np.ascontiguousarray(value)).astype(p.dtype))
+
+
 def load_state(path: str) -> dict:
     with open(os.path.join(path, "state.json"), encoding="utf-8") as fh:
         return json.load(fh)

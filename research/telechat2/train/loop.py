@@ -157,10 +157,18 @@ def train(cfg: dict, *, resume: bool = False, progress: bool = True) -> str:
     scaler = LossScaler(cfg["runner_wrapper"]["scale_sense"])
     step, consumed, history = 0, 0, []
     if resume_from:
-        rank_dir = checkpointing.rank_folder(resume_from, mesh)
-        checkpointing.read_into(os.path.join(rank_dir, "model.safetensors"), params)
-        checkpointing.read_into(os.path.join(rank_dir, "optimizer.safetensors"), optimizer.state_parameters())
         state = checkpointing.load_state(resume_from)
+        same_layout = state["layout"] == layout.sizes and \
+            state.get("optimizer_shard", False) == (layout.optimizer_shard and layout.dp > 1)
+        if same_layout:
+            rank_dir = checkpointing.rank_folder(resume_from, mesh)
+            checkpointing.read_into(os.path.join(rank_dir, "model.safetensors"), params)
+            checkpointing.read_into(os.path.join(rank_dir, "optimizer.safetensors"), optimizer.state_parameters())
+        else:                                   # written by another layout: re-slice weights and AdamW state
+            if state["global_batch"] != global_batch:
+                raise TrainError(f"{resume_from}: global batch {state['global_batch']} != this run's {global_batch}; "
+                                 "the data position carries over in whole global batches")
+            checkpointing.load_resharded(resume_from, model, optimizer)
         step, consumed, history = state["step"], state["consumed_samples"], state["history"]
         scaler.load_state_dict(state["loss_scale"])
         print(f"[telechat2] resumed from {resume_from} (step {step}, {consumed} samples consumed)", file=sys.stderr)
@@ -232,7 +240,7 @@ def train(cfg: dict, *, resume: bool = False, progress: bool = True) -> str:
         if step % ckpt_cb["save_checkpoint_steps"] == 0 or step == total_steps:
             state = {"step": step, "consumed_samples": consumed, "loss_scale": scaler.state_dict(),
                      "seed": cfg["seed"], "global_batch": global_batch, "history": history,
-                     "layout": layout.sizes}
+                     "layout": layout.sizes, "optimizer_shard": layout.optimizer_shard and layout.dp > 1}
             checkpointing.save(ckpt_root, step, model=model, optim_params=optimizer.state_parameters(),
                                state=state, keep=ckpt_cb["keep_checkpoint_max"])
     bar.close()
