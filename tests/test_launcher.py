@@ -71,7 +71,8 @@ def test_launcher_refuses_other_argument_counts(n):
 def test_launcher_refuses_one_worker_with_a_hint():
     r = run(LAUNCHER, "python -m telechat2 train --config c.yaml", "1")
     assert r.returncode == 2
-    assert "WORKER_NUM is 1" in r.stderr and "run the command directly: python -m telechat2 train --config c.yaml" in r.stderr
+    assert "WORKER_NUM is 1" in r.stderr
+    assert "run the command directly: python -m telechat2 train --config c.yaml" in r.stderr
 
 
 @pytest.mark.parametrize("args, message", [

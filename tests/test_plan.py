@@ -147,7 +147,8 @@ def test_memory_model_orders():
     c = planning_config("35b", 8192)
     base = Layout(dp=2, tp=4, pp=2, sequence_parallel=True, micro_batch_num=4)
     est = {rc: estimate(c, Plan(base, rc), 8192, ATLAS_800T_A2) for rc in ("none", "selective", "full")}
-    assert est["none"].memory["activations"] > est["selective"].memory["activations"] > est["full"].memory["activations"]
+    act = {rc: e.memory["activations"] for rc, e in est.items()}
+    assert act["none"] > act["selective"] > act["full"]
     assert est["none"].step_time_s < est["selective"].step_time_s < est["full"].step_time_s
     sharded = estimate(c, Plan(Layout(dp=2, tp=4, pp=2, sequence_parallel=True, micro_batch_num=4,
                                       optimizer_shard=True), "full"), 8192, ATLAS_800T_A2)
@@ -178,9 +179,9 @@ def test_params_per_device_add_up():
     from telechat2.plan.model import layer_params_per_device, stage_params
     c = TeleChat2Config.from_preset("115b")
     per_layer = (c.num_parameters() - 2 * c.vocab_size * c.hidden_size - c.hidden_size) / c.num_layers
-    assert layer_params_per_device(c, 8) * 8 == pytest.approx(per_layer, rel=1e-4)
+    assert layer_params_per_device(c, 8) * 8 == pytest.approx(per_layer, rel=1e-3)
     assert layer_params_per_device(c, 16) * 16 > per_layer          # kv heads replicated past 8
-    assert stage_params(c, 1, 1) == pytest.approx(c.num_parameters(), rel=1e-4)
+    assert stage_params(c, 1, 1) == pytest.approx(c.num_parameters(), rel=1e-6)
 
 
 # ---- check-config ---------------------------------------------------------------------------------------

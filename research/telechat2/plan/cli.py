@@ -49,6 +49,16 @@ def _emit(rows: list[Estimate], args, header: str) -> None:
 
 
 def cmd_plan(args) -> int:
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:      # validate_layout's notes, printed once, plainly
+        warnings.simplefilter("always")
+        code = _plan(args)
+    for message in dict.fromkeys(str(w.message) for w in caught):
+        print(f"telechat2 plan: warning: {message}", file=sys.stderr)
+    return code
+
+
+def _plan(args) -> int:
     from .search import parse_layout, plans_for_layout, planning_config, rank, search
     devices = _positive("--devices", args.devices, int)
     seq = _positive("--seq-length", args.seq_length, int)

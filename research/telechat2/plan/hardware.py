@@ -54,8 +54,8 @@ class Hardware:
         return (self.link_gb_s if span <= self.devices_per_node else self.network_gb_s) * GB
 
 # Atlas 800T A2: 8 x Ascend 910B per node, HCCS full mesh (7 links of 56 GB/s bidirectional per device),
-# one 200 Gb/s RoCE port per device, ~1.6 TB/s HBM. 295 TFLOPS is the 910B3's dense bf16 peak (910B2: ~354). Link and NIC
-# numbers are ~90% of the nominal one-direction rates (28 GB/s, 25 GB/s); 6 GB of 64 are left to the
+# one 200 Gb/s RoCE port per device, ~1.6 TB/s HBM. 295 TFLOPS is the 910B3's dense bf16 peak (910B2: ~354).
+# Link and NIC numbers are ~90% of the nominal one-direction rates (28 GB/s, 25 GB/s); 6 GB of 64 are left to the
 # runtime, as MindFormers' `max_device_memory: 58GB` does.
 ATLAS_800T_A2 = Hardware(name="Atlas 800T A2 (Ascend 910B, 64 GB)", peak_tflops=295.0, hbm_gb=64.0,
                          reserved_gb=6.0, devices_per_node=8, link_gb_s=25.0, network_gb_s=22.0,

@@ -69,9 +69,9 @@ def validate_plan(plan: Plan, config: TeleChat2Config, *, devices: int | None = 
 def layer_params_per_device(c: TeleChat2Config, tp: int) -> float:
     """One decoder layer's parameters on one tensor-parallel rank (kv heads replicate when tp exceeds them)."""
     h, f, hd = c.hidden_size, c.intermediate_size, c.head_dim
-    split = tp                                   # wq, wo and the MLP are split over tp
-    kv = 2 * c.kv_heads * hd * h / min(tp, c.kv_heads)
-    return (c.num_heads * hd * h + h * h + h + 3 * h * f + h) / split + kv + 2 * h
+    split = c.num_heads * hd * h + h * h + 3 * h * f          # wq, wo and the MLP weights are split over tp
+    kv = 2 * c.kv_heads * hd * h / min(tp, c.kv_heads)       # wk_v: whole kv heads per rank
+    return split / tp + kv + 4 * h                            # + wo/w2 biases and the two norms, replicated
 
 
 def stage_params(c: TeleChat2Config, tp: int, pp: int) -> float:
