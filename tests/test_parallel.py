@@ -139,8 +139,6 @@ PIPELINE = {
     # name: (workers, per-rank micro batch, num_layers, --set overrides)
     "pp2_mb4": (2, 1, 2, ["parallel_config.pipeline_stage=2", "parallel_config.micro_batch_num=4"]),
     "pp2_uneven_3_layers": (2, 1, 3, ["parallel_config.pipeline_stage=2", "parallel_config.micro_batch_num=4"]),
-    "pp2_tp2": (4, 1, 2, ["parallel_config.pipeline_stage=2", "parallel_config.micro_batch_num=4",
-                          "parallel_config.model_parallel=2"]),
 }
 
 
@@ -172,75 +170,99 @@ def test_pipeline_matches_single_device(name, single, single_3_layers, data, tmp
     assert max(float(np.abs(a[k] - b[k]).max()) for k in a) <= 1e-5
 
 
-def test_distributed_checkpoint_exports_to_hf_and_loads_anywhere(single, data, tmp_path):
-    """A tp2 x pp2 checkpoint: `convert ms2hf` writes the HF release straight from the rank folders (the torch
-    reference then gives the single-device model's logits), `convert merge` writes one file, and a missing rank
-    is named."""
+TEN = ["lr_schedule.total_steps=10", "callbacks.CheckpointMonitor.save_checkpoint_steps=5"]
+
+
+def _ten_step_args(out, data, init, batch, *sets, steps=10):
+    args = run_args(out, data, init, 4, batch, *TEN, *sets)
+    args[args.index(f"runner_config.max_steps={STEPS}")] = f"runner_config.max_steps={steps}"
+    return args
+
+
+@pytest.fixture(scope="module")
+def straight10(single, data, tmp_path_factory):
+    """One device, 10 steps of a 10-step schedule, checkpoints at 5 and 10."""
+    out = str(tmp_path_factory.mktemp("straight10"))
+    r = subprocess.run([sys.executable, "-m", "telechat2", *_ten_step_args(out, data, single[4][0], 4)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def tp2pp2_half(single, data, tmp_path_factory):
+    """tp2 x pp2 on 4 workers (4 micro-batches of 1), the first 5 steps of the same 10-step schedule."""
+    out, logs = str(tmp_path_factory.mktemp("tp2pp2")), str(tmp_path_factory.mktemp("tp2pp2_logs"))
+    r = msrun(4, _ten_step_args(out, data, single[4][0], 1, "parallel_config.pipeline_stage=2",
+                                "parallel_config.micro_batch_num=4", "parallel_config.model_parallel=2", steps=5), logs)
+    assert r.returncode == 0, worker_log(logs, 0)[-3000:]
+    return out, logs
+
+
+def test_pp2_tp2_matches_single_device(straight10, tp2pp2_half):
+    out, logs = tp2pp2_half
+    want = report_losses(straight10)[:5]
+    assert np.allclose(report_losses(out), want, rtol=0, atol=1e-5)
+    for rank in range(4):
+        assert np.allclose(logged_losses(worker_log(logs, rank)), want, atol=2e-6)
+    a = gathered_weights(os.path.join(straight10, "checkpoint", "step_00000005"))
+    b = gathered_weights(os.path.join(out, "checkpoint", "step_00000005"))
+    assert set(a) == set(b) and max(float(np.abs(a[k] - b[k]).max()) for k in a) <= 1e-5
+
+
+def test_distributed_checkpoint_exports_to_hf_and_merges(straight10, tp2pp2_half, tmp_path):
+    """`convert ms2hf` writes the HF release straight from the tp2 x pp2 rank folders (the torch reference then
+    gives the single-device model's logits), `convert merge` writes one file, and a missing rank is named."""
     import shutil
     import torch
     from helpers import reference_logits
     from safetensors.numpy import load_file
     from telechat2 import TeleChat2ForCausalLM
     from telechat2.checkpoint.load import load_weights
-    init, base_out, _ = single[4]
-    out, logs = str(tmp_path / "out"), str(tmp_path / "logs")
-    r = msrun(4, run_args(out, data, init, 4, 1, "parallel_config.pipeline_stage=2", "parallel_config.micro_batch_num=4",
-                          "parallel_config.model_parallel=2"), logs)
-    assert r.returncode == 0, worker_log(logs, 0)[-3000:]
+    out, _ = tp2pp2_half
+    step = os.path.join(out, "checkpoint", "step_00000005")
     hf = str(tmp_path / "hf")
-    r = subprocess.run([sys.executable, "-m", "telechat2", "convert", "ms2hf", "--checkpoint", out, "--output", hf],
+    r = subprocess.run([sys.executable, "-m", "telechat2", "convert", "ms2hf", "--checkpoint", step, "--output", hf],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     cfg = TeleChat2Config.from_hf_config(hf)
     model = TeleChat2ForCausalLM(cfg)
-    load_weights(model, os.path.join(base_out, "checkpoint", f"step_{STEPS:08d}"))       # the single-device result
+    load_weights(model, os.path.join(straight10, "checkpoint", "step_00000005"))        # the single-device result
     sd = {k: torch.from_numpy(v) for k, v in load_file(os.path.join(hf, "model.safetensors")).items()}
     ids = np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 40)).astype(np.int32)
     assert np.abs(model(ids).asnumpy() - reference_logits(cfg, sd, ids)).max() <= 1e-5
     merged = str(tmp_path / "merged")
-    r = subprocess.run([sys.executable, "-m", "telechat2", "convert", "merge", "--checkpoint", out, "--output", merged],
+    r = subprocess.run([sys.executable, "-m", "telechat2", "convert", "merge", "--checkpoint", step, "--output", merged],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     r = subprocess.run([sys.executable, "-m", "telechat2", "convert", "verify", merged,
-                        os.path.join(base_out, "checkpoint", f"step_{STEPS:08d}"), "--atol", "1e-5"],
+                        os.path.join(straight10, "checkpoint", "step_00000005"), "--atol", "1e-5"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
-    step = os.path.join(out, "checkpoint", f"step_{STEPS:08d}")
-    shutil.rmtree(os.path.join(step, "rank_3"))
-    r = subprocess.run([sys.executable, "-m", "telechat2", "convert", "merge", "--checkpoint", step, "--output",
+    broken = str(tmp_path / "broken")
+    shutil.copytree(step, broken)
+    shutil.rmtree(os.path.join(broken, "rank_3"))
+    r = subprocess.run([sys.executable, "-m", "telechat2", "convert", "merge", "--checkpoint", broken, "--output",
                         str(tmp_path / "m2")], capture_output=True, text=True)
     assert r.returncode == 1 and "rank folder(s) rank_3 are missing" in r.stderr
 
 
-def test_resume_in_another_layout(single, data, tmp_path_factory, tmp_path):
-    """Train tp2 x pp2 for 5 steps, then resume as one device and as dp2 x tp2 for 5 more: the losses of all
-    10 steps equal an uninterrupted single-device run (weights and AdamW state re-sliced, data position kept)."""
+def test_resume_in_another_layout(straight10, tp2pp2_half, data, single, tmp_path):
+    """tp2 x pp2's 5 steps resumed as one device and as dp2 x tp2 for 5 more: all 10 losses equal the
+    uninterrupted single-device run (weights and AdamW state re-sliced, data position kept)."""
     import shutil
     init = single[4][0]
-    base = str(tmp_path_factory.mktemp("straight10"))
-    ten = ["lr_schedule.total_steps=10", "callbacks.CheckpointMonitor.save_checkpoint_steps=5"]
-    args = run_args(base, data, init, 4, 4, *ten)
-    args[args.index(f"runner_config.max_steps={STEPS}")] = "runner_config.max_steps=10"
-    r = subprocess.run([sys.executable, "-m", "telechat2", *args], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
-    want = report_losses(base)
-    first = str(tmp_path / "tp2pp2")
-    r = msrun(4, run_args(first, data, init, 4, 1, *ten, "parallel_config.pipeline_stage=2",
-                          "parallel_config.micro_batch_num=4", "parallel_config.model_parallel=2"), str(tmp_path / "l1"))
-    assert r.returncode == 0, worker_log(str(tmp_path / "l1"), 0)[-3000:]
-    second = str(tmp_path / "dp2tp2")
-    shutil.copytree(first, second)
-    # as one device
-    args = run_args(first, data, init, 4, 4, *ten) + ["--resume"]
-    args[args.index(f"runner_config.max_steps={STEPS}")] = "runner_config.max_steps=10"
-    r = subprocess.run([sys.executable, "-m", "telechat2", *args], capture_output=True, text=True)
+    want = report_losses(straight10)
+    as_one = str(tmp_path / "as_one")
+    shutil.copytree(tp2pp2_half[0], as_one)
+    r = subprocess.run([sys.executable, "-m", "telechat2", *_ten_step_args(as_one, data, init, 4), "--resume"],
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resumed from" in r.stderr and "step 5" in r.stderr
-    assert np.allclose(report_losses(first), want, rtol=0, atol=1e-5), (report_losses(first), want)
-    # as dp2 x tp2
-    args = run_args(second, data, init, 4, 2, *ten, "parallel_config.data_parallel=2",
-                    "parallel_config.model_parallel=2") + ["--resume"]
-    args[args.index(f"runner_config.max_steps={STEPS}")] = "runner_config.max_steps=10"
-    r = msrun(4, args, str(tmp_path / "l2"))
-    assert r.returncode == 0, worker_log(str(tmp_path / "l2"), 0)[-3000:]
-    assert np.allclose(report_losses(second), want, rtol=0, atol=1e-5), (report_losses(second), want)
+    assert np.allclose(report_losses(as_one), want, rtol=0, atol=1e-5), (report_losses(as_one), want)
+    as_dp2tp2 = str(tmp_path / "as_dp2tp2")
+    shutil.copytree(tp2pp2_half[0], as_dp2tp2)
+    r = msrun(4, _ten_step_args(as_dp2tp2, data, init, 2, "parallel_config.data_parallel=2",
+                                "parallel_config.model_parallel=2") + ["--resume"], str(tmp_path / "logs"))
+    assert r.returncode == 0, worker_log(str(tmp_path / "logs"), 0)[-3000:]
+    assert np.allclose(report_losses(as_dp2tp2), want, rtol=0, atol=1e-5), (report_losses(as_dp2tp2), want)
