@@ -37,7 +37,10 @@ def run_args(out, data, init, kv_heads, batch, *sets):
             "--train-dataset", data, "--load-checkpoint", init,
             "--set", f"runner_config.max_steps={STEPS}", "--set", f"runner_config.batch_size={batch}",
             "--set", f"model.model_config.n_kv_heads={kv_heads}",
-            "--set", "callbacks.CheckpointMonitor.save_checkpoint_steps=100"]
+            "--set", "callbacks.CheckpointMonitor.save_checkpoint_steps=100",
+            # AdamW normalises each element's update, so an element whose gradient is ~0 can move by up to
+            # 2 x lr on rounding noise alone; 1e-3 keeps such elements inside the 1e-5 weight tolerance
+            "--set", "lr_schedule.learning_rate=1.0e-3", "--set", "lr_schedule.lr_end=1.0e-4"]
     for s in sets:
         args += ["--set", s]
     return args
@@ -66,6 +69,9 @@ LAYOUTS = {
     "dp2_zero1": (2, 2, 4, ["parallel_config.data_parallel=2", "parallel.enable_parallel_optimizer=True"]),
     "dp2_tp2": (4, 2, 4, ["parallel_config.data_parallel=2", "parallel_config.model_parallel=2",
                           "parallel_config.use_seq_parallel=True"]),
+    # context parallel: ring attention over the zigzag layout (PyNative forward/backward)
+    "cp2": (2, 4, 4, ["parallel_config.context_parallel=2"]),
+    "cp4": (4, 4, 4, ["parallel_config.context_parallel=4"]),
 }
 
 
@@ -87,8 +93,9 @@ def test_layout_matches_single_device(name, single, data, tmp_path):
     a = gathered_weights(os.path.join(base_out, "checkpoint", f"step_{STEPS:08d}"))
     b = gathered_weights(os.path.join(out, "checkpoint", f"step_{STEPS:08d}"))
     assert set(a) == set(b)
-    worst = max(float(np.abs(a[k] - b[k]).max()) for k in a)
-    assert worst <= 1e-5, worst
+    diffs = {k: float(np.abs(a[k] - b[k]).max()) for k in a}
+    worst = max(diffs, key=diffs.get)
+    assert diffs[worst] <= 1e-5, (worst, diffs[worst], sorted(diffs.values())[-5:])
 
 
 def test_invalid_layouts_fail_before_training(tmp_path, data):

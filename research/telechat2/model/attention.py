@@ -74,6 +74,10 @@ class Attention(nn.Cell):
         self.wq = ColumnParallelLinear(H, config.num_heads * hd, bias=False, **common)
         self.wk_v = ColumnParallelLinear(H, 2 * config.kv_heads * hd, bias=False, rows=kv_rows, **common)
         self.wo = RowParallelLinear(config.num_heads * hd, H, bias=True, **common)
+        self.ring = None
+        if mesh.layout.cp > 1:                  # context parallel: K/V blocks travel around the cp ring
+            from ..parallel.ring_attention import RingAttention
+            self.ring = RingAttention.from_mesh(mesh)
 
     def construct(self, x, cos, sin, allowed, k_cache=None, v_cache=None, write_slot=None):
         # x: [B, S, H] (SP: [B, S/tp, H]); cos/sin: [B|1, 1, S, hd]; allowed: bool [B|1, 1, S, S] ([.., S, L] with
@@ -87,6 +91,9 @@ class Attention(nn.Cell):
         k, v = ops.split(kv, self.head_dim, -1)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)                            # [B, nkv, S, hd]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.ring is not None:               # this rank's zigzag part; causal over the full sequence
+            ctx = self.ring(q, k, v)
+            return self.wo(ctx.transpose(0, 2, 1, 3).reshape(B, S, self.heads * self.head_dim))
         if k_cache is not None:
             k, v = write_cache(k_cache, k, write_slot), write_cache(v_cache, v, write_slot)  # [B, nkv, L, hd]
         k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)

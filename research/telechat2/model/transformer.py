@@ -98,6 +98,13 @@ class TeleChat2ForCausalLM(nn.Cell):
         self.config = config
         self.mesh = mesh
         self.rotary_dtype = ms_dtype(config.rotary_dtype)
+        # context parallel: this rank holds the zigzag part of every sequence (global positions below)
+        self.cp = mesh.layout.cp
+        if self.cp > 1:
+            from ..parallel.mappings import ReduceFromTensorParallel, group_collective
+            from ..parallel.ring_attention import zigzag_indices
+            self.cp_positions = zigzag_indices(config.seq_length, self.cp, mesh.coord("cp")).astype(np.int32)
+            self.cp_sum = group_collective(ReduceFromTensorParallel, mesh, "cp")   # all-reduce fwd, identity bwd
         pp, stage = mesh.layout.pp, mesh.coord("pp")
         self.first_stage, self.last_stage = stage == 0, stage == pp - 1
         layer_ids = mesh.stage_layers(config.num_layers)[stage] if pp > 1 else None
@@ -180,6 +187,9 @@ class TeleChat2ForCausalLM(nn.Cell):
         return causal_lm_loss(logits, labels, self.config.ignore_token_id)
 
     def _mask_and_tables(self, seq_len):
+        if self.cp > 1:                         # tables at the zigzag positions; the ring applies causality
+            cos, sin = self.rotary(seq_len, Tensor(self.cp_positions[None]), total_len=seq_len * self.cp)
+            return cos, sin, None
         cos, sin = self.rotary(seq_len)
         return cos, sin, Tensor(_causal_mask(seq_len))
 
@@ -194,14 +204,22 @@ class TeleChat2ForCausalLM(nn.Cell):
         hidden = self.model(inputs, cos, sin, allowed)
         logits = self.lm_head(hidden).astype(ms.float32)
         if self.vocab_parallel_loss is None:
-            return token_cross_entropy(logits, targets, self.config.ignore_token_id)
-        return self.vocab_parallel_loss(logits, targets)
+            loss = token_cross_entropy(logits, targets, self.config.ignore_token_id)
+        else:
+            loss = self.vocab_parallel_loss(logits, targets)
+        if self.cp == 1:
+            return loss
+        # the mean over every token of the sequence: this part's sum, summed over cp, over the total count
+        count = (targets != self.config.ignore_token_id).astype(ms.float32).sum()
+        return self.cp_sum(loss * count) / ops.maximum(ops.stop_gradient(self.cp_sum(count)), 1.0)
 
     def next_token_loss(self, input_ids, targets, position_ids=None, segment_ids=None):
         """Mean cross entropy of logits[t] against targets[t] (already shifted; -100 ignored).
 
         The trainer's loss: a packed sample of S+1 ids gives input_ids = ids[:, :-1], targets = ids[:, 1:].
         """
+        if self.cp > 1 or (position_ids is None and segment_ids is None):
+            return self.stage_loss(input_ids, targets)
         if self.vocab_parallel_loss is None:
             logits = self.logits(input_ids, None, position_ids, segment_ids)
             return token_cross_entropy(logits, targets, self.config.ignore_token_id)

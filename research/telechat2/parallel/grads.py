@@ -56,6 +56,9 @@ class GradReducer(nn.Cell):
         self.pp_sum = ops.AllReduce(ReduceOp.SUM, mesh.groups["pp"]) if mesh.layout.pp > 1 else None
         self.dp = mesh.dp
         self.dp_sum = ops.AllReduce(ReduceOp.SUM, mesh.groups["dp"]) if mesh.dp > 1 else None
+        # context parallel: the loss is already the mean over the whole sequence, so each cp rank holds a
+        # part of every gradient: summed, not averaged
+        self.cp_sum = ops.AllReduce(ReduceOp.SUM, mesh.groups["cp"]) if mesh.layout.cp > 1 else None
         buckets, current, size = [], [], 0
         for i, p in enumerate(params):
             current.append(i)
@@ -68,6 +71,14 @@ class GradReducer(nn.Cell):
 
     def construct(self, grads):
         grads = list(grads)
+        if self.cp_sum is not None:
+            for bucket in self.buckets:
+                flat = self.cp_sum(ops.cat([grads[i].reshape(-1) for i in bucket]))
+                offset = 0
+                for i in bucket:
+                    n = grads[i].size
+                    grads[i] = flat[offset:offset + n].reshape(self.shapes[i])
+                    offset += n
         if self.dp_sum is not None:
             for bucket in self.buckets:
                 flat = self.dp_sum(ops.cat([grads[i].reshape(-1) for i in bucket]))

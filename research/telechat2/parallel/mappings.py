@@ -139,3 +139,8 @@ class AllReduceMax(_Collective):
 def tp_collective(cls, mesh):
     """An instance of collective `cls` over this rank's tensor-parallel group."""
     return cls(mesh.groups["tp"], mesh.tp, mesh.tp_rank)
+
+
+def group_collective(cls, mesh, axis: str):
+    """An instance of collective `cls` over this rank's group along mesh axis `axis` (e.g. "cp")."""
+    return cls(mesh.groups[axis], mesh.layout.sizes[axis], mesh.coord(axis))

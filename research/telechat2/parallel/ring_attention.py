@@ -140,6 +140,21 @@ def count_block_pairs(cp: int, rank: int, layout: str = "zigzag") -> int:
 
 # ----------------------------------------------------------------------------------------------------------
 # block arithmetic (fp32 statistics)
+#
+# Formulation, per query row i and visited key block b (scores s, scaled and masked):
+#   forward   p_b = softmax(s_b) (fused kernel), lse_b = max(s_b) - log(max(p_b)) (= max + log sum exp(s - max)),
+#             o_b = p_b v_b; merge two partial results (o, lse), (o_b, lse_b) into
+#             lse' = M + log(e^(lse-M) + e^(lse_b-M)) and o' = (o e^(lse-M) + o_b e^(lse_b-M)) / (...), M = max.
+#   backward  the true probabilities of the block are r * p_b with r = exp(lse_b - lse) (lse: of the whole row);
+#             p_b and lse_b are recomputed bit for bit from the same s, so they are exactly the forward's.
+#             dV_b = p_b^T (r dO); dP~ = r (dO V^T - D) with D = rowsum(dO * O); dS = p_b * dP~;
+#             dQ += dS K * scale; dK_b = dS^T Q * scale.
+# Why this shape: on MindSpore's CPU backend broadcasting binary ops on a [.., c, L] block (s - max, p * r,
+# dP - D) cost ~10x a same-shape op, and Exp is a fast approximation (relative error up to ~1e-5). So the
+# per-row quantities are folded into the [.., c, hd] operands of the matmuls (r dO, and D through an extra
+# column: [r dO, -r D] @ [V, 1]^T = r (dO V^T - D)), the block is normalised by the fused softmax, and the
+# per-row factors exp/log are computed in float64 (tiny tensors). Measured: gradients as close to a float64
+# reference as full attention's own (tests/scenarios/ring_attention.py prints both).
 
 _BMM = ops.BatchMatMul()
 _BMM_T = ops.BatchMatMul(transpose_b=True)       # a @ b^T
@@ -151,7 +166,7 @@ def _repeat_heads(x, n_rep: int):
     if n_rep == 1:
         return x
     B, nkv, L, hd = x.shape
-    return ops.broadcast_to(x.expand_dims(2), (B, nkv, n_rep, L, hd)).reshape(B, nkv * n_rep, L, hd)
+    return ops.tile(x.expand_dims(2), (1, 1, n_rep, 1, 1)).reshape(B, nkv * n_rep, L, hd)
 
 
 def _sum_heads(x, n_rep: int):
@@ -163,23 +178,31 @@ def _sum_heads(x, n_rep: int):
 
 
 def _precise(fn, x):
-    """fn (exp or log) of a small per-row fp32 tensor, in float64 on CPU.
-
-    MindSpore's CPU fp32 Exp is a fast approximation (relative error up to ~1e-5, measured); per-element exps
-    use it, but the per-row factors that rescale whole blocks are computed exactly so that the backward's
-    probabilities are, to rounding, the very ones the forward used (see _block_probs).
-    """
+    """fn (exp or log) of a small per-row fp32 tensor; in float64 on CPU, whose fp32 Exp is approximate."""
     if ms.get_context("device_target") == "CPU":
         return fn(x.astype(ms.float64)).astype(ms.float32)
     return fn(x)
 
 
-def _scores(q, k, scale, allowed):
-    """fp32 q k^T * scale, masked where `allowed` is False. q: [B, nh, c, hd]; k: [B, nh, L, hd] -> [B, nh, c, L]."""
+def _block_probs(q, k, scale, allowed):
+    """Softmax of one block and its log-sum-exp: ([B, nh, c, L] fp32, [B, nh, c, 1] fp32).
+
+    q: [B, nh, c, hd]; k: [B, nh, L, hd]; allowed: None or bool [1, 1, c, L] (False = masked).
+    """
     s = _BMM_T(q, k).astype(ms.float32) * scale
     if allowed is not None:
-        s = ops.select(allowed, s, ops.full_like(s, _MASKED))
-    return s
+        s = ops.select(ops.tile(allowed, s.shape[:2] + (1, 1)), s, ops.full_like(s, _MASKED))
+    p = ops.softmax(s, -1)
+    lse = s.max(-1, keepdims=True) - _precise(ops.log, p.max(-1, keepdims=True))
+    return p, lse
+
+
+def _merge(o, lse, o_b, lse_b):
+    """Combine two partial softmax results over disjoint keys (o normalised, fp32): returns (o', lse')."""
+    top = ops.maximum(lse, lse_b)
+    a, b = _precise(ops.exp, lse - top), _precise(ops.exp, lse_b - top)
+    total = a + b
+    return (o * a + o_b * b) / total, top + _precise(ops.log, total)
 
 
 class _RingAttentionFn(nn.Cell):
@@ -212,7 +235,7 @@ class _RingAttentionFn(nn.Cell):
         c, n_rep = q.shape[2] // 2, q.shape[1] // k.shape[1]
         scale = 1.0 / math.sqrt(q.shape[-1])
         qh = (q[:, :, :c], q[:, :, c:])
-        m, l, acc = [None, None], [None, None], [None, None]     # per query half: [B, nh, c, 1], .., [B, nh, c, hd]
+        o, lse = [None, None], [None, None]                       # per query half: [B, nh, c, hd], [B, nh, c, 1]
         kv = ops.stack((k, v))                                    # [2, B, nkv, 2c, hd]: one message per step
         pairs = 0
         for t in range(self.cp):
@@ -221,22 +244,15 @@ class _RingAttentionFn(nn.Cell):
             for h, n, diagonal in self.plan[t]:
                 kb = _repeat_heads(kv[0][:, :, :n * c], n_rep)    # [B, nh, n*c, hd]
                 vb = _repeat_heads(kv[1][:, :, :n * c], n_rep)
-                s = _scores(qh[h], kb, scale, self._mask(c, t, h, n) if diagonal else None)  # [B, nh, c, n*c]
-                m_b = s.max(-1, keepdims=True)                   # [B, nh, c, 1]
-                p = ops.exp(s - m_b)                              # the backward recomputes exactly these
-                l_b = p.sum(-1, keepdims=True)
-                acc_b = _BMM(p.astype(vb.dtype), vb).astype(ms.float32)
-                if m[h] is None:
-                    m[h], l[h], acc[h] = m_b, l_b, acc_b
+                p, lse_b = _block_probs(qh[h], kb, scale, self._mask(c, t, h, n) if diagonal else None)
+                o_b = _BMM(p.astype(vb.dtype), vb).astype(ms.float32)                  # [B, nh, c, hd]
+                if o[h] is None:
+                    o[h], lse[h] = o_b, lse_b
                 else:                                             # online softmax merge
-                    m_new = ops.maximum(m[h], m_b)
-                    a, b = _precise(ops.exp, m[h] - m_new), _precise(ops.exp, m_b - m_new)
-                    m[h], l[h], acc[h] = m_new, l[h] * a + l_b * b, acc[h] * a + acc_b * b
+                    o[h], lse[h] = _merge(o[h], lse[h], o_b, lse_b)
                 pairs += n
         self.last_block_pairs = pairs
-        out = ops.cat([acc[h] / l[h] for h in (0, 1)], 2).astype(q.dtype)         # [B, nh, 2c, hd]
-        lse = ops.cat([m[h] + _precise(ops.log, l[h]) for h in (0, 1)], 2)        # [B, nh, 2c, 1] fp32
-        return out, lse
+        return ops.cat(o, 2).astype(q.dtype), ops.cat(lse, 2)   # [B, nh, 2c, hd], [B, nh, 2c, 1] fp32
 
     def bprop(self, q, k, v, outs, douts):
         out, lse = outs
@@ -256,17 +272,17 @@ class _RingAttentionFn(nn.Cell):
                 kv, dkv = self._ring_shift(kv), self._ring_shift(dkv)   # K/V and partial dK/dV of rank index - t
             dk, dv = [dkv[0], dkv[1]], [dkv[2], dkv[3]]
             for h, n, diagonal in self.plan[t]:
-                kb = _repeat_heads(kv[0][:, :, :n * c], n_rep)
-                vb = _repeat_heads(kv[1][:, :, :n * c], n_rep)
-                s = _scores(qh[h], kb, scale, self._mask(c, t, h, n) if diagonal else None)
-                # the forward's block probabilities, normalised: exp(s - m_b) * exp(m_b - lse), [B, nh, c, n*c]
-                m_b = s.max(-1, keepdims=True)
-                p = ops.exp(s - m_b) * _precise(ops.exp, m_b - lseh[h])
-                dp = _BMM_T(doh[h], vb.astype(f32))               # dO V^T
-                ds = p * (dp - dlh[h])
-                dq[h] = dq[h] + _BMM(ds, kb.astype(f32)) * scale
+                kb = _repeat_heads(kv[0][:, :, :n * c], n_rep)    # [B, nh, n*c, hd], input dtype
+                p, lse_b = _block_probs(qh[h], kb, scale, self._mask(c, t, h, n) if diagonal else None)
+                kb, vb = kb.astype(f32), _repeat_heads(kv[1][:, :, :n * c], n_rep).astype(f32)
+                r = _precise(ops.exp, lse_b - lseh[h])            # [B, nh, c, 1]: block's share of the row
+                rdo = doh[h] * r                                  # [B, nh, c, hd]
+                ones = ops.ones(vb.shape[:3] + (1,), f32)
+                dp = _BMM_T(ops.cat((rdo, -r * dlh[h]), -1), ops.cat((vb, ones), -1))   # r (dO V^T - D)
+                ds = p * dp                                       # [B, nh, c, n*c]
+                dq[h] = dq[h] + _BMM(ds, kb) * scale
                 dk_b = _sum_heads(_BMM_TA(ds, qh[h].astype(f32)) * scale, n_rep)   # [B, nkv, n*c, hd]
-                dv_b = _sum_heads(_BMM_TA(p, doh[h]), n_rep)
+                dv_b = _sum_heads(_BMM_TA(p, rdo), n_rep)
                 for i in range(n):
                     dk[i] = dk[i] + dk_b[:, :, i * c:(i + 1) * c]
                     dv[i] = dv[i] + dv_b[:, :, i * c:(i + 1) * c]

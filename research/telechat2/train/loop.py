@@ -90,8 +90,6 @@ def train(cfg: dict, *, resume: bool = False, progress: bool = True) -> str:
     model_cfg = model_config(cfg)
     layout = Layout.from_run_config(cfg)
     validate_layout(layout, model_cfg)
-    if layout.cp > 1:
-        raise LayoutError("context_parallel > 1 is not implemented yet")
     stage_offset = (cfg["model"].get("model_config") or {}).get("offset")
     rc, lr_cfg = cfg["runner_config"], cfg["lr_schedule"]
     ckpt_cb = callback(cfg, "CheckpointMonitor")
@@ -176,18 +174,25 @@ def train(cfg: dict, *, resume: bool = False, progress: bool = True) -> str:
     train_step = TrainStep(model, optimizer, use_clip=cfg["runner_wrapper"]["use_clip_grad"],
                            max_grad_norm=cfg["runner_wrapper"]["max_grad_norm"])
     accumulate, apply = train_step.accumulate, train_step.apply
+    # ring attention exchanges K/V point to point, which runs in PyNative only: the forward/backward then
+    # stays eager (the optimizer step is still compiled)
+    jit_model = cfg["context"]["mode"] == 0 and layout.cp == 1
+    if jit_model:
+        accumulate = ms.jit(accumulate)
     if cfg["context"]["mode"] == 0:
-        accumulate, apply = ms.jit(accumulate), ms.jit(apply)
+        apply = ms.jit(apply)
     pipeline = None
     if layout.pp > 1:
         from .step import PipelineStep
-        pipeline = PipelineStep(model, train_step, mesh, use_jit=cfg["context"]["mode"] == 0)
-        seq_local = model_cfg.seq_length // (layout.tp if mesh.sequence_parallel else 1)
+        pipeline = PipelineStep(model, train_step, mesh, use_jit=jit_model)
+        seq_local = model_cfg.seq_length // layout.cp // (layout.tp if mesh.sequence_parallel else 1)
         act_like = ms.Tensor(np.zeros((rc["batch_size"], seq_local, model_cfg.hidden_size), np.float32)).astype(
             ms_dtype(model_cfg.res_dtype))              # the activations stages exchange
 
     loader = DataLoader(data_dir, rc["batch_size"], offset=consumed, **loader_args)
     batches = iter(loader)
+    if layout.cp > 1:
+        from ..parallel.ring_attention import to_zigzag
     seq = model_cfg.seq_length
     flops_per_step = flops_per_token(model_cfg, seq) * global_batch * seq
     peak = float(cfg["report"]["peak_tflops"]) or measured_gemm_tflops()
@@ -203,7 +208,11 @@ def train(cfg: dict, *, resume: bool = False, progress: bool = True) -> str:
         for _ in range(accum):
             batch = next(batches)
             ids = batch["input_ids"]
-            micro.append((ids[:, :-1], batch["labels"][:, 1:] if "labels" in batch else ids[:, 1:]))
+            inputs, targets = ids[:, :-1], (batch["labels"][:, 1:] if "labels" in batch else ids[:, 1:])
+            if layout.cp > 1:                   # this rank's zigzag part of every sequence
+                inputs, targets = to_zigzag(inputs, layout.cp, mesh.coord("cp")), \
+                    to_zigzag(targets, layout.cp, mesh.coord("cp"))
+            micro.append((inputs, targets))
         if pipeline is None:
             loss_sum = None
             for ids, targets in micro:
