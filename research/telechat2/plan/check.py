@@ -80,7 +80,7 @@ def check_config(path: str, devices: int, *, hbm_gb: float | None = None, peak_t
             result = _check(path, devices, cfg, mc, hbm_gb, peak_tflops)
         except LayoutError as e:
             raise LayoutError(f"{path}: {e}") from None
-    result.warnings = [str(w.message) for w in caught]
+    result.warnings = list(dict.fromkeys(str(w.message) for w in caught))
     return result
 
 
@@ -125,10 +125,11 @@ def _check(path, devices, cfg, mc, hbm_gb, peak_tflops) -> CheckResult:
                        f"context {context} tokens (KV cache)")
         result = CheckResult(path, devices, cfg, summary, memory, budget, source)
     else:
+        as_written = Plan(layout, recompute_mode(cfg), micro_batch_size=rc["batch_size"])
+        validate_plan(as_written, mc, devices=devices, seq_length=mc.seq_length)
+        # micro-batches per step per dp rank: pipeline micro-batches (pp > 1) times accumulation steps
         micro = (layout.micro_batch_num if layout.pp > 1 else 1) * rc["gradient_accumulation_steps"]
-        plan = Plan(replace(layout, micro_batch_num=micro), recompute_mode(cfg),
-                    micro_batch_size=rc["batch_size"])
-        validate_plan(plan, mc, devices=devices, seq_length=mc.seq_length)
+        plan = replace(as_written, layout=replace(layout, micro_batch_num=micro))
         summary.append(f"layout {plan.describe()} for {devices} device(s); global batch {plan.global_batch} "
                        f"= dp {layout.dp} x {micro} micro-batch(es) x batch_size {rc['batch_size']}")
         if target == "CPU":
