@@ -149,6 +149,22 @@ def test_single_member_ring_is_plain_causal_attention(nkv):
     assert ring.last_block_pairs == count_block_pairs(1, 0) == 3
 
 
+def test_float16_inputs_stay_close_to_float32():
+    """fp16 q/k/v (the CPU stand-in for bf16): matmuls in fp16, softmax statistics in fp32; grads in fp16."""
+    rng = np.random.default_rng(3)
+    x = [rng.standard_normal((2, 4, 16, 8)).astype(np.float32) for _ in range(4)]
+    ring = RingAttention([0], 0)
+    got = {}
+    for dtype in (ms.float32, ms.float16):
+        q, k, v, w = (ms.Tensor(a, dtype) for a in x)
+        (_, out), grads = ms.value_and_grad(lambda q, k, v: ((ring(q, k, v) * w).sum(), ring(q, k, v)),
+                                            grad_position=(0, 1, 2), has_aux=True)(q, k, v)
+        assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
+        got[dtype] = [a.asnumpy().astype(np.float32) for a in (out, *grads)]
+    for a, b in zip(got[ms.float32], got[ms.float16]):
+        np.testing.assert_allclose(b, a, rtol=0, atol=5e-3)
+
+
 def test_ring_refuses_bad_shapes():
     ring = RingAttention([0], 0)
     x = ms.Tensor(np.zeros((1, 4, 7, 8), np.float32))                          # S/cp odd
