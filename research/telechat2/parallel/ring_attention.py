@@ -25,12 +25,15 @@ padding or packed-document segment mask).
 Forward: K/V travel around the cp ring (cp-1 exchanges, `p2p.exchange`: send to the next rank of the group,
 receive from the previous). At step t a rank holds the K/V of rank r-t; for each of its two query chunks it
 computes only the key chunks it may see (all of them, the earlier one, or none), masks only the diagonal
-chunk, and merges the block into fp32 running statistics (max m, sum l, unnormalised output). Fully masked
-(query chunk, key chunk) pairs are skipped, never computed; `last_block_pairs` is the number of pairs computed
-by the last call (2cp+1 on every rank under zigzag).
-Backward (custom bprop): recompute each block's probabilities from the saved log-sum-exp lse = m + log l,
+chunk, and merges the block's softmax output into an fp32 running (output, log-sum-exp) pair: an online
+softmax (running max inside each log-sum-exp merge). Fully masked (query chunk, key chunk) pairs are skipped,
+never computed; `last_block_pairs` is the number of pairs computed by the last call (2cp+1 on every rank under
+zigzag, 4r+3 on rank r under the contiguous split).
+Backward (custom bprop): recompute each block's probabilities, rescaled by the row's saved log-sum-exp,
 accumulate dQ locally, and send the partial dK/dV of the block being visited along with it; after the last
-step one more exchange returns each block's dK/dV to its owner. All arithmetic after the score matmul is fp32.
+step one more exchange returns each block's dK/dV to its owner. All arithmetic after the score matmul is fp32
+(formulas and the CPU-specific choices: the comment above `_block_probs`). Exchanges per call: cp-1 in the
+forward (K and V in one message), 2(cp-1)+1 in the backward.
 
 Memory per rank: saved for backward are q, k, v, out and lse, i.e. O(S/cp); the transient scores of one block
 are at most [B, nh, S/(2cp), S/cp]; neither the full K/V nor an S x S score matrix ever exists.
