@@ -17,8 +17,8 @@ import mindspore as ms
 from dist_util import REPO, free_port, worker_log
 from telechat2.model.attention import dot_product_attention, repeat_kv
 from telechat2.model.rotary import apply_rotary, rope_tables
-from telechat2.parallel.ring_attention import (RingAttention, block_plan, chunk_ids, count_block_pairs,
-                                               from_zigzag, to_zigzag, zigzag_indices)
+from telechat2.parallel.ring_attention import (RingAttention, block_plan, causal_block_mask, chunk_ids,
+                                               count_block_pairs, from_zigzag, to_zigzag, zigzag_indices)
 
 SCENARIO = os.path.join(REPO, "tests", "scenarios", "ring_attention.py")
 
@@ -117,6 +117,28 @@ def test_block_plan_skips_masked_pairs_and_masks_only_the_diagonal():
         for r in range(cp):
             plan = block_plan(cp, r)
             assert all(not diag for step in plan[1:] for _, _, diag in step)   # masks only on own block
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+def test_block_masks_are_the_causal_mask_of_the_positions(layout):
+    """Every block the plan computes, with the mask it uses (none off the diagonal), equals key pos <= query pos
+    on the global positions; and the pairs it skips are entirely masked."""
+    c = 3
+    for cp in (1, 2, 3, 4):
+        S = 2 * cp * c
+        for r in range(cp):
+            q_pos = zigzag_indices(S, cp, r, layout)
+            for t, step in enumerate(block_plan(cp, r, layout)):
+                k_pos = zigzag_indices(S, cp, (r - t) % cp, layout)
+                seen = {h: n for h, n, _ in step}
+                for h in (0, 1):
+                    want = k_pos[None, :] <= q_pos[h * c:(h + 1) * c, None]            # [c, 2c]
+                    n = seen.get(h, 0)
+                    assert not want[:, n * c:].any()                                  # skipped: all masked
+                    if n:
+                        diagonal = dict((hh, d) for hh, _, d in step)[h]
+                        got = causal_block_mask(c, n).asnumpy()[0, 0] if diagonal else np.ones((c, n * c), bool)
+                        np.testing.assert_array_equal(got, want[:, :n * c])
 
 
 # ------------------------------------------------------------------------------- cp = 1: plain attention

@@ -43,6 +43,7 @@ At cp = 1 the same code runs with no exchange: plain causal attention.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -141,6 +142,15 @@ def count_block_pairs(cp: int, rank: int, layout: str = "zigzag") -> int:
     return sum(n for step in block_plan(cp, rank, layout) for _, n, _ in step)
 
 
+@functools.lru_cache(maxsize=4)
+def causal_block_mask(c: int, n: int) -> ms.Tensor:
+    """bool [1, 1, c, n*c] for a query chunk against n key chunks of which the last is the query's own: the
+    earlier chunks are fully visible, the own one lower-triangular. One cached copy serves every layer."""
+    allowed = np.ones((c, n * c), bool)
+    allowed[:, (n - 1) * c:] = np.tri(c, dtype=bool)
+    return ms.Tensor(allowed[None, None])
+
+
 # ----------------------------------------------------------------------------------------------------------
 # block arithmetic (fp32 statistics)
 #
@@ -219,16 +229,6 @@ class _RingAttentionFn(nn.Cell):
         self.prev = self.ranks[(index - 1) % self.cp]
         self.plan = block_plan(self.cp, index, layout)
         self.last_block_pairs = 0
-        self._masks = {}
-
-    def _mask(self, c: int, t: int, h: int, n: int):
-        """bool [1, 1, c, n*c]: key position <= query position, for query half h against key halves [0, n) at step t."""
-        key = (c, t, h, n)
-        if key not in self._masks:
-            q_pos = zigzag_indices(2 * c * self.cp, self.cp, self.index, self.layout)[h * c:(h + 1) * c]
-            k_pos = zigzag_indices(2 * c * self.cp, self.cp, (self.index - t) % self.cp, self.layout)[:n * c]
-            self._masks[key] = ms.Tensor((k_pos[None, :] <= q_pos[:, None])[None, None])
-        return self._masks[key]
 
     def _ring_shift(self, x):
         return p2p.exchange(x, self.next, x, self.prev)
@@ -247,7 +247,7 @@ class _RingAttentionFn(nn.Cell):
             for h, n, diagonal in self.plan[t]:
                 kb = _repeat_heads(kv[0][:, :, :n * c], n_rep)    # [B, nh, n*c, hd]
                 vb = _repeat_heads(kv[1][:, :, :n * c], n_rep)
-                p, lse_b = _block_probs(qh[h], kb, scale, self._mask(c, t, h, n) if diagonal else None)
+                p, lse_b = _block_probs(qh[h], kb, scale, causal_block_mask(c, n) if diagonal else None)
                 o_b = _BMM(p.astype(vb.dtype), vb).astype(ms.float32)                  # [B, nh, c, hd]
                 if o[h] is None:
                     o[h], lse[h] = o_b, lse_b
@@ -276,7 +276,7 @@ class _RingAttentionFn(nn.Cell):
             dk, dv = [dkv[0], dkv[1]], [dkv[2], dkv[3]]
             for h, n, diagonal in self.plan[t]:
                 kb = _repeat_heads(kv[0][:, :, :n * c], n_rep)    # [B, nh, n*c, hd], input dtype
-                p, lse_b = _block_probs(qh[h], kb, scale, self._mask(c, t, h, n) if diagonal else None)
+                p, lse_b = _block_probs(qh[h], kb, scale, causal_block_mask(c, n) if diagonal else None)
                 kb, vb = kb.astype(f32), _repeat_heads(kv[1][:, :, :n * c], n_rep).astype(f32)
                 r = _precise(ops.exp, lse_b - lseh[h])            # [B, nh, c, 1]: block's share of the row
                 rdo = doh[h] * r                                  # [B, nh, c, hd]
