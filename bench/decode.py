@@ -13,26 +13,23 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import add_model_args, model_config  # noqa: E402
 import mindspore as ms  # noqa: E402
 
 from reference import telechat2_torch as ref  # noqa: E402
-from telechat2 import TeleChat2Config, TeleChat2ForCausalLM  # noqa: E402
+from telechat2 import TeleChat2ForCausalLM  # noqa: E402
 from telechat2.checkpoint.names import hf_to_ms  # noqa: E402
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--ffn", type=int, default=768)
-    p.add_argument("--vocab", type=int, default=4096)
+    add_model_args(p)
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new", type=int, default=32)
     args = p.parse_args()
     ms.set_device("CPU")
-    cfg = TeleChat2Config(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
-                          intermediate_size=args.ffn, seq_length=1024, base_seqlen=1024)
+    cfg = model_config(args, seq_length=1024)
     hf = cfg.to_hf_dict()
     sd = ref.random_state_dict(hf, seed=0, std=0.1)
     model = TeleChat2ForCausalLM(cfg)

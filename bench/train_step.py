@@ -8,47 +8,30 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import add_model_args, median_time, model_config  # noqa: E402
 import mindspore as ms  # noqa: E402
 
 from reference import telechat2_torch as ref  # noqa: E402
-from telechat2 import TeleChat2Config, TeleChat2ForCausalLM  # noqa: E402
+from telechat2 import TeleChat2ForCausalLM  # noqa: E402
 from telechat2.perf import flops_per_token  # noqa: E402
 from telechat2.train.loop import measured_gemm_tflops  # noqa: E402
 from telechat2.train.optim import AdamW  # noqa: E402
 from telechat2.train.step import TrainStep  # noqa: E402
 
 
-def median_time(fn, steps):
-    fn()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--ffn", type=int, default=768)
-    p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--steps", type=int, default=8)
+    add_model_args(p, steps=8)
     args = p.parse_args()
     ms.set_device("CPU")
     ms.set_seed(0)
-    cfg = TeleChat2Config(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers,
-                          num_heads=args.heads, intermediate_size=args.ffn, seq_length=args.seq, base_seqlen=args.seq)
+    cfg = model_config(args)
     ids = np.random.RandomState(0).randint(0, cfg.vocab_size, (args.batch, args.seq + 1)).astype(np.int32)
     tokens = args.batch * args.seq
 

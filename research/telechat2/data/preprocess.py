@@ -37,7 +37,6 @@ an existing DIR is only replaced with --force.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import multiprocessing
 import os
@@ -49,6 +48,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..checkpoint.manifest import sha256
 from ..errors import TeleChat2Error
 from ..tokenizer.template import TemplateError, render_segments
 
@@ -437,14 +437,6 @@ def _write_mindrecord(path: str, columns: dict[str, np.ndarray], kind: str, prog
     writer.commit()
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _validate(opts: Options) -> None:
     if opts.kind not in ("pretrain", "sft"):
         raise PreprocessError(f"unknown kind {opts.kind!r}")
@@ -515,7 +507,7 @@ def run(opts: Options) -> Summary:
             "seq_length": opts.seq_length, "num_samples": summary.samples,
             "columns": {name: {"dtype": "int32", "shape": [n1]} for name in columns},
             "pad_id": PAD_ID, "eos_id": EOS_ID, "ignore_index": IGNORE_INDEX,
-            "tokenizer": {"path": os.path.abspath(opts.tokenizer), "sha256": _sha256(opts.tokenizer),
+            "tokenizer": {"path": os.path.abspath(opts.tokenizer), "sha256": sha256(opts.tokenizer),
                           "vocab_size": tok.vocab_size},
             "vocab_size": opts.vocab_size or tok.vocab_size,
             "seed": opts.seed, "shuffle": opts.shuffle, "inputs": [os.path.abspath(p) for p in opts.inputs],
