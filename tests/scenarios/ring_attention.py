@@ -9,8 +9,8 @@ Sequence lengths are S = 2 * cp * c with an odd chunk length c (cp=2: S=28, c=7;
 even, as zigzag needs, but the chunks start at odd positions and S is not a multiple of 4 * cp, so an error in
 chunk bounds, positions or the diagonal mask cannot hide behind power-of-two sizes.
 
-Cases: heads repeated for GQA before the call (4 query heads from 2 kv heads, as Attention does today); with 2
-workers the same Cell called again on new inputs; kv heads passed unrepeated (GQA inside the ring); the contiguous
+Cases: heads repeated for GQA before the call (4 query heads from 2 kv heads); with 2 workers the same Cell
+called again on new inputs; kv heads passed unrepeated (GQA inside the ring, what Attention passes); the contiguous
 split (same result, unbalanced work); with 4 workers also a strided cp=2 ring whose members are not neighbours
 (the cp groups of a cp=2 x tp=2 layout: ranks {0, 2}, {1, 3}). Every check passes only if the ring is within
 1e-5 of both the MindSpore fp32 reference and the float64 one.
@@ -22,7 +22,6 @@ import numpy as np
 import mindspore as ms
 
 ms.set_device("CPU")
-from mindspore import ops  # noqa: E402
 from mindspore.mint.distributed import all_gather_object  # noqa: E402
 
 from telechat2.model.attention import dot_product_attention, repeat_kv  # noqa: E402
@@ -113,8 +112,9 @@ def run_case(case, ring, members, index, nkv, layout="zigzag", seed=0):
                                  ("dk", 2, want_grads[1], exact_grads[1]), ("dv", 3, want_grads[2], exact_grads[2])):
         got = from_zigzag([everyone[m][i] for m in members], cp, dim=2, layout=layout)
         err, err64 = float(np.abs(got - want).max()), float(np.abs(got - exact).max())
-        report(case, what, got.shape == want.shape and err <= TOL and err64 <= TOL, f"max abs diff {err:.2e} max abs ref {np.abs(want).max():.2f} "
-               f"ring-f64 {err64:.2e} full-f64 {np.abs(want - exact).max():.2e}")
+        report(case, what, got.shape == want.shape and err <= TOL and err64 <= TOL,
+               f"max abs diff {err:.2e} max abs ref {np.abs(want).max():.2f} ring-f64 {err64:.2e} "
+               f"full-f64 {np.abs(want - exact).max():.2e}")
 
 
 ranks, index = mesh.layout.group_ranks("cp", rank), mesh.coord("cp")
