@@ -218,7 +218,10 @@ class TeleChat2ForCausalLM(nn.Cell):
 
         The trainer's loss: a packed sample of S+1 ids gives input_ids = ids[:, :-1], targets = ids[:, 1:].
         """
-        if self.cp > 1 or (position_ids is None and segment_ids is None):
+        if self.cp > 1 and (position_ids is not None or segment_ids is not None):
+            raise ValueError("context parallel: ring attention supports the plain causal mask only "
+                             "(no packed-document position_ids/segment_ids)")
+        if position_ids is None and segment_ids is None:
             return self.stage_loss(input_ids, targets)
         if self.vocab_parallel_loss is None:
             logits = self.logits(input_ids, None, position_ids, segment_ids)
