@@ -40,9 +40,10 @@ def main():
     accumulate, apply = ms.jit(step.accumulate), ms.jit(step.apply)
     x, y = ms.Tensor(ids[:, :-1]), ms.Tensor(ids[:, 1:])
     one, lr = ms.Tensor(1.0, ms.float32), ms.Tensor(1e-4, ms.float32)
+    weight = ms.Tensor(1.0 / tokens, ms.float32)          # loss scale 1 / label tokens of the batch
 
     def ms_step():
-        accumulate(x, y, one).asnumpy()
+        accumulate(x, y, None, None, weight).asnumpy()
         apply(lr, one)[0].asnumpy()
 
     t_ms = median_time(ms_step, args.steps)

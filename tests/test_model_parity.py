@@ -8,7 +8,7 @@ from helpers import reference_logits, tiny_config, write_hf_folder
 from reference import telechat2_torch as ref
 from telechat2 import TeleChat2ForCausalLM
 import telechat2.model.rotary as rotary
-import telechat2.model.transformer as transformer
+import telechat2.model.attention_inputs as attention_inputs
 
 TOL = 1e-4
 TRAINING_SEQLEN = 32     # tiny_config: NTK alpha and mscale switch on beyond this
@@ -131,12 +131,12 @@ def test_negative_control_without_mscale(loaded, monkeypatch):
     cfg, sd, model = loaded
     real = rotary.ntk_alpha_mscale
     monkeypatch.setattr(rotary, "ntk_alpha_mscale", lambda *a: (real(*a)[0], 1.0))
-    transformer._cached_rope_tables.cache_clear()
+    attention_inputs.rope_table_cache.cache_clear()
     try:
         ids = _ids(cfg, 2, 70)
         assert np.abs(model(ids).asnumpy() - reference_logits(cfg, sd, ids)).max() > 2 * TOL
     finally:
-        transformer._cached_rope_tables.cache_clear()
+        attention_inputs.rope_table_cache.cache_clear()
 
 
 def test_ascend_fast_paths_fall_back_on_cpu(tmp_path):

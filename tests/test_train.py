@@ -179,7 +179,8 @@ def test_fp16_o2_overflow_skips_the_step(tmp_path):
     ids = np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 33)).astype(np.int32)
     before = {p.name: p.asnumpy().copy() for p in model.trainable_params()}
     accumulate, apply = ms.jit(step.accumulate), ms.jit(step.apply)
-    accumulate(ms.Tensor(ids[:, :-1]), ms.Tensor(ids[:, 1:]), ms.Tensor(scaler.scale, ms.float32))
+    tokens = ids[:, 1:].size               # the loss weight: scale / label tokens of the batch
+    accumulate(ms.Tensor(ids[:, :-1]), ms.Tensor(ids[:, 1:]), None, None, ms.Tensor(scaler.scale / tokens, ms.float32))
     _, finite = apply(ms.Tensor(1e-3, ms.float32), ms.Tensor(1 / scaler.scale, ms.float32))
     assert not bool(finite.asnumpy())
     scaler.update(False)
@@ -191,7 +192,8 @@ def test_fp16_o2_overflow_skips_the_step(tmp_path):
     # a sane scale then trains: finite, weights move, and the scale grows after `scale_window` good steps
     for _ in range(2):
         scaler.scale = min(scaler.scale, 1024.0)
-        accumulate(ms.Tensor(ids[:, :-1]), ms.Tensor(ids[:, 1:]), ms.Tensor(scaler.scale, ms.float32))
+        accumulate(ms.Tensor(ids[:, :-1]), ms.Tensor(ids[:, 1:]), None, None,
+                   ms.Tensor(scaler.scale / tokens, ms.float32))
         _, finite = apply(ms.Tensor(1e-3, ms.float32), ms.Tensor(1 / scaler.scale, ms.float32))
         assert bool(finite.asnumpy())
         scaler.update(True)

@@ -65,7 +65,7 @@ mine = logits[..., 5 * r:5 * r + 5]
 
 
 def vp_loss(z, t):
-    return ce(z, t)
+    return ce(z, t).sum() / (t != -100).astype(ms.float32).sum()     # per-token losses -> their mean
 
 
 p = np.exp(logits - logits.max(-1, keepdims=True))

@@ -3,7 +3,8 @@
 Shapes: prompts are left-padded to P (rounded up to `bucket`), the cache holds L = P + max_new_tokens
 (rounded up) slots per layer. Prefill runs the padded prompt [B, P] and writes slots [0, P); decode step i
 runs one token [B, 1] and writes slot P + i. A query attends to the slots at or before its own that hold
-real tokens (padding slots are masked); positions count real tokens only (cumsum of the mask), so a
+real tokens (padding slots are masked; the mask and tables come from the model's one builder,
+`model/attention_inputs.py`); positions count real tokens only (cumsum of the mask), so a
 left-padded row computes exactly what it computes alone.
 
 Positions past `training_seqlen` (dynamic NTK): the tables of each forward are built for the total length
@@ -23,6 +24,7 @@ from mindspore.common.initializer import Zero, initializer
 
 from ..dtypes import ms_dtype
 from ..errors import TeleChat2Error
+from ..model.attention_inputs import AttentionInputs, build_attention_inputs
 from .sampling import GenerationConfig, choose_next
 
 
@@ -41,7 +43,7 @@ class CachedDecoder(nn.Cell):
                                                   requires_grad=False) for i in range(c.num_layers)])
 
     def construct(self, input_ids, cos, sin, allowed, write_slot=None):
-        hidden = self.model.model(input_ids, cos, sin, allowed, self.k_caches, self.v_caches, write_slot)
+        hidden = self.model.forward(input_ids, cos, sin, allowed, self.k_caches, self.v_caches, write_slot)
         return self.model.head_logits(hidden[:, -1:])[:, 0]                            # [B, V]
 
 
@@ -64,14 +66,14 @@ class Generator:
             self._decoders[key] = (dec, fn)
         return self._decoders[key]
 
-    def _tables(self, total_len: int, positions: np.ndarray):
-        """cos, sin [B, 1, T, hd] for positions [B, T] of a forward of total length `total_len`."""
-        from ..model.transformer import _cached_rope_tables
+    def _inputs(self, num_tokens: int, total_len: int, positions: np.ndarray, query_slots: np.ndarray,
+                real: np.ndarray) -> AttentionInputs:
+        """The model's attention-input builder, for queries at cache `query_slots` [T] over the `real` [B, L]
+        slots; rotary tables of a forward of `total_len` at `positions` [B, T]."""
         c = self.model.config
-        cos, sin = _cached_rope_tables(total_len, total_len, c.head_dim, c.rope_theta, c.seq_length, c.base_seqlen,
-                                       c.rope_fp16_tables)
-        dt = ms_dtype(c.rotary_dtype)
-        return Tensor(cos[positions][:, None], dt), Tensor(sin[positions][:, None], dt)
+        return build_attention_inputs(self.model.rope, num_tokens, position_ids=positions, key_valid=Tensor(real),
+                                      total_len=total_len, query_slots=Tensor(query_slots.astype(np.int32)),
+                                      num_keys=real.shape[1], dtype=ms_dtype(c.rotary_dtype))
 
     def generate(self, prompts: list[list[int]], cfg: GenerationConfig, streamer=None, timings: dict | None = None):
         """Full sequences (prompt + new tokens, up to and including a stop token) as lists of ints.
@@ -99,12 +101,9 @@ class Generator:
             ids[r, P - len(p):] = p
             real[r, P - len(p):P] = True
         positions = np.maximum(np.cumsum(real[:, :P], 1) - 1, 0)
-        causal = np.tril(np.ones((P, L), bool))
-        allowed = causal[None] & real[:, None, :]
-        allowed |= np.eye(P, L, dtype=bool)[None]            # a padding query sees itself: no empty rows
-        cos, sin = self._tables(P, positions)
         t0 = time.perf_counter()
-        logits = run(Tensor(ids), cos, sin, Tensor(allowed[:, None])).asnumpy()
+        attn = self._inputs(P, P, positions, np.arange(P), real)
+        logits = run(Tensor(ids), *attn).asnumpy()
         if timings is not None:
             timings["prefill_s"] = time.perf_counter() - t0
 
@@ -130,12 +129,10 @@ class Generator:
             slot = P + step
             real[:, slot] = True
             last_pos = last_pos + 1
-            allowed = (np.arange(L) <= slot)[None, :] & real     # [B, L]
             write = np.zeros((1, 1, L, 1), bool)
             write[0, 0, slot, 0] = True
-            cos, sin = self._tables(slot + 1, last_pos[:, None])
-            logits = run(Tensor(nxt[:, None].astype(np.int32)), cos, sin, Tensor(allowed[:, None, None]),
-                         Tensor(write)).asnumpy()
+            attn = self._inputs(1, slot + 1, last_pos[:, None], np.array([slot]), real)
+            logits = run(Tensor(nxt[:, None].astype(np.int32)), *attn, Tensor(write)).asnumpy()
         if timings is not None:
             timings["total_s"] = time.perf_counter() - t0
         return seqs

@@ -50,6 +50,26 @@ def write_cache(cache, new, write_slot):
     return full
 
 
+class CoreAttention(nn.Cell):
+    """softmax(q k^T / sqrt(hd), masked) v on this rank's heads: the part selective recompute recomputes
+    (its [B, nh, S, S] scores and probabilities are the largest activations of a layer)."""
+
+    def __init__(self, heads: int, head_dim: int, softmax_dtype, use_flash_attention: bool):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.softmax_dtype = softmax_dtype
+        self.use_flash_attention = use_flash_attention
+
+    def construct(self, q, k, v, allowed):
+        # q: [B, nh, S, hd]; k, v: [B, nh, L, hd] (kv heads already repeated); allowed: [B|1, 1, S, L]
+        if self.use_flash_attention:
+            # Ascend FlashAttentionScore (BNSD layout); its mask marks the positions to DROP with 1
+            drop = ops.logical_not(ops.broadcast_to(allowed, (q.shape[0], 1, q.shape[2], k.shape[2])))
+            return ops.flash_attention_score(q, k, v, self.heads, attn_mask=drop.astype(ms.uint8),
+                                             scalar_value=1.0 / math.sqrt(self.head_dim), input_layout="BNSD")
+        return dot_product_attention(q, k, v, allowed, self.softmax_dtype)
+
+
 class Attention(nn.Cell):
     def __init__(self, config: TeleChat2Config, mesh: ParallelMesh):
         super().__init__()
@@ -68,9 +88,7 @@ class Attention(nn.Cell):
             self.kv_replicas = [mesh.layout.rank_of(**{**mesh.layout.coords(mesh.rank), "tp": head * per_kv + i})
                                 for i in range(per_kv)]
         self.n_rep = self.heads // self.kv_heads
-        self.compute_dtype = ms_dtype(config.compute_dtype)
-        self.softmax_dtype = ms_dtype(config.softmax_compute_type)
-        self.use_flash_attention = config.use_flash_attention
+        self.core = CoreAttention(self.heads, hd, ms_dtype(config.softmax_compute_type), config.use_flash_attention)
         self.wq = ColumnParallelLinear(H, config.num_heads * hd, bias=False, **common)
         self.wk_v = ColumnParallelLinear(H, 2 * config.kv_heads * hd, bias=False, rows=kv_rows, **common)
         self.wo = RowParallelLinear(config.num_heads * hd, H, bias=True, **common)
@@ -96,17 +114,6 @@ class Attention(nn.Cell):
             return self.wo(ctx.transpose(0, 2, 1, 3).reshape(B, S, self.heads * self.head_dim))
         if k_cache is not None:
             k, v = write_cache(k_cache, k, write_slot), write_cache(v_cache, v, write_slot)  # [B, nkv, L, hd]
-        k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)
-        if self.use_flash_attention:
-            ctx = self._flash_attention(q, k, v, allowed)
-        else:
-            ctx = dot_product_attention(q, k, v, allowed, self.softmax_dtype)              # [B, nh, S, hd]
+        ctx = self.core(q, repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep), allowed)    # [B, nh, S, hd]
         ctx = ctx.transpose(0, 2, 1, 3).reshape(B, S, self.heads * self.head_dim)          # heads head-major
         return self.wo(ctx)
-
-    def _flash_attention(self, q, k, v, allowed):
-        # Ascend FlashAttentionScore (BNSD layout); its mask marks the positions to DROP with 1
-        drop = ops.logical_not(ops.broadcast_to(allowed, (q.shape[0], 1, q.shape[2], k.shape[2]))).astype(ms.uint8)
-        out = ops.flash_attention_score(q, k, v, self.heads, attn_mask=drop, scalar_value=1.0 / math.sqrt(self.head_dim),
-                                        input_layout="BNSD")
-        return out

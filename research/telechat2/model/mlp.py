@@ -8,6 +8,14 @@ from ..dtypes import ms_dtype
 from ..parallel import ColumnParallelLinear, ParallelMesh, RowParallelLinear
 
 
+class SwiGLU(nn.Cell):
+    """silu(gate) * up: the activation selective recompute recomputes (two [B, S, F/tp] inputs kept instead
+    of three)."""
+
+    def construct(self, gate, up):
+        return ops.silu(gate) * up
+
+
 class MLP(nn.Cell):
     def __init__(self, config: TeleChat2Config, mesh: ParallelMesh):
         super().__init__()
@@ -17,7 +25,8 @@ class MLP(nn.Cell):
         self.w1 = ColumnParallelLinear(H, F, bias=False, **common)   # gate
         self.w3 = ColumnParallelLinear(H, F, bias=False, **common)   # up
         self.w2 = RowParallelLinear(F, H, bias=True, **common)       # down
+        self.act = SwiGLU()
 
     def construct(self, x):
         # [B, S, H] -> [B, S, F/tp] -> [B, S, H]
-        return self.w2(ops.silu(self.w1(x)) * self.w3(x))
+        return self.w2(self.act(self.w1(x), self.w3(x)))

@@ -5,7 +5,6 @@ model.layers.{i}.attention.wq.weight, ...), so its MindSpore checkpoints load un
 """
 from __future__ import annotations
 
-import functools
 import warnings
 
 import numpy as np
@@ -18,10 +17,10 @@ from ..parallel import ColumnParallelLinear, ParallelMesh, VocabParallelEmbeddin
 from ..parallel.cross_entropy import VocabParallelCrossEntropy
 from ..parallel.mappings import GatherFromTensorParallel, tp_collective
 from .attention import Attention
-from .loss import causal_lm_loss, token_cross_entropy
+from .attention_inputs import build_attention_inputs, rope_spec
+from .loss import causal_lm_loss, label_count, token_nll
 from .mlp import MLP
 from .norm import RMSNorm
-from .rotary import rope_tables
 
 
 class DecoderLayer(nn.Cell):
@@ -36,6 +35,12 @@ class DecoderLayer(nn.Cell):
         self.attention = Attention(config, mesh)
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **norm)
         self.feed_forward = MLP(config, mesh)
+
+    def select_recompute(self):
+        """Megatron's selective recompute: the attention core and the SwiGLU activation are recomputed in
+        the backward instead of kept (the full layer stays kept: `recompute()` recomputes all of it)."""
+        self.attention.core.recompute()
+        self.feed_forward.act.recompute()
 
     def construct(self, x, cos, sin, allowed, k_cache=None, v_cache=None, write_slot=None):
         # x: [B, S, H] in the residual dtype; the cache arguments are for generation (see Attention)
@@ -78,16 +83,6 @@ class TeleChat2Model(nn.Cell):
         return self.norm_out(x) if self.last else x
 
 
-@functools.lru_cache(maxsize=16)
-def _cached_rope_tables(*args):
-    return rope_tables(*args)
-
-
-@functools.lru_cache(maxsize=16)
-def _causal_mask(seq_len: int) -> np.ndarray:
-    return np.tril(np.ones((seq_len, seq_len), dtype=np.bool_))[None, None]     # [1, 1, S, S]
-
-
 class TeleChat2ForCausalLM(nn.Cell):
     """`model(input_ids)` -> fp32 logits [B, S, V]; `model(input_ids, labels)` -> mean loss (scalar)."""
 
@@ -98,6 +93,7 @@ class TeleChat2ForCausalLM(nn.Cell):
         self.config = config
         self.mesh = mesh
         self.rotary_dtype = ms_dtype(config.rotary_dtype)
+        self.rope = rope_spec(config)
         # context parallel: this rank holds the zigzag part of every sequence (global positions below)
         self.cp = mesh.layout.cp
         if self.cp > 1:
@@ -144,16 +140,30 @@ class TeleChat2ForCausalLM(nn.Cell):
         kwargs = {k: _to_tensor(v) for k, v in kwargs.items()}
         return super().__call__(_to_tensor(input_ids), *args, **kwargs)
 
-    def rotary(self, seq_len, position_ids=None, total_len=None):
-        """cos/sin [B|1, 1, S, hd] for positions 0..S-1 or for `position_ids` [B, S] (< total_len)."""
-        c = self.config
-        total = seq_len if total_len is None else total_len
-        cos, sin = _cached_rope_tables(total, total, c.head_dim, c.rope_theta, c.seq_length, c.base_seqlen,
-                                       c.rope_fp16_tables)
-        cos, sin = Tensor(cos, self.rotary_dtype), Tensor(sin, self.rotary_dtype)   # [L, hd]
-        if position_ids is None:
-            return cos[:seq_len].reshape(1, 1, seq_len, -1), sin[:seq_len].reshape(1, 1, seq_len, -1)
-        return ops.gather(cos, position_ids, 0).expand_dims(1), ops.gather(sin, position_ids, 0).expand_dims(1)
+    def attention_inputs(self, num_tokens: int, position_ids=None, segment_ids=None, attention_mask=None):
+        """The rotary tables and mask of a forward whose attention sees `num_tokens` tokens of a full sequence
+        (this rank's zigzag part under context parallel). position_ids, segment_ids, attention_mask: [B, T]."""
+        if self.cp > 1:                         # tables at the zigzag positions; the ring applies causality
+            positions = Tensor(self.cp_positions[None]) if position_ids is None else position_ids
+            return build_attention_inputs(self.rope, num_tokens, position_ids=positions, segment_ids=segment_ids,
+                                          key_valid=attention_mask, total_len=num_tokens * self.cp, ring=True,
+                                          dtype=self.rotary_dtype)
+        return build_attention_inputs(self.rope, num_tokens, position_ids=position_ids, segment_ids=segment_ids,
+                                      key_valid=attention_mask, dtype=self.rotary_dtype)
+
+    def forward(self, inputs, cos, sin, allowed, k_caches=None, v_caches=None, write_slot=None):
+        """The one forward path: this stage's layers on token ids [B, S] (first stage) or hidden states
+        [B, S, H] (SP: [B, S/tp, H]) -> hidden states (final-normed on the last stage). cos, sin, allowed:
+        an `AttentionInputs` from `attention_inputs` (unpacked: a NamedTuple argument does not survive
+        ms.jit). With the cache arguments (generation) every layer writes its keys/values into its slots."""
+        return self.model(inputs, cos, sin, allowed, k_caches, v_caches, write_slot)
+
+    def hidden_states(self, inputs, position_ids=None, segment_ids=None, attention_mask=None):
+        """`forward` over a full sequence: training, pipeline stages, context parallel, logits."""
+        num_tokens = inputs.shape[1]
+        if not self.first_stage and self.mesh.sequence_parallel:
+            num_tokens *= self.mesh.tp          # stage inputs are split over the sequence; attention gathers it
+        return self.forward(inputs, *self.attention_inputs(num_tokens, position_ids, segment_ids, attention_mask))
 
     def head_logits(self, hidden):
         """fp32 logits [B, S, V] of final hidden states (gathered over the vocabulary under tp)."""
@@ -162,21 +172,7 @@ class TeleChat2ForCausalLM(nn.Cell):
 
     def logits(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None):
         """fp32 logits [B, S, V]. segment_ids [B, S] (packed documents): attend only within a segment."""
-        return self._vocab_logits(input_ids, attention_mask, position_ids, segment_ids, gather=True)
-
-    def _vocab_logits(self, input_ids, attention_mask, position_ids, segment_ids, gather):
-        batch, seq_len = input_ids.shape
-        cos, sin = self.rotary(seq_len, position_ids)
-        allowed = Tensor(_causal_mask(seq_len))                               # [1, 1, S, S]
-        if attention_mask is not None:
-            allowed = ops.logical_and(allowed, (attention_mask != 0).reshape(batch, 1, 1, seq_len))
-        if segment_ids is not None:
-            same = segment_ids.reshape(batch, 1, seq_len, 1) == segment_ids.reshape(batch, 1, 1, seq_len)
-            allowed = ops.logical_and(allowed, same)
-        hidden = self.model(input_ids, cos, sin, allowed)
-        if gather:
-            return self.head_logits(hidden)
-        return self.lm_head(hidden).astype(ms.float32)                        # [B, S, V/tp]
+        return self.head_logits(self.hidden_states(input_ids, position_ids, segment_ids, attention_mask))
 
     def construct(self, input_ids, labels=None, attention_mask=None, position_ids=None):
         # input_ids: [B, S] int; labels: [B, S] aligned with input_ids (HF style, shifted here);
@@ -186,48 +182,28 @@ class TeleChat2ForCausalLM(nn.Cell):
             return logits
         return causal_lm_loss(logits, labels, self.config.ignore_token_id)
 
-    def _mask_and_tables(self, seq_len):
-        if self.cp > 1:                         # tables at the zigzag positions; the ring applies causality
-            cos, sin = self.rotary(seq_len, Tensor(self.cp_positions[None]), total_len=seq_len * self.cp)
-            return cos, sin, None
-        cos, sin = self.rotary(seq_len)
-        return cos, sin, Tensor(_causal_mask(seq_len))
-
-    def stage_hidden(self, inputs):
-        """Pipeline stages before the last: token ids or hidden states -> hidden states [B, S, H]."""
-        cos, sin, allowed = self._mask_and_tables(inputs.shape[1])
-        return self.model(inputs, cos, sin, allowed)
-
-    def stage_loss(self, inputs, targets):
-        """The last pipeline stage: hidden states (or ids, without pipeline) -> mean next-token loss."""
-        cos, sin, allowed = self._mask_and_tables(inputs.shape[1])
-        hidden = self.model(inputs, cos, sin, allowed)
-        logits = self.lm_head(hidden).astype(ms.float32)
+    def loss_sum(self, hidden, targets):
+        """The last stage's summed next-token loss: sum over counted targets [B, S] of -log p (fp32 scalar)."""
+        logits = self.lm_head(hidden).astype(ms.float32)                   # [B, S, V/tp], never gathered
         if self.vocab_parallel_loss is None:
-            loss = token_cross_entropy(logits, targets, self.config.ignore_token_id)
-        else:
-            loss = self.vocab_parallel_loss(logits, targets)
-        if self.cp == 1:
-            return loss
-        # the mean over every token of the sequence: this part's sum, summed over cp, over the total count
-        count = (targets != self.config.ignore_token_id).astype(ms.float32).sum()
-        return self.cp_sum(loss * count) / ops.maximum(ops.stop_gradient(self.cp_sum(count)), 1.0)
+            return token_nll(logits, targets, self.config.ignore_token_id).sum()
+        return self.vocab_parallel_loss(logits, targets).sum()
 
-    def next_token_loss(self, input_ids, targets, position_ids=None, segment_ids=None):
-        """Mean cross entropy of logits[t] against targets[t] (already shifted; -100 ignored).
+    def next_token_loss(self, input_ids, targets, position_ids=None, segment_ids=None, loss_weight=None):
+        """Cross entropy of logits[t] against targets[t] (already shifted; -100 ignored).
 
-        The trainer's loss: a packed sample of S+1 ids gives input_ids = ids[:, :-1], targets = ids[:, 1:].
+        A packed sample of S+1 ids gives input_ids = ids[:, :-1], targets = ids[:, 1:]. With `loss_weight`
+        (the trainer: loss scale / label tokens of the whole global batch) the sum times it, so that summing
+        over micro-batches and data-parallel ranks gives the global per-token mean; without, the mean over
+        this call's counted targets (of the whole sequence under context parallel).
         """
-        if self.cp > 1 and (position_ids is not None or segment_ids is not None):
-            raise ValueError("context parallel: ring attention supports the plain causal mask only "
-                             "(no packed-document position_ids/segment_ids)")
-        if position_ids is None and segment_ids is None:
-            return self.stage_loss(input_ids, targets)
-        if self.vocab_parallel_loss is None:
-            logits = self.logits(input_ids, None, position_ids, segment_ids)
-            return token_cross_entropy(logits, targets, self.config.ignore_token_id)
-        logits = self._vocab_logits(input_ids, None, position_ids, segment_ids, gather=False)
-        return self.vocab_parallel_loss(logits, targets)
+        total = self.loss_sum(self.hidden_states(input_ids, position_ids, segment_ids), targets)
+        if loss_weight is not None:
+            return total * loss_weight
+        count = label_count(targets, self.config.ignore_token_id)
+        if self.cp > 1:
+            total, count = self.cp_sum(total), ops.stop_gradient(self.cp_sum(count))
+        return total / ops.maximum(count, 1.0)
 
 
 def _without_unavailable_kernels(config: TeleChat2Config) -> TeleChat2Config:

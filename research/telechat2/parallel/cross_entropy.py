@@ -3,7 +3,8 @@
 With logits split over tp along the vocabulary ([b, s, V/tp] on each rank), three reductions over tp give
 the exact loss: the max (for stability, no gradient), the sum of exp, and the target's logit (held by one
 rank, zero elsewhere). The sum and the target logit use reduce_from_tp (all-reduce forward, identity
-backward), so autograd yields softmax_local - onehot_local on every rank.
+backward), so autograd yields softmax_local - onehot_local on every rank. Returns the per-token loss
+[b, s] (0 where the target is ignored), like `model.loss.token_nll`.
 """
 from __future__ import annotations
 
@@ -35,6 +36,4 @@ class VocabParallelCrossEntropy(nn.Cell):
         local = ops.select(mine, local, ops.zeros_like(local)).astype(ms.int32)
         picked = ops.gather_elements(shifted, -1, local.expand_dims(-1)).squeeze(-1)
         target_logit = self.sum_over_tp_target(picked * mine.astype(ms.float32))            # [b, s]
-        nll = ops.log(sum_exp) - target_logit
-        validf = valid.astype(ms.float32)
-        return (nll * validf).sum() / ops.maximum(validf.sum(), 1.0)
+        return (ops.log(sum_exp) - target_logit) * valid.astype(ms.float32)                # [b, s], 0 if ignored

@@ -1,8 +1,9 @@
 """Gradient reductions across the mesh, and the weights that make the global norm layout-independent.
 
 After backward, on every rank:
-  - data parallel: gradients are summed over dp in flat buckets (one all-reduce per ~`bucket_mb`) and
-    divided by dp (the mean over replicas, each holding the mean over its own samples);
+  - data parallel: gradients are summed over dp in flat buckets (one all-reduce per ~`bucket_mb`); the
+    loss of every rank is already weighted by the global batch's label-token count (train/step.py), so
+    the sum is the gradient of the global per-token mean;
   - partial gradients: a parameter replicated across tp but fed with partial inputs gets only its share
     of the gradient and is summed over the ranks that hold it: under sequence parallel every replicated
     parameter (norm weights, row-parallel biases) over tp; replicated kv heads (tp > n_kv) over the ranks
@@ -56,8 +57,7 @@ class GradReducer(nn.Cell):
         self.pp_sum = ops.AllReduce(ReduceOp.SUM, mesh.groups["pp"]) if mesh.layout.pp > 1 else None
         self.dp = mesh.dp
         self.dp_sum = ops.AllReduce(ReduceOp.SUM, mesh.groups["dp"]) if mesh.dp > 1 else None
-        # context parallel: the loss is already the mean over the whole sequence, so each cp rank holds a
-        # part of every gradient: summed, not averaged
+        # context parallel: each cp rank holds a part of the one global loss, so a part of every gradient
         self.cp_sum = ops.AllReduce(ReduceOp.SUM, mesh.groups["cp"]) if mesh.layout.cp > 1 else None
         buckets, current, size = [], [], 0
         for i, p in enumerate(params):
@@ -85,15 +85,18 @@ class GradReducer(nn.Cell):
                 offset = 0
                 for i in bucket:
                     n = grads[i].size
-                    grads[i] = flat[offset:offset + n].reshape(self.shapes[i]) / self.dp
+                    grads[i] = flat[offset:offset + n].reshape(self.shapes[i])
                     offset += n
         for k in range(len(self.partial_index)):
             i = self.partial_index[k]
             grads[i] = self.partial_reduce[k](grads[i])
         return tuple(grads)
 
-    def dp_mean(self, x):
-        return x if self.dp_sum is None else self.dp_sum(x) / self.dp
+    def data_sum(self, x):
+        """Sum over the ranks that hold different data: dp, then cp (label counts, the logged loss)."""
+        if self.dp_sum is not None:
+            x = self.dp_sum(x)
+        return x if self.cp_sum is None else self.cp_sum(x)
 
     def global_norm(self, grads):
         """(norm of the full model's gradient, finite), identical on every rank."""

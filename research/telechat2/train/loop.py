@@ -1,18 +1,29 @@
-"""The training loop: one linear function, nanoGPT style.
+"""The training loop, nanoGPT style: named phases, then one short loop.
 
-Per optimizer step: `gradient_accumulation_steps` micro-batches, each a jitted forward+backward of the
-loss times the loss scale; then the global gradient norm and an overflow check; on overflow the step is
-skipped (weights and optimizer state untouched) and the dynamic scale shrinks; otherwise one AdamW step
-with loss-scale removal, accumulation averaging and clipping folded into one gradient multiplier.
+    set_up   checks that can fail fast, the MindSpore context, the mesh, the dataset (no model yet)
+    build    the model with its recompute marks, AdamW, the loss scaler
+    restore  weights, optimizer, loss scale, step and data position of the checkpoint to resume
+    Stepper  one optimizer step: micro-batches (plain or 1F1B pipeline), loss normalisation, AdamW
+    the loop lr -> micro-batches -> step -> log line -> checkpoint
+
+Per optimizer step: `gradient_accumulation_steps` (x pipeline micro_batch_num) micro-batches, each a
+jitted forward+backward of its summed token losses times loss scale / (label tokens of the global batch),
+so the step's loss is the global per-token mean for any dp/pp/cp/accumulation split; then the global
+gradient norm and an overflow check; on overflow the step is skipped (weights and optimizer state
+untouched) and the dynamic scale shrinks; otherwise one AdamW step with loss-scale removal and clipping
+folded into one gradient multiplier.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import resource
 import sys
 import time
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -24,7 +35,6 @@ from .checkpointing import fault_point
 from .optim import AdamW, LossScaler, lr_at
 from .report import log_line, write_report
 from .run_config import callback, model_config, save_resolved
-from .step import TrainStep
 
 
 class TrainError(TeleChat2Error):
@@ -75,59 +85,85 @@ def measured_gemm_tflops() -> float:
     return 5 * 2 * 1024**3 / (time.perf_counter() - t) / 1e12
 
 
-def train(cfg: dict, *, resume: bool = False, progress: bool = True) -> str:
-    """Run the training described by a resolved run config. Returns the output folder."""
+@dataclass
+class Run:
+    """Everything decided before the model is built (all checks that can fail fast have run)."""
+    cfg: dict
+    out: str
+    model_cfg: object
+    layout: object
+    mesh: object
+    data_dir: str
+    columns: list
+    accum: int                  # micro-batches per optimizer step (accumulation x pipeline micro-batches)
+    global_batch: int
+    total_steps: int
+    steps_per_epoch: int
+    resume_from: str | None
+    progress: bool
+
+    @property
+    def rank0(self) -> bool:
+        return self.mesh.rank == 0
+
+    def loader(self, offset: int = 0):
+        from ..data.loader import DataLoader
+        tds = self.cfg["train_dataset"]
+        return DataLoader(self.data_dir, self.cfg["runner_config"]["batch_size"], rank=self.mesh.dp_rank,
+                          rank_size=self.mesh.dp, seed=self.cfg["seed"], epochs=self.cfg["runner_config"]["epochs"],
+                          shuffle=tds["data_loader"]["shuffle"], offset=offset,
+                          num_parallel_workers=tds["num_parallel_workers"])
+
+
+class MicroBatch(NamedTuple):
+    inputs: object              # [b, S] ids (cp: this rank's zigzag part, [b, S/cp])
+    targets: object             # [b, S] next-token targets, -100 ignored
+    position_ids: object        # [b, S] packed documents, or None
+    segment_ids: object         # [b, S] packed documents, or None
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    consumed: int = 0           # global samples
+    history: list = field(default_factory=list)
+
+
+def set_up(cfg: dict, resume: bool, progress: bool) -> Run:
+    """Checks, the MindSpore context, the mesh and the dataset: everything before the model."""
     import mindspore as ms
-    from tqdm import tqdm
-
-    from ..checkpoint.load import load_weights
     from ..data.loader import DataLoader
-    from ..model import TeleChat2ForCausalLM
-
-    from ..parallel.mesh import Layout, LayoutError, ParallelMesh, barrier, validate_layout
+    from ..parallel.mesh import Layout, ParallelMesh, barrier, validate_layout
+    from .runtime import check_launch, configure_mindspore
 
     out = os.path.abspath(cfg["output_dir"])
     model_cfg = model_config(cfg)
     layout = Layout.from_run_config(cfg)
     validate_layout(layout, model_cfg)
+    check_launch(cfg, layout)                   # msrun worker count, use_parallel, device_id
     stage_offset = (cfg["model"].get("model_config") or {}).get("offset")
-    rc, lr_cfg = cfg["runner_config"], cfg["lr_schedule"]
-    ckpt_cb = callback(cfg, "CheckpointMonitor")
-    ckpt_root = os.path.join(out, "checkpoint")
-    load_path = cfg["load_checkpoint"]
-    if load_path and not os.path.exists(load_path):
-        raise TrainError(f"load_checkpoint: {load_path}: no such file or folder")
-
-    # ---- everything that can fail fast is checked before the model is built -----------------------
-    os.makedirs(out, exist_ok=True)
-    ms.set_device(cfg["context"]["device_target"])
-    ms.set_seed(cfg["seed"])
-    launched = int(os.environ.get("MS_WORKER_NUM", "1"))
-    if layout.world == 1 and launched > 1:
-        raise LayoutError(f"msrun started {launched} workers but the layout is one device; set "
-                          "parallel_config (data_parallel x model_parallel x ...) to the worker count")
     if layout.pp > 1:
         from ..parallel.pipeline import stage_layers
         stage_layers(model_cfg.num_layers, layout.pp, stage_offset)      # a bad offset list fails here
+    recompute_layers(cfg["recompute_config"], model_cfg.num_layers, layout.pp, stage_offset)   # bad lists fail here
+    load_path = cfg["load_checkpoint"]
+    if load_path and not os.path.exists(load_path):
+        raise TrainError(f"load_checkpoint: {load_path}: no such file or folder")
+    os.makedirs(out, exist_ok=True)
+    configure_mindspore(cfg, layout)
+    ms.set_seed(cfg["seed"])
     mesh = ParallelMesh.from_world(layout, stage_offset) if layout.world > 1 else ParallelMesh.single()
-    rank0 = mesh.rank == 0
-    progress = progress and rank0
-    if rank0:                                   # raw .jsonl is preprocessed once, by rank 0
-        data_dir = prepare_dataset(cfg, model_cfg, progress)
+    progress = progress and mesh.rank == 0
+    if mesh.rank == 0:                          # raw .jsonl is preprocessed once, by rank 0
+        prepare_dataset(cfg, model_cfg, progress)
     barrier(mesh)
     data_dir = prepare_dataset(cfg, model_cfg, progress)
-    loader_args = dict(rank=mesh.dp_rank, rank_size=mesh.dp, seed=cfg["seed"], epochs=rc["epochs"],
-                       shuffle=cfg["train_dataset"]["data_loader"]["shuffle"])
-    probe = DataLoader(data_dir, rc["batch_size"], **loader_args)
-    data_seq = probe.meta.get("seq_length")
-    if data_seq is not None and data_seq != model_cfg.seq_length:
-        raise TrainError(f"{data_dir}: samples have seq_length {data_seq}, model_config.seq_length is "
-                         f"{model_cfg.seq_length}; preprocess with --seq-length {model_cfg.seq_length}")
-    if cfg["run_mode"] == "finetune" and "labels" not in (probe.columns or []):
-        raise TrainError(f"{data_dir}: run_mode finetune needs a `labels` column (telechat2 preprocess sft)")
-    # micro-batches per optimizer step: gradient accumulation x pipeline micro-batches
+    rc = cfg["runner_config"]
+    probe = DataLoader(data_dir, rc["batch_size"], rank=mesh.dp_rank, rank_size=mesh.dp, seed=cfg["seed"],
+                       epochs=rc["epochs"])
+    columns = list(probe.columns or ["input_ids"])
+    check_columns(cfg, data_dir, probe.meta, columns, model_cfg, layout)
     accum = rc["gradient_accumulation_steps"] * (layout.micro_batch_num if layout.pp > 1 else 1)
-    devices = layout.world
     global_batch = rc["batch_size"] * mesh.dp * accum
     total_steps = len(probe) // accum
     if rc["max_steps"] > 0:
@@ -135,135 +171,256 @@ def train(cfg: dict, *, resume: bool = False, progress: bool = True) -> str:
     if total_steps == 0:
         raise TrainError(f"{data_dir}: {probe.num_samples} samples x {rc['epochs']} epoch(s) do not fill one "
                          f"optimizer step of {global_batch} samples")
-    resume_from = checkpointing.latest_valid(ckpt_root) if resume or cfg["resume_training"] else None
-    if (resume or cfg["resume_training"]) and resume_from is None:
+    ckpt_root = os.path.join(out, "checkpoint")
+    wants_resume = resume or cfg["resume_training"]
+    resume_from = checkpointing.latest_valid(ckpt_root) if wants_resume else None
+    if wants_resume and resume_from is None:
         print(f"[telechat2] no complete checkpoint under {ckpt_root}; starting from step 0", file=sys.stderr)
-    if rank0:
+    if mesh.rank == 0:
         save_resolved(cfg, os.path.join(out, "run_config.yaml"))
+    return Run(cfg, out, model_cfg, layout, mesh, data_dir, columns, accum, global_batch, total_steps,
+               max(1, probe.num_samples // global_batch), resume_from, progress)
 
-    # ---- model, optimizer, state ------------------------------------------------------------------
-    model = TeleChat2ForCausalLM(model_cfg, mesh)
-    if cfg["recompute_config"]["recompute"]:
-        for layer in model.model.layers.values():
+
+def check_columns(cfg, data_dir, meta, columns, model_cfg, layout) -> None:
+    """The dataset's columns and length against the run (before the model is built)."""
+    data_seq = meta.get("seq_length")
+    if data_seq is not None and data_seq != model_cfg.seq_length:
+        raise TrainError(f"{data_dir}: samples have seq_length {data_seq}, model_config.seq_length is "
+                         f"{model_cfg.seq_length}; preprocess with --seq-length {model_cfg.seq_length}")
+    if cfg["run_mode"] == "finetune" and "labels" not in columns:
+        raise TrainError(f"{data_dir}: run_mode finetune needs a `labels` column (telechat2 preprocess sft)")
+    missing = [c for c in cfg["train_dataset"]["input_columns"] if c not in columns]
+    if missing:
+        raise TrainError(f"train_dataset.input_columns: {data_dir} has no column {missing[0]!r} "
+                         f"(it has {', '.join(columns)})")
+    if layout.cp > 1 and "segment_ids" in columns:
+        raise TrainError(f"{data_dir}: column 'segment_ids' (packed documents, preprocess --reset-attention-mask) "
+                         f"is not supported with context_parallel {layout.cp}: ring attention applies the plain "
+                         "causal mask; preprocess without --reset-attention-mask or set context_parallel 1")
+
+
+def recompute_layers(rc: dict, num_layers: int, pp: int, offset) -> dict[int, str]:
+    """{global layer index: "full" | "select"} from recompute_config.recompute / select_recompute.
+
+    Each is a bool (every layer) or, as MindFormers writes it, a list with one entry per pipeline stage:
+    the number of that stage's first layers to recompute. Full recompute wins over selective."""
+    from ..parallel.pipeline import stage_layers
+    stages = stage_layers(num_layers, pp, offset) if pp > 1 else [range(num_layers)]
+    chosen: dict[int, str] = {}
+    for key, kind in (("select_recompute", "select"), ("recompute", "full")):
+        value = rc[key]
+        if isinstance(value, bool):
+            counts = [len(s) if value else 0 for s in stages]
+        elif isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            if len(value) != len(stages):
+                raise TrainError(f"recompute_config.{key}: {value} has {len(value)} entries, pipeline_stage is "
+                                 f"{len(stages)} (one count of recomputed layers per stage)")
+            counts = value
+        else:
+            raise TrainError(f"recompute_config.{key}: expected True/False or a list of layer counts per "
+                             f"pipeline stage, got {value!r}")
+        for stage, n in zip(stages, counts):
+            if not 0 <= n <= len(stage):
+                raise TrainError(f"recompute_config.{key}: {n} layers asked of a stage of {len(stage)} layers")
+            for layer in list(stage)[:n]:
+                chosen[layer] = kind
+    return chosen
+
+
+def build(run: Run):
+    """The model (with its recompute marks), AdamW and the loss scaler."""
+    from ..checkpoint.load import load_weights
+    from ..model import TeleChat2ForCausalLM
+    cfg = run.cfg
+    model = TeleChat2ForCausalLM(run.model_cfg, run.mesh)
+    marks = recompute_layers(cfg["recompute_config"], run.model_cfg.num_layers, run.layout.pp,
+                             run.mesh.stage_offset)
+    for index, layer in model.model.layers.items():
+        if marks.get(int(index)) == "full":
             layer.recompute()
-    if load_path and not resume_from:
-        load_weights(model, load_path)
-    params = model.trainable_params()
-    opt_cfg = cfg["optimizer"]
-    optimizer = AdamW(params, betas=opt_cfg["betas"], eps=opt_cfg["eps"], weight_decay=opt_cfg["weight_decay"],
-                      mesh=mesh)
-    scaler = LossScaler(cfg["runner_wrapper"]["scale_sense"])
-    step, consumed, history = 0, 0, []
-    if resume_from:
-        state = checkpointing.load_state(resume_from)
-        same_layout = state["layout"] == layout.sizes and \
-            state.get("optimizer_shard", False) == (layout.optimizer_shard and layout.dp > 1)
-        if same_layout:
-            rank_dir = checkpointing.rank_folder(resume_from, mesh)
-            checkpointing.read_into(os.path.join(rank_dir, "model.safetensors"), params)
-            checkpointing.read_into(os.path.join(rank_dir, "optimizer.safetensors"), optimizer.state_parameters())
-        else:                                   # written by another layout: re-slice weights and AdamW state
-            if state["global_batch"] != global_batch:
-                raise TrainError(f"{resume_from}: global batch {state['global_batch']} != this run's {global_batch}; "
-                                 "the data position carries over in whole global batches")
-            checkpointing.load_resharded(resume_from, model, optimizer)
-        step, consumed, history = state["step"], state["consumed_samples"], state["history"]
-        scaler.load_state_dict(state["loss_scale"])
-        print(f"[telechat2] resumed from {resume_from} (step {step}, {consumed} samples consumed)", file=sys.stderr)
+        elif marks.get(int(index)) == "select":
+            layer.select_recompute()
+    if cfg["load_checkpoint"] and not run.resume_from:
+        load_weights(model, cfg["load_checkpoint"])
+    opt = cfg["optimizer"]
+    optimizer = AdamW(model.trainable_params(), betas=opt["betas"], eps=opt["eps"],
+                      weight_decay=opt["weight_decay"], mesh=run.mesh)
+    return model, optimizer, LossScaler(cfg["runner_wrapper"]["scale_sense"])
 
-    train_step = TrainStep(model, optimizer, use_clip=cfg["runner_wrapper"]["use_clip_grad"],
-                           max_grad_norm=cfg["runner_wrapper"]["max_grad_norm"])
-    accumulate, apply = train_step.accumulate, train_step.apply
-    # ring attention exchanges K/V point to point, which runs in PyNative only: the forward/backward then
-    # stays eager (the optimizer step is still compiled)
-    jit_model = cfg["context"]["mode"] == 0 and layout.cp == 1
-    if jit_model:
-        accumulate = ms.jit(accumulate)
-    if cfg["context"]["mode"] == 0:
-        apply = ms.jit(apply)
-    pipeline = None
-    if layout.pp > 1:
-        from .step import PipelineStep
-        pipeline = PipelineStep(model, train_step, mesh, use_jit=jit_model)
-        seq_local = model_cfg.seq_length // layout.cp // (layout.tp if mesh.sequence_parallel else 1)
-        act_like = ms.Tensor(np.zeros((rc["batch_size"], seq_local, model_cfg.hidden_size), np.float32)).astype(
-            ms_dtype(model_cfg.res_dtype))              # the activations stages exchange
 
-    loader = DataLoader(data_dir, rc["batch_size"], offset=consumed, **loader_args)
-    batches = iter(loader)
-    if layout.cp > 1:
-        from ..parallel.ring_attention import to_zigzag
-    seq = model_cfg.seq_length
-    flops_per_step = flops_per_token(model_cfg, seq) * global_batch * seq
-    peak = float(cfg["report"]["peak_tflops"]) or measured_gemm_tflops()
-    steps_per_epoch = max(1, probe.num_samples // global_batch)
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress, file=sys.stderr)
+def restore(run: Run, model, optimizer, scaler) -> Progress:
+    """Step, data position, weights, AdamW and loss-scale state of the checkpoint to resume (else zeros)."""
+    if not run.resume_from:
+        return Progress()
+    state = checkpointing.load_state(run.resume_from)
+    layout = run.layout
+    same_layout = state["layout"] == layout.sizes and \
+        state.get("optimizer_shard", False) == (layout.optimizer_shard and layout.dp > 1)
+    if same_layout:
+        rank_dir = checkpointing.rank_folder(run.resume_from, run.mesh)
+        checkpointing.read_into(os.path.join(rank_dir, "model.safetensors"), model.trainable_params())
+        checkpointing.read_into(os.path.join(rank_dir, "optimizer.safetensors"), optimizer.state_parameters())
+    else:                                       # written by another layout: re-slice weights and AdamW state
+        if state["global_batch"] != run.global_batch:
+            raise TrainError(f"{run.resume_from}: global batch {state['global_batch']} != this run's "
+                             f"{run.global_batch}; the data position carries over in whole global batches")
+        checkpointing.load_resharded(run.resume_from, model, optimizer)
+    scaler.load_state_dict(state["loss_scale"])
+    print(f"[telechat2] resumed from {run.resume_from} (step {state['step']}, {state['consumed_samples']} "
+          "samples consumed)", file=sys.stderr)
+    return Progress(state["step"], state["consumed_samples"], state["history"])
 
-    # ---- the loop ---------------------------------------------------------------------------------
-    while step < total_steps:
-        t0 = time.perf_counter()
-        lr = lr_at(step, lr_cfg, total_steps)
-        scale = ms.Tensor(scaler.scale, ms.float32)
-        micro = []
-        for _ in range(accum):
-            batch = next(batches)
-            ids = batch["input_ids"]
-            inputs, targets = ids[:, :-1], (batch["labels"][:, 1:] if "labels" in batch else ids[:, 1:])
-            if layout.cp > 1:                   # this rank's zigzag part of every sequence
-                inputs, targets = to_zigzag(inputs, layout.cp, mesh.coord("cp")), \
-                    to_zigzag(targets, layout.cp, mesh.coord("cp"))
-            micro.append((inputs, targets))
-        if pipeline is None:
-            loss_sum = None
-            for ids, targets in micro:
-                loss = accumulate(ms.Tensor(ids), ms.Tensor(targets), scale)
-                loss_sum = loss if loss_sum is None else loss_sum + loss
+
+class Stepper:
+    """One optimizer step on this rank: the micro-batches' forward/backward (plain or 1F1B pipeline), the
+    global label count that normalises the loss, the gradient reduction and AdamW (train/step.py)."""
+
+    def __init__(self, run: Run, model, optimizer):
+        import mindspore as ms
+        from .step import PipelineStep, TrainStep
+        cfg, layout = run.cfg, run.layout
+        self.run, self.model = run, model
+        self.train_step = TrainStep(model, optimizer, use_clip=cfg["runner_wrapper"]["use_clip_grad"],
+                                    max_grad_norm=cfg["runner_wrapper"]["max_grad_norm"])
+        graph = cfg["context"]["mode"] == 0
+        jit_level = cfg["context"]["jit_config"]["jit_level"]
+        # ring attention exchanges K/V point to point, which runs in PyNative only: the forward/backward then
+        # stays eager (the optimizer step is still compiled)
+        jit_model = graph and layout.cp == 1
+        compile_ = functools.partial(ms.jit, jit_level=jit_level)
+        self.accumulate = compile_(self.train_step.accumulate) if jit_model else self.train_step.accumulate
+        self.apply = compile_(self.train_step.apply) if graph else self.train_step.apply
+        self.pipeline = None
+        if layout.pp > 1:
+            mc, rc = run.model_cfg, cfg["runner_config"]
+            self.pipeline = PipelineStep(model, self.train_step, run.mesh,
+                                         jit=compile_ if jit_model else None)
+            seq_local = mc.seq_length // layout.cp // (layout.tp if run.mesh.sequence_parallel else 1)
+            self.act_like = ms.Tensor(np.zeros((rc["batch_size"], seq_local, mc.hidden_size), np.float32)).astype(
+                ms_dtype(mc.res_dtype))             # the activations stages exchange
+
+    def micro_batch(self, batch: dict) -> MicroBatch:
+        """Inputs and next-token targets of a loader batch (S+1 ids per sample); cp: this rank's zigzag part."""
+        import mindspore as ms
+        ids = batch["input_ids"]
+        parts = [ids[:, :-1], batch["labels"][:, 1:] if "labels" in batch else ids[:, 1:]]
+        parts += [batch[c][:, :-1] if c in batch else None for c in ("position_ids", "segment_ids")]
+        if self.run.layout.cp > 1:
+            from ..parallel.ring_attention import to_zigzag
+            cp, r = self.run.layout.cp, self.run.mesh.coord("cp")
+            parts = [None if p is None else to_zigzag(p, cp, r) for p in parts]
+        return MicroBatch(*(None if p is None else ms.Tensor(p.astype(np.int32)) for p in parts))
+
+    def __call__(self, micro: list[MicroBatch], lr: float, scale: float) -> tuple[float, float, bool]:
+        """(global per-token loss, gradient norm, finite) of one optimizer step."""
+        import mindspore as ms
+        from ..model.loss import label_count
+        ts, ignore = self.train_step, self.run.model_cfg.ignore_token_id
+        count = ts.data_sum(ops_sum([label_count(mb.targets, ignore) for mb in micro]))      # the global batch
+        loss_weight = ms.Tensor(scale, ms.float32) / ms.ops.maximum(count, 1.0)
+        if self.pipeline is None:
+            losses = [self.accumulate(*mb, loss_weight) for mb in micro]
+            loss = ops_sum(losses)
         else:
-            loss_sum = train_step.reducer.pipeline_sum(pipeline.run(micro, scale, act_like))
-        loss_sum = float(train_step.dp_mean(loss_sum).asnumpy()) / scaler.scale     # the global loss
-        norm, finite = apply(ms.Tensor(lr, ms.float32), ms.Tensor(1.0 / (scaler.scale * accum), ms.float32))
+            loss = ts.reducer.pipeline_sum(self.pipeline.run(micro, loss_weight, self.act_like))
+        loss = float(ts.data_sum(loss).asnumpy()) / scale
+        norm, finite = self.apply(ms.Tensor(lr, ms.float32), ms.Tensor(1.0 / scale, ms.float32))
         finite = bool(finite.asnumpy())
-        grad_norm = float(norm.asnumpy()) if finite else float("inf")
-        loss_scale_used = scaler.scale
-        scaler.update(finite)
-        step += 1
-        consumed += global_batch
-        dt = time.perf_counter() - t0
-        sps = global_batch / devices / dt
-        record = {"step": step, "loss": loss_sum / accum, "lr": lr, "loss_scale": loss_scale_used,
-                  "overflow": not finite, "global_norm": grad_norm, "step_time_s": dt,
-                  "samples_per_s_per_device": sps, "tokens_per_s_per_device": sps * seq,
-                  "mfu": flops_per_step / devices / dt / 1e12 / peak}
-        history.append(record)
-        bar.update(1)
-        line = log_line(epoch=(step - 1) // steps_per_epoch + 1, epochs=rc["epochs"], step=step, total=total_steps,
-                        loss=record["loss"], step_time_s=dt, lr=lr, overflow=not finite,
-                        loss_scale=loss_scale_used, global_norm=grad_norm,
-                        tflops_per_device=flops_per_step / devices / dt / 1e12,
-                        samples_per_s_per_device=sps, tokens_per_s_per_device=sps * seq, mfu=record["mfu"])
-        if progress:
-            bar.write(line, file=sys.stdout)
-        else:
-            print(line, flush=True)
-        fault_point(f"step:{step}")
-        if step % ckpt_cb["save_checkpoint_steps"] == 0 or step == total_steps:
-            state = {"step": step, "consumed_samples": consumed, "loss_scale": scaler.state_dict(),
-                     "seed": cfg["seed"], "global_batch": global_batch, "history": history,
-                     "layout": layout.sizes, "optimizer_shard": layout.optimizer_shard and layout.dp > 1}
-            checkpointing.save(ckpt_root, step, model=model, optim_params=optimizer.state_parameters(),
-                               state=state, keep=ckpt_cb["keep_checkpoint_max"])
-    bar.close()
+        return loss, (float(norm.asnumpy()) if finite else float("inf")), finite
 
-    run_info = {"output_dir": out, "model": cfg["model"].get("preset") or "custom",
-                "parameters": model_cfg.num_parameters(), "run_mode": cfg["run_mode"], "devices": devices,
-                "layout": layout.describe(), "global_batch": global_batch, "seq_length": seq,
-                "amp": cfg["amp"]["level"] if cfg["amp"]["level"] in ("none", "O0") else
-                f"{cfg['amp']['level']} {cfg['amp']['dtype']}",
+
+def ops_sum(values):
+    total = values[0]
+    for v in values[1:]:
+        total = total + v
+    return total
+
+
+def save_checkpoint(run: Run, done: Progress, model, optimizer, scaler) -> None:
+    layout = run.layout
+    state = {"step": done.step, "consumed_samples": done.consumed, "loss_scale": scaler.state_dict(),
+             "seed": run.cfg["seed"], "global_batch": run.global_batch, "history": done.history,
+             "layout": layout.sizes, "optimizer_shard": layout.optimizer_shard and layout.dp > 1}
+    ckpt = callback(run.cfg, "CheckpointMonitor")
+    checkpointing.save(os.path.join(run.out, "checkpoint"), done.step, model=model,
+                       optim_params=optimizer.state_parameters(), state=state, keep=ckpt["keep_checkpoint_max"])
+
+
+class Logger:
+    """The MFLossMonitor line and the report's step record."""
+
+    def __init__(self, run: Run):
+        cfg = run.cfg
+        self.run = run
+        self.seq = run.model_cfg.seq_length
+        self.flops_per_step = flops_per_token(run.model_cfg, self.seq) * run.global_batch * self.seq
+        self.peak = float(cfg["report"]["peak_tflops"]) or measured_gemm_tflops()
+
+    def record(self, step, dt, lr, loss, norm, finite, loss_scale) -> dict:
+        devices = self.run.layout.world
+        sps = self.run.global_batch / devices / dt
+        return {"step": step, "loss": loss, "lr": lr, "loss_scale": loss_scale, "overflow": not finite,
+                "global_norm": norm, "step_time_s": dt, "samples_per_s_per_device": sps,
+                "tokens_per_s_per_device": sps * self.seq, "mfu": self.flops_per_step / devices / dt / 1e12 / self.peak}
+
+    def line(self, r: dict) -> str:
+        run = self.run
+        return log_line(epoch=(r["step"] - 1) // run.steps_per_epoch + 1, epochs=run.cfg["runner_config"]["epochs"],
+                        step=r["step"], total=run.total_steps, loss=r["loss"], step_time_s=r["step_time_s"],
+                        lr=r["lr"], overflow=r["overflow"], loss_scale=r["loss_scale"], global_norm=r["global_norm"],
+                        tflops_per_device=self.flops_per_step / run.layout.world / r["step_time_s"] / 1e12,
+                        samples_per_s_per_device=r["samples_per_s_per_device"],
+                        tokens_per_s_per_device=r["tokens_per_s_per_device"], mfu=r["mfu"])
+
+    def finish(self, history: list) -> None:
+        run, cfg = self.run, self.run.cfg
+        amp = cfg["amp"]
+        info = {"output_dir": run.out, "model": cfg["model"].get("preset") or "custom",
+                "parameters": run.model_cfg.num_parameters(), "run_mode": cfg["run_mode"],
+                "devices": run.layout.world, "layout": run.layout.describe(), "global_batch": run.global_batch,
+                "seq_length": self.seq,
+                "amp": amp["level"] if amp["level"] in ("none", "O0") else f"{amp['level']} {amp['dtype']}",
                 "peak_host_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                "peak_tflops_per_device": peak,
+                "peak_tflops_per_device": self.peak,
                 "peak_source": "configured" if cfg["report"]["peak_tflops"] else "measured MindSpore fp32 GEMM"}
-    if rank0:
-        report_dir = write_report(out, run_info, history)
-        print(f"[telechat2] report: {os.path.join(report_dir, 'report.md')}", file=sys.stderr)
-    barrier(mesh)
-    return out
+        if run.rank0:
+            report_dir = write_report(run.out, info, history)
+            print(f"[telechat2] report: {os.path.join(report_dir, 'report.md')}", file=sys.stderr)
+
+
+def train(cfg: dict, *, resume: bool = False, progress: bool = True) -> str:
+    """Run the training described by a resolved run config. Returns the output folder."""
+    from tqdm import tqdm
+    from ..parallel.mesh import barrier
+
+    run = set_up(cfg, resume, progress)
+    model, optimizer, scaler = build(run)
+    done = restore(run, model, optimizer, scaler)
+    stepper, logger = Stepper(run, model, optimizer), Logger(run)
+    batches = iter(run.loader(offset=done.consumed))
+    save_every = callback(cfg, "CheckpointMonitor")["save_checkpoint_steps"]
+    bar = tqdm(total=run.total_steps, initial=done.step, desc="train", unit="step", disable=not run.progress,
+               file=sys.stderr)
+    while done.step < run.total_steps:
+        t0 = time.perf_counter()
+        lr = lr_at(done.step, cfg["lr_schedule"], run.total_steps)
+        micro = [stepper.micro_batch(next(batches)) for _ in range(run.accum)]
+        loss_scale = scaler.scale
+        loss, norm, finite = stepper(micro, lr, loss_scale)
+        scaler.update(finite)
+        done.step, done.consumed = done.step + 1, done.consumed + run.global_batch
+        record = logger.record(done.step, time.perf_counter() - t0, lr, loss, norm, finite, loss_scale)
+        done.history.append(record)
+        bar.update(1)
+        if run.progress:
+            bar.write(logger.line(record), file=sys.stdout)
+        else:
+            print(logger.line(record), flush=True)
+        fault_point(f"step:{done.step}")
+        if done.step % save_every == 0 or done.step == run.total_steps:
+            save_checkpoint(run, done, model, optimizer, scaler)
+    bar.close()
+    logger.finish(done.history)
+    barrier(run.mesh)
+    return run.out

@@ -1,8 +1,9 @@
 """Run configs in the MindFormers YAML layout: schema, `base_config` inheritance, `--set`, validation.
 
-The schema below lists every key the project reads, with its default. Keys MindFormers users carry in
-their YAMLs that only MindFormers' own runtime reads are listed in ACCEPTED_UNUSED and ignored; anything
-else is an error naming the key and the closest valid one.
+The schema below lists every key with its default, and every key takes effect or is refused: keys the
+code reads are listed in USED (with the reader), keys MindFormers users carry for its own runtime are in
+ACCEPTED_VALUES with the values that describe what this implementation does (any other value is refused
+with the reason). An unknown key is an error naming it and the closest valid one.
 """
 from __future__ import annotations
 
@@ -61,9 +62,9 @@ SCHEMA: dict = {
         "prefetch_size": 1,
         "tokenizer": "",                # for raw .jsonl dataset_dir: the tokenizer.model to preprocess with
     },
-    "use_parallel": False,
+    "use_parallel": None,               # None: as the layout says; False with a multi-device layout is refused
     "parallel": {
-        "parallel_mode": 0,
+        "parallel_mode": 1,             # 1: the explicit layout of parallel_config; 0: data parallel only
         "gradients_mean": True,
         "enable_alltoall": False,
         "full_batch": True,
@@ -116,11 +117,114 @@ SCHEMA: dict = {
     "report": {"peak_tflops": 0.0},     # per-device peak for MFU; 0: measure this machine's MindSpore GEMM
 }
 
-ACCEPTED_UNUSED = {
-    "src_strategy_path_or_dir", "only_save_strategy", "ignore_data_skip", "load_ckpt_format", "train_dataset_task",
-    "profile", "profile_start_step", "profile_stop_step", "init_start_profile", "profile_communication",
-    "profile_memory", "layer_scale", "layer_decay", "lr_scale_factor", "eval_dataset", "eval_dataset_task",
-    "do_eval", "metric", "moe_config", "base_config",
+# Top-level MindFormers keys outside the schema's defaults: accepted only with the values in ACCEPTED_VALUES.
+MINDFORMERS_ONLY = {
+    "src_strategy_path_or_dir": "", "only_save_strategy": False, "ignore_data_skip": False, "load_ckpt_format": "ckpt",
+    "train_dataset_task": None, "profile": False, "profile_start_step": 1, "profile_stop_step": 10,
+    "init_start_profile": False, "profile_communication": False, "profile_memory": False, "layer_scale": False,
+    "layer_decay": 0.65, "lr_scale_factor": 256, "eval_dataset": None, "eval_dataset_task": None, "do_eval": False,
+    "metric": None, "moe_config": None,
+}
+
+# Keys the code reads (dotted path -> the reader).
+USED = {
+    "seed": "data order, initial weights (loop.set_up, DataLoader)",
+    "output_dir": "loop.set_up", "load_checkpoint": "loop.build", "resume_training": "loop.set_up",
+    "run_mode": "loop.check_columns, prepare_dataset (pretrain or SFT)",
+    "trainer.model_name": "report.json (run.model_name)",
+    "runner_config.epochs": "DataLoader", "runner_config.batch_size": "DataLoader, global batch",
+    "runner_config.gradient_accumulation_steps": "micro-batches per step", "runner_config.max_steps": "loop.set_up",
+    "runner_config.sink_size": "must be 1 with sink_mode (validate_run_config)",
+    "runner_wrapper.scale_sense": "LossScaler", "runner_wrapper.use_clip_grad": "TrainStep",
+    "runner_wrapper.max_grad_norm": "TrainStep",
+    "amp.level": "model_config", "amp.dtype": "model_config",
+    "optimizer.type": "validate_run_config (AdamW)", "optimizer.betas": "AdamW", "optimizer.eps": "AdamW",
+    "optimizer.weight_decay": "AdamW",
+    "lr_schedule.type": "lr_at", "lr_schedule.learning_rate": "lr_at", "lr_schedule.lr_end": "lr_at",
+    "lr_schedule.warmup_ratio": "lr_at", "lr_schedule.warmup_steps": "lr_at", "lr_schedule.total_steps": "lr_at",
+    "train_dataset.data_loader.dataset_dir": "prepare_dataset", "train_dataset.data_loader.shuffle": "DataLoader",
+    "train_dataset.input_columns": "loop.check_columns (each must be in the data)",
+    "train_dataset.batch_size": "validate_run_config (= runner_config.batch_size)",
+    "train_dataset.num_parallel_workers": "DataLoader (MindDataset num_parallel_workers)",
+    "train_dataset.numa_enable": "runtime.configure_mindspore (dataset config)",
+    "train_dataset.prefetch_size": "runtime.configure_mindspore (dataset config)",
+    "train_dataset.tokenizer": "prepare_dataset",
+    "use_parallel": "runtime.check_launch (must agree with the layout)",
+    "parallel.parallel_mode": "validate_run_config", "parallel.enable_parallel_optimizer": "Layout (ZeRO over dp)",
+    "parallel_config.data_parallel": "Layout", "parallel_config.model_parallel": "Layout",
+    "parallel_config.pipeline_stage": "Layout", "parallel_config.context_parallel": "Layout",
+    "parallel_config.use_seq_parallel": "Layout", "parallel_config.micro_batch_num": "Layout, micro-batches",
+    "recompute_config.recompute": "loop.recompute_layers (full layers)",
+    "recompute_config.select_recompute": "loop.recompute_layers (attention core + SwiGLU activation)",
+    "context.mode": "loop.Stepper (0: compiled step)", "context.device_target": "runtime.configure_mindspore",
+    "context.max_call_depth": "runtime.configure_mindspore", "context.max_device_memory": "runtime.configure_mindspore, check-config",
+    "context.save_graphs": "runtime.configure_mindspore", "context.save_graphs_path": "runtime.configure_mindspore",
+    "context.device_id": "runtime.configure_mindspore (one device) / check_launch (msrun)",
+    "context.jit_config.jit_level": "runtime.configure_mindspore, ms.jit of the step",
+    "model.preset": "model_config", "model.model_config": "TeleChat2Config.from_model_config",
+    "processor.tokenizer.vocab_file": "prepare_dataset, predict",
+    "report.peak_tflops": "loop.Logger (MFU)",
+    "callbacks.MFLossMonitor.per_print_times": "validate_run_config (log line every step: must be 1)",
+    "callbacks.CheckpointMonitor.save_checkpoint_steps": "train loop",
+    "callbacks.CheckpointMonitor.keep_checkpoint_max": "checkpointing.save",
+    "callbacks.CheckpointMonitor.prefix": "accepted: checkpoints are step_N folders (name kept for MindFormers yamls)",
+}
+
+ANY_PATH = object()       # ACCEPTED_VALUES: any value of the given type
+# Keys whose only meaning is MindFormers' runtime: the values that describe this implementation, and why.
+ACCEPTED_VALUES = {
+    "auto_trans_ckpt": ((True, False), "any checkpoint loads into any layout here (no strategy files)"),
+    "trainer.type": (("CausalLanguageModelingTrainer",), "the causal LM trainer is the only one"),
+    "runner_config.sink_mode": ((True, False), "each step's batch is fed once per step (sink_size 1)"),
+    "runner_wrapper.type": (("MFTrainOneStepCell", "TrainOneStepCell", "TrainOneStepWithLossScaleCell"),
+                            "the step is train/step.py's TrainStep"),
+    "train_dataset.data_loader.type": (("MindDataset",), "data are `telechat2 preprocess` MindRecord folders"),
+    "train_dataset.drop_remainder": ((True,), "only whole global batches are trained"),
+    "train_dataset.python_multiprocessing": ((False,), "no Python map operations run in the loader"),
+    "parallel.gradients_mean": ((True, False), "the loss is normalised by the global batch's label tokens, so "
+                                "gradients are summed over dp either way"),
+    "parallel.enable_alltoall": ((False,), "no all-to-all (mixture-of-experts) layer is implemented"),
+    "parallel.full_batch": ((True, False), "each data-parallel rank reads only its own samples"),
+    "parallel.search_mode": (("sharding_propagation", "recursive_programming", "dynamic_programming"),
+                             "layouts are explicit (no strategy search)"),
+    "parallel.strategy_ckpt_save_file": (ANY_PATH, "no strategy file is written: checkpoints record their layout"),
+    "parallel.parallel_optimizer_config.gradient_accumulation_shard": ((False,), "the accumulation buffer is "
+                                                                      "not sharded"),
+    "parallel.parallel_optimizer_config.parallel_optimizer_threshold": (ANY_PATH, "every parameter's optimizer "
+                                                                       "state is sharded"),
+    "parallel_config.vocab_emb_dp": ((False, True), "the embedding and lm_head are vocab-parallel over "
+                                     "model_parallel"),
+    "parallel_config.gradient_aggregation_group": (ANY_PATH, "gradients are reduced in ~25 MB buckets"),
+    "micro_batch_interleave_num": ((1,), "micro-batch interleaving is not implemented"),
+    "recompute_config.select_comm_recompute": ((False, True), "collective outputs are recomputed with their layer"),
+    "recompute_config.parallel_optimizer_comm_recompute": ((False, True), "the optimizer all-gather runs after "
+                                                           "the step, nothing to recompute"),
+    "recompute_config.mp_comm_recompute": ((True, False), "collective outputs are recomputed with their layer"),
+    "recompute_config.recompute_slice_activation": ((False, True), "recomputed layers keep only their input"),
+    "model.arch.type": (("TeleChat2ForCausalLM",), "the one network class"),
+    "processor.tokenizer.type": (("TeleChat2Tokenizer", "TelechatTokenizer"), "the SentencePiece tokenizer"),
+    "callbacks.CheckpointMonitor.checkpoint_format": (("safetensors",), "checkpoints are written as safetensors"),
+    "callbacks.CheckpointMonitor.integrated_save": ((False, True), "every rank writes its block; readers "
+                                                    "assemble any layout"),
+    "src_strategy_path_or_dir": (("", None), "checkpoints are layout-free: no strategy files are read"),
+    "only_save_strategy": ((False,), "no strategy files"),
+    "ignore_data_skip": ((False,), "a resumed run always continues at its data position"),
+    "load_ckpt_format": (("ckpt", "safetensors"), "the format is detected from the files"),
+    "train_dataset_task": ((None, {}, {"type": "CausalLanguageModelDataset"}), "the loader is DataLoader"),
+    "profile": ((False,), "profiling is not implemented"),
+    "profile_start_step": (ANY_PATH, "read only with profile: True"),
+    "profile_stop_step": (ANY_PATH, "read only with profile: True"),
+    "init_start_profile": ((False,), "profiling is not implemented"),
+    "profile_communication": ((False,), "profiling is not implemented"),
+    "profile_memory": ((False,), "profiling is not implemented"),
+    "layer_scale": ((False,), "layer-wise LR scaling is not implemented"),
+    "layer_decay": (ANY_PATH, "read only with layer_scale: True"),
+    "lr_scale_factor": (ANY_PATH, "read only with layer_scale: True"),
+    "do_eval": ((False,), "evaluation during training is not implemented"),
+    "eval_dataset": (ANY_PATH, "read only with do_eval: True"),
+    "eval_dataset_task": (ANY_PATH, "read only with do_eval: True"),
+    "metric": (ANY_PATH, "read only with do_eval: True"),
+    "moe_config": ((None, {}), "mixture-of-experts models are not implemented"),
 }
 
 LOSS_SCALE_DEFAULTS = {"type": "DynamicLossScaleUpdateCell", "loss_scale_value": 65536.0, "scale_factor": 2.0,
@@ -183,7 +287,7 @@ def _check_keys(doc: dict, schema: dict, where: str, source: str) -> None:
     for key, value in doc.items():
         here = f"{where}{key}"
         if key not in schema:
-            if not where and key in ACCEPTED_UNUSED:
+            if not where and key in MINDFORMERS_ONLY:
                 continue
             raise ConfigError(f"{source}: unknown key {here!r}{_suggest(key, schema)}")
         if key == "model_config" or key == "scale_sense":
@@ -238,7 +342,7 @@ def apply_set(doc: dict, assignment: str) -> None:
             node[keys[-1]] = value
             return
         if key not in node or not isinstance(node[key], dict):
-            if schema is not None and key not in schema and key not in ACCEPTED_UNUSED:
+            if schema is not None and key not in schema and key not in MINDFORMERS_ONLY:
                 raise ConfigError(f"--set {path}: unknown key {'.'.join(keys[:i + 1])!r}{_suggest(key, schema or {})}")
             node[key] = {}
         node = node[key]
@@ -253,7 +357,7 @@ def load_run_config(path: str, overrides: list[str] = ()) -> dict:
         apply_set(doc, assignment)
     _check_keys(doc, SCHEMA, "", path)
     callbacks = _merge_callbacks(SCHEMA["callbacks"], doc.pop("callbacks", []))
-    cfg = _merge(SCHEMA, {k: v for k, v in doc.items() if k not in ACCEPTED_UNUSED})
+    cfg = _merge({**SCHEMA, **MINDFORMERS_ONLY}, doc)
     cfg["callbacks"] = callbacks
     validate_run_config(cfg, path)
     return cfg
@@ -268,7 +372,29 @@ def _need(cond, source, key, msg):
         raise ConfigError(f"{source}: {key}: {msg}")
 
 
+def lookup(cfg: dict, dotted: str):
+    """The value at a dotted key path (`callbacks.<Type>.key` addresses a callback by type)."""
+    keys = dotted.split(".")
+    if keys[0] == "callbacks":
+        return callback(cfg, keys[1]).get(keys[2])
+    node = cfg
+    for k in keys:
+        node = node[k]
+    return node
+
+
+def check_accepted_values(cfg: dict, source: str) -> None:
+    """Refuse, by name, a MindFormers-runtime key set to a value this implementation does not have."""
+    for key, (allowed, why) in ACCEPTED_VALUES.items():
+        value = lookup(cfg, key)
+        if allowed is ANY_PATH or any(value == a and type(value) is type(a) for a in allowed):
+            continue
+        shown = ", ".join(repr(a) for a in allowed)
+        raise ConfigError(f"{source}: {key}: {value!r} is not supported here ({why}); accepted: {shown}")
+
+
 def validate_run_config(cfg: dict, source: str) -> None:
+    check_accepted_values(cfg, source)
     rc = cfg["runner_config"]
     _need(cfg["run_mode"] in ("train", "finetune", "predict"), source, "run_mode",
           f"expected train, finetune or predict, got {cfg['run_mode']!r}")
@@ -276,6 +402,27 @@ def validate_run_config(cfg: dict, source: str) -> None:
         _need(isinstance(rc[key], int) and rc[key] >= 1, source, f"runner_config.{key}", "must be an integer >= 1")
     _need(isinstance(rc["max_steps"], int) and (rc["max_steps"] == -1 or rc["max_steps"] >= 1), source,
           "runner_config.max_steps", "must be -1 or an integer >= 1")
+    _need(not rc["sink_mode"] or rc["sink_size"] == 1, source, "runner_config.sink_size",
+          f"{rc['sink_size']}: only 1 is implemented (the loop returns to the host after every step)")
+    _need(callback(cfg, "MFLossMonitor")["per_print_times"] == 1, source, "callbacks.MFLossMonitor.per_print_times",
+          "only 1 is implemented (a log line every step)")
+    _need(cfg["parallel"]["parallel_mode"] in (0, 1), source, "parallel.parallel_mode",
+          f"{cfg['parallel']['parallel_mode']!r}: 0 (data parallel) or 1 (semi-auto: the explicit layout of "
+          "parallel_config) are implemented; auto-parallel search (2) and hybrid (3) are not")
+    pc = cfg["parallel_config"]
+    if cfg["parallel"]["parallel_mode"] == 0:
+        _need(pc["model_parallel"] == pc["pipeline_stage"] == pc["context_parallel"] == 1, source,
+              "parallel.parallel_mode", "0 is data parallel only; use 1 with model_parallel/pipeline_stage/"
+              "context_parallel above 1")
+    _need(cfg["use_parallel"] in (None, True, False), source, "use_parallel", "must be True or False")
+    jl = cfg["context"]["jit_config"]["jit_level"]
+    _need(jl in ("O0", "O1"), source, "context.jit_config.jit_level",
+          f"{jl!r}: MindSpore {'' if jl != 'O2' else '2.9 '}accepts O0 or O1 (this is the compile level, not AMP)")
+    _need(cfg["context"]["mode"] in (0, 1), source, "context.mode", f"{cfg['context']['mode']!r}: expected 0 (graph) "
+          "or 1 (PyNative)")
+    _need(isinstance(cfg["train_dataset"]["num_parallel_workers"], int) and
+          cfg["train_dataset"]["num_parallel_workers"] >= 1, source, "train_dataset.num_parallel_workers",
+          "must be an integer >= 1")
     tb = cfg["train_dataset"]["batch_size"]
     _need(tb is None or tb == rc["batch_size"], source, "train_dataset.batch_size",
           f"{tb} disagrees with runner_config.batch_size={rc['batch_size']}")

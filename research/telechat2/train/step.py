@@ -1,10 +1,12 @@
 """The two compiled halves of a training step, so no gradient tuple crosses the host boundary.
 
-`accumulate` runs one micro-batch forward+backward of loss x scale and adds the gradients into fp32
-buffers; `apply` reduces them across the mesh (parallel/grads.py), measures the global norm, and unless
-they overflowed, takes one AdamW
-step with `grad_mult` (1 / (loss scale x accumulation steps)) and clipping folded in; it then zeroes the
-buffers. An overflowed step leaves the weights and the optimizer state untouched.
+The loss is Megatron's per-token loss: every micro-batch contributes its summed token losses times
+`loss_weight` = loss scale / (label tokens of the whole global batch), so the sum over micro-batches,
+data-parallel and context-parallel ranks is the global mean, whatever the split. `accumulate` runs one
+micro-batch forward+backward of that and adds the gradients into fp32 buffers; `apply` sums them across the
+mesh (parallel/grads.py), measures the global norm, and unless they overflowed, takes one AdamW step with
+`grad_mult` (1 / loss scale) and clipping folded in; it then zeroes the buffers. An overflowed step leaves
+the weights and the optimizer state untouched.
 """
 from __future__ import annotations
 
@@ -29,16 +31,16 @@ class TrainStep(nn.Cell):
         self.use_clip = use_clip
         self.max_grad_norm = float(max_grad_norm)
 
-    def dp_mean(self, loss):
-        """The mean of a per-rank scalar over data-parallel replicas (for the log line)."""
-        return self.reducer.dp_mean(loss)
+    def data_sum(self, x):
+        """The sum of a per-rank value over the ranks holding different data (dp and cp)."""
+        return self.reducer.data_sum(x)
 
-    def scaled_loss(self, input_ids, targets, scale):
-        return self.model.next_token_loss(input_ids, targets) * scale
+    def scaled_loss(self, input_ids, targets, position_ids, segment_ids, loss_weight):
+        return self.model.next_token_loss(input_ids, targets, position_ids, segment_ids, loss_weight)
 
-    def accumulate(self, input_ids, targets, scale):
-        """One micro-batch; returns the scaled loss."""
-        loss, grads = self.grad_fn(input_ids, targets, scale)
+    def accumulate(self, input_ids, targets, position_ids, segment_ids, loss_weight):
+        """One micro-batch; returns its weighted loss (position_ids/segment_ids: packed documents, or None)."""
+        loss, grads = self.grad_fn(input_ids, targets, position_ids, segment_ids, loss_weight)
         self.add_grads(grads)
         return loss
 
@@ -68,25 +70,26 @@ class PipelineStep:
     stage the loss with its backward. Gradients land in TrainStep's buffers; `TrainStep.apply` follows.
     """
 
-    def __init__(self, model, train_step: TrainStep, mesh, use_jit: bool = True):
+    def __init__(self, model, train_step: TrainStep, mesh, jit=None):
         self.model, self.train_step, self.mesh = model, train_step, mesh
         self.stage, self.stages = mesh.coord("pp"), mesh.layout.pp
         params = list(train_step.params)
-        jit = ms.jit if use_jit else (lambda f: f)
+        jit = jit or (lambda f: f)          # ms.jit (with the config's jit_level), or eager
         first, last = model.first_stage, model.last_stage
+        # every stage builds its attention inputs from the micro-batch's own positions/segments (or none)
         if last:
-            def loss_fn(x, targets, scale):
-                return model.stage_loss(x, targets) * scale
+            def loss_fn(x, targets, position_ids, segment_ids, loss_weight):
+                return model.loss_sum(model.hidden_states(x, position_ids, segment_ids), targets) * loss_weight
             self.loss_grad = jit(ms.value_and_grad(loss_fn, grad_position=0, weights=params))
         else:
-            def vjp_fn(x, dy):
-                return (model.stage_hidden(x) * dy).sum()
-            self.forward_fn = jit(model.stage_hidden)
+            def vjp_fn(x, position_ids, segment_ids, dy):
+                return (model.hidden_states(x, position_ids, segment_ids) * dy).sum()
+            self.forward_fn = jit(model.hidden_states)
             self.backward_fn = jit(ms.value_and_grad(vjp_fn, grad_position=None if first else 0, weights=params))
         self.add_grads = jit(train_step.add_grads)
 
-    def run(self, micro_batches, scale, act_like):
-        """micro_batches: [(input ids, targets)] numpy; returns the sum of the scaled losses (last stage, else 0)."""
+    def run(self, micro_batches, loss_weight, act_like):
+        """micro_batches: [MicroBatch] of Tensors; returns the sum of the weighted losses (last stage, else 0)."""
         from ..parallel.pipeline import run_1f1b
         first, last = self.model.first_stage, self.model.last_stage
         total = [ms.Tensor(0.0, ms.float32)]
@@ -94,17 +97,20 @@ class PipelineStep:
         def forward(i, x):
             if last:
                 return None
-            return self.forward_fn(ms.Tensor(micro_batches[i][0]) if first else x)
+            mb = micro_batches[i]
+            return self.forward_fn(mb.inputs if first else x, mb.position_ids, mb.segment_ids)
 
         def backward(i, x, dy):
+            mb = micro_batches[i]
             if last:
-                loss, (dx, grads) = self.loss_grad(x, ms.Tensor(micro_batches[i][1]), scale)
+                loss, (dx, grads) = self.loss_grad(mb.inputs if first else x, mb.targets, mb.position_ids,
+                                                   mb.segment_ids, loss_weight)
                 total[0] = total[0] + loss
             elif first:
-                _, grads = self.backward_fn(ms.Tensor(micro_batches[i][0]), dy)
+                _, grads = self.backward_fn(mb.inputs, mb.position_ids, mb.segment_ids, dy)
                 dx = None
             else:
-                _, (dx, grads) = self.backward_fn(x, dy)
+                _, (dx, grads) = self.backward_fn(x, mb.position_ids, mb.segment_ids, dy)
             self.add_grads(grads)
             return dx
 
