@@ -71,9 +71,9 @@ class Generator:
         """The model's attention-input builder, for queries at cache `query_slots` [T] over the `real` [B, L]
         slots; rotary tables of a forward of `total_len` at `positions` [B, T]."""
         c = self.model.config
-        return build_attention_inputs(self.model.rope, num_tokens, position_ids=positions, key_valid=Tensor(real),
-                                      total_len=total_len, query_slots=Tensor(query_slots.astype(np.int32)),
-                                      num_keys=real.shape[1], dtype=ms_dtype(c.rotary_dtype))
+        return build_attention_inputs(self.model.rope, num_tokens, position_ids=positions, key_valid=real,
+                                      total_len=total_len, query_slots=query_slots, num_keys=real.shape[1],
+                                      dtype=ms_dtype(c.rotary_dtype))
 
     def generate(self, prompts: list[list[int]], cfg: GenerationConfig, streamer=None, timings: dict | None = None):
         """Full sequences (prompt + new tokens, up to and including a stop token) as lists of ints.

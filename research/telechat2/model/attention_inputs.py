@@ -60,7 +60,7 @@ def rotary_tables(rope: tuple, total_len: int, num_tokens: int, positions=None, 
     if positions is None:
         return (Tensor(table_cos[:num_tokens], dtype).reshape(1, 1, num_tokens, -1),
                 Tensor(table_sin[:num_tokens], dtype).reshape(1, 1, num_tokens, -1))
-    if isinstance(positions, np.ndarray):                     # host positions (generation): gather on the host
+    if isinstance(positions, np.ndarray):                     # host positions: gather on the host
         return Tensor(table_cos[positions][:, None], dtype), Tensor(table_sin[positions][:, None], dtype)
     cos = ops.gather(Tensor(table_cos, dtype), positions, 0)
     sin = ops.gather(Tensor(table_sin, dtype), positions, 0)
@@ -70,20 +70,33 @@ def rotary_tables(rope: tuple, total_len: int, num_tokens: int, positions=None, 
 def allowed_mask(num_queries: int, num_keys: int, *, query_slots=None, key_valid=None, segment_ids=None):
     """bool [B|1, 1, T, L]: key k is visible to query t (see the module docstring).
 
-    query_slots: the cache slot of each query, Tensor [T] (default 0..T-1, the causal mask of a full
-    sequence); key_valid: [B, L], True where the slot holds a real token; segment_ids: [B, T] with T == L.
+    query_slots: the cache slot of each query, [T] (default 0..T-1, the causal mask of a full sequence);
+    key_valid: [B, L], True where the slot holds a real token; segment_ids: [B, T] with T == L.
+    numpy inputs are combined on the host (the trainer and generation pass the result into compiled steps:
+    building a per-sample mask inside a graph with collectives fails on MindSpore's CPU backend); Tensor
+    inputs are combined with ops (inside a graph the causal part is a constant).
     """
+    given = [x for x in (query_slots, key_valid, segment_ids) if x is not None]
+    if all(isinstance(x, np.ndarray) for x in given):
+        if query_slots is None:
+            allowed = _causal(num_queries, num_keys)
+        else:
+            allowed = (np.arange(num_keys)[None, :] <= np.asarray(query_slots).reshape(-1, 1))[None, None]
+        if key_valid is not None:
+            allowed = allowed & key_valid.astype(bool)[:, None, None, :]
+        if segment_ids is not None:
+            allowed = allowed & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+        return Tensor(allowed)
     if query_slots is None:
         allowed = Tensor(_causal(num_queries, num_keys))
     else:
         keys = ops.arange(num_keys, dtype=ms.int32).reshape(1, 1, 1, num_keys)
         allowed = keys <= query_slots.astype(ms.int32).reshape(1, 1, num_queries, 1)
     if key_valid is not None:
-        allowed = ops.logical_and(allowed, key_valid.astype(ms.bool_).reshape(key_valid.shape[0], 1, 1, num_keys))
+        allowed = ops.logical_and(allowed, key_valid.astype(ms.bool_).expand_dims(1).expand_dims(1))   # [B,1,1,L]
     if segment_ids is not None:
-        b = segment_ids.shape[0]
-        same = segment_ids.reshape(b, 1, num_queries, 1) == segment_ids.reshape(b, 1, 1, num_keys)
-        allowed = ops.logical_and(allowed, same)
+        rows = segment_ids.expand_dims(1)                                                  # [B, 1, T]
+        allowed = ops.logical_and(allowed, rows.expand_dims(3) == rows.expand_dims(2))     # [B, 1, T, T]
     return allowed
 
 

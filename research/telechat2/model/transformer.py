@@ -103,6 +103,8 @@ class TeleChat2ForCausalLM(nn.Cell):
             self.cp_sum = group_collective(ReduceFromTensorParallel, mesh, "cp")   # all-reduce fwd, identity bwd
         pp, stage = mesh.layout.pp, mesh.coord("pp")
         self.first_stage, self.last_stage = stage == 0, stage == pp - 1
+        # hidden-state inputs of later stages are split over the sequence under SP; attention gathers it
+        self.input_seq_split = mesh.tp if not self.first_stage and mesh.sequence_parallel else 1
         layer_ids = mesh.stage_layers(config.num_layers)[stage] if pp > 1 else None
         self.model = TeleChat2Model(config, mesh, layer_ids, self.first_stage, self.last_stage)
         if not self.last_stage:
@@ -142,9 +144,11 @@ class TeleChat2ForCausalLM(nn.Cell):
 
     def attention_inputs(self, num_tokens: int, position_ids=None, segment_ids=None, attention_mask=None):
         """The rotary tables and mask of a forward whose attention sees `num_tokens` tokens of a full sequence
-        (this rank's zigzag part under context parallel). position_ids, segment_ids, attention_mask: [B, T]."""
+        (this rank's zigzag part under context parallel). position_ids, segment_ids, attention_mask: [B, T],
+        numpy (built on the host: what the trainer passes into its compiled step) or Tensors (built in the
+        graph: single-device logits)."""
         if self.cp > 1:                         # tables at the zigzag positions; the ring applies causality
-            positions = Tensor(self.cp_positions[None]) if position_ids is None else position_ids
+            positions = self.cp_positions[None] if position_ids is None else position_ids
             return build_attention_inputs(self.rope, num_tokens, position_ids=positions, segment_ids=segment_ids,
                                           key_valid=attention_mask, total_len=num_tokens * self.cp, ring=True,
                                           dtype=self.rotary_dtype)
@@ -158,12 +162,12 @@ class TeleChat2ForCausalLM(nn.Cell):
         ms.jit). With the cache arguments (generation) every layer writes its keys/values into its slots."""
         return self.model(inputs, cos, sin, allowed, k_caches, v_caches, write_slot)
 
-    def hidden_states(self, inputs, position_ids=None, segment_ids=None, attention_mask=None):
-        """`forward` over a full sequence: training, pipeline stages, context parallel, logits."""
-        num_tokens = inputs.shape[1]
-        if not self.first_stage and self.mesh.sequence_parallel:
-            num_tokens *= self.mesh.tp          # stage inputs are split over the sequence; attention gathers it
-        return self.forward(inputs, *self.attention_inputs(num_tokens, position_ids, segment_ids, attention_mask))
+    def hidden_states(self, inputs, cos=None, sin=None, allowed=None):
+        """`forward` over a full sequence: training, pipeline stages, context parallel, logits. cos, sin,
+        allowed: `attention_inputs(...)` (packed documents, padding); None: the plain causal sequence."""
+        if cos is None:
+            cos, sin, allowed = self.attention_inputs(inputs.shape[1] * self.input_seq_split)
+        return self.forward(inputs, cos, sin, allowed)
 
     def head_logits(self, hidden):
         """fp32 logits [B, S, V] of final hidden states (gathered over the vocabulary under tp)."""
@@ -172,7 +176,10 @@ class TeleChat2ForCausalLM(nn.Cell):
 
     def logits(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None):
         """fp32 logits [B, S, V]. segment_ids [B, S] (packed documents): attend only within a segment."""
-        return self.head_logits(self.hidden_states(input_ids, position_ids, segment_ids, attention_mask))
+        attn = None
+        if position_ids is not None or segment_ids is not None or attention_mask is not None:
+            attn = self.attention_inputs(input_ids.shape[1], position_ids, segment_ids, attention_mask)
+        return self.head_logits(self.hidden_states(input_ids, *(attn or ())))
 
     def construct(self, input_ids, labels=None, attention_mask=None, position_ids=None):
         # input_ids: [B, S] int; labels: [B, S] aligned with input_ids (HF style, shifted here);
@@ -189,15 +196,16 @@ class TeleChat2ForCausalLM(nn.Cell):
             return token_nll(logits, targets, self.config.ignore_token_id).sum()
         return self.vocab_parallel_loss(logits, targets).sum()
 
-    def next_token_loss(self, input_ids, targets, position_ids=None, segment_ids=None, loss_weight=None):
+    def next_token_loss(self, input_ids, targets, cos=None, sin=None, allowed=None, loss_weight=None):
         """Cross entropy of logits[t] against targets[t] (already shifted; -100 ignored).
 
-        A packed sample of S+1 ids gives input_ids = ids[:, :-1], targets = ids[:, 1:]. With `loss_weight`
-        (the trainer: loss scale / label tokens of the whole global batch) the sum times it, so that summing
-        over micro-batches and data-parallel ranks gives the global per-token mean; without, the mean over
-        this call's counted targets (of the whole sequence under context parallel).
+        A packed sample of S+1 ids gives input_ids = ids[:, :-1], targets = ids[:, 1:]; cos, sin, allowed
+        are its `attention_inputs` when it holds several documents (positions restart, attention stays inside
+        each), else None. With `loss_weight` (the trainer: loss scale / label tokens of the whole global
+        batch) the sum times it, so that summing over micro-batches and data-parallel ranks gives the global
+        per-token mean; without, the mean over this call's counted targets (of the whole sequence under cp).
         """
-        total = self.loss_sum(self.hidden_states(input_ids, position_ids, segment_ids), targets)
+        total = self.loss_sum(self.hidden_states(input_ids, cos, sin, allowed), targets)
         if loss_weight is not None:
             return total * loss_weight
         count = label_count(targets, self.config.ignore_token_id)

@@ -118,8 +118,7 @@ class Run:
 class MicroBatch(NamedTuple):
     inputs: object              # [b, S] ids (cp: this rank's zigzag part, [b, S/cp])
     targets: object             # [b, S] next-token targets, -100 ignored
-    position_ids: object        # [b, S] packed documents, or None
-    segment_ids: object         # [b, S] packed documents, or None
+    attn: tuple                 # (cos, sin, allowed) of packed documents, or (None, None, None): plain causal
 
 
 @dataclass
@@ -310,7 +309,11 @@ class Stepper:
             from ..parallel.ring_attention import to_zigzag
             cp, r = self.run.layout.cp, self.run.mesh.coord("cp")
             parts = [None if p is None else to_zigzag(p, cp, r) for p in parts]
-        return MicroBatch(*(None if p is None else ms.Tensor(p.astype(np.int32)) for p in parts))
+        inputs, targets, positions, segments = parts
+        attn = (None, None, None)
+        if positions is not None or segments is not None:      # packed documents: built on the host, once
+            attn = tuple(self.model.attention_inputs(inputs.shape[1], positions, segments))
+        return MicroBatch(ms.Tensor(inputs.astype(np.int32)), ms.Tensor(targets.astype(np.int32)), attn)
 
     def __call__(self, micro: list[MicroBatch], lr: float, scale: float) -> tuple[float, float, bool]:
         """(global per-token loss, gradient norm, finite) of one optimizer step."""
@@ -320,7 +323,7 @@ class Stepper:
         count = ts.data_sum(ops_sum([label_count(mb.targets, ignore) for mb in micro]))      # the global batch
         loss_weight = ms.Tensor(scale, ms.float32) / ms.ops.maximum(count, 1.0)
         if self.pipeline is None:
-            losses = [self.accumulate(*mb, loss_weight) for mb in micro]
+            losses = [self.accumulate(mb.inputs, mb.targets, *mb.attn, loss_weight) for mb in micro]
             loss = ops_sum(losses)
         else:
             loss = ts.reducer.pipeline_sum(self.pipeline.run(micro, loss_weight, self.act_like))

@@ -35,12 +35,13 @@ class TrainStep(nn.Cell):
         """The sum of a per-rank value over the ranks holding different data (dp and cp)."""
         return self.reducer.data_sum(x)
 
-    def scaled_loss(self, input_ids, targets, position_ids, segment_ids, loss_weight):
-        return self.model.next_token_loss(input_ids, targets, position_ids, segment_ids, loss_weight)
+    def scaled_loss(self, input_ids, targets, cos, sin, allowed, loss_weight):
+        return self.model.next_token_loss(input_ids, targets, cos, sin, allowed, loss_weight)
 
-    def accumulate(self, input_ids, targets, position_ids, segment_ids, loss_weight):
-        """One micro-batch; returns its weighted loss (position_ids/segment_ids: packed documents, or None)."""
-        loss, grads = self.grad_fn(input_ids, targets, position_ids, segment_ids, loss_weight)
+    def accumulate(self, input_ids, targets, cos, sin, allowed, loss_weight):
+        """One micro-batch; returns its weighted loss (cos, sin, allowed: packed documents' attention inputs,
+        or None)."""
+        loss, grads = self.grad_fn(input_ids, targets, cos, sin, allowed, loss_weight)
         self.add_grads(grads)
         return loss
 
@@ -76,14 +77,14 @@ class PipelineStep:
         params = list(train_step.params)
         jit = jit or (lambda f: f)          # ms.jit (with the config's jit_level), or eager
         first, last = model.first_stage, model.last_stage
-        # every stage builds its attention inputs from the micro-batch's own positions/segments (or none)
+        # every stage gets the micro-batch's attention inputs (packed documents) or None (plain causal)
         if last:
-            def loss_fn(x, targets, position_ids, segment_ids, loss_weight):
-                return model.loss_sum(model.hidden_states(x, position_ids, segment_ids), targets) * loss_weight
+            def loss_fn(x, targets, cos, sin, allowed, loss_weight):
+                return model.loss_sum(model.hidden_states(x, cos, sin, allowed), targets) * loss_weight
             self.loss_grad = jit(ms.value_and_grad(loss_fn, grad_position=0, weights=params))
         else:
-            def vjp_fn(x, position_ids, segment_ids, dy):
-                return (model.hidden_states(x, position_ids, segment_ids) * dy).sum()
+            def vjp_fn(x, cos, sin, allowed, dy):
+                return (model.hidden_states(x, cos, sin, allowed) * dy).sum()
             self.forward_fn = jit(model.hidden_states)
             self.backward_fn = jit(ms.value_and_grad(vjp_fn, grad_position=None if first else 0, weights=params))
         self.add_grads = jit(train_step.add_grads)
@@ -98,19 +99,18 @@ class PipelineStep:
             if last:
                 return None
             mb = micro_batches[i]
-            return self.forward_fn(mb.inputs if first else x, mb.position_ids, mb.segment_ids)
+            return self.forward_fn(mb.inputs if first else x, *mb.attn)
 
         def backward(i, x, dy):
             mb = micro_batches[i]
             if last:
-                loss, (dx, grads) = self.loss_grad(mb.inputs if first else x, mb.targets, mb.position_ids,
-                                                   mb.segment_ids, loss_weight)
+                loss, (dx, grads) = self.loss_grad(mb.inputs if first else x, mb.targets, *mb.attn, loss_weight)
                 total[0] = total[0] + loss
             elif first:
-                _, grads = self.backward_fn(mb.inputs, mb.position_ids, mb.segment_ids, dy)
+                _, grads = self.backward_fn(mb.inputs, *mb.attn, dy)
                 dx = None
             else:
-                _, (dx, grads) = self.backward_fn(x, mb.position_ids, mb.segment_ids, dy)
+                _, (dx, grads) = self.backward_fn(x, *mb.attn, dy)
             self.add_grads(grads)
             return dx
 
