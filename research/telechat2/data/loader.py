@@ -38,8 +38,8 @@ def _resolve(path: str) -> tuple[str, dict]:
         raise LoaderError(f"{path}: no {DATA_FILE} here; run `telechat2 preprocess` first")
     meta = {}
     if os.path.isfile(meta_path):
-        with open(meta_path, encoding="utf-8") as fh:
-            meta = json.load(fh)
+        from ..textio import read_json
+        meta = read_json(meta_path, "meta.json")
     return data, meta
 
 

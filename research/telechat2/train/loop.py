@@ -16,12 +16,14 @@ import time
 
 import numpy as np
 
+from ..data.check import check_dataset
 from ..dtypes import ms_dtype
 from ..errors import TeleChat2Error
 from ..perf import flops_per_token
 from . import checkpointing
 from .checkpointing import fault_point
 from .optim import AdamW, LossScaler, lr_at
+from .output_dir import claim_for_run
 from .report import log_line, write_report
 from .run_config import callback, model_config, save_resolved
 from .step import TrainStep
@@ -75,7 +77,7 @@ def measured_gemm_tflops() -> float:
     return 5 * 2 * 1024**3 / (time.perf_counter() - t) / 1e12
 
 
-def train(cfg: dict, *, resume: bool = False, progress: bool = True) -> str:
+def train(cfg: dict, *, resume: bool = False, progress: bool = True, force: bool = False) -> str:
     """Run the training described by a resolved run config. Returns the output folder."""
     import mindspore as ms
     from tqdm import tqdm
@@ -111,11 +113,14 @@ def train(cfg: dict, *, resume: bool = False, progress: bool = True) -> str:
         stage_layers(model_cfg.num_layers, layout.pp, stage_offset)      # a bad offset list fails here
     mesh = ParallelMesh.from_world(layout, stage_offset) if layout.world > 1 else ParallelMesh.single()
     rank0 = mesh.rank == 0
+    if rank0:                                   # output_dir ownership: --resume / --force (train/output_dir.py)
+        claim_for_run(cfg, out, resume=resume, force=force)
     progress = progress and rank0
     if rank0:                                   # raw .jsonl is preprocessed once, by rank 0
         data_dir = prepare_dataset(cfg, model_cfg, progress)
     barrier(mesh)
     data_dir = prepare_dataset(cfg, model_cfg, progress)
+    check_dataset(data_dir, model_cfg, cfg["run_mode"])     # files, sizes, seq_length, vocab (data/check.py)
     loader_args = dict(rank=mesh.dp_rank, rank_size=mesh.dp, seed=cfg["seed"], epochs=rc["epochs"],
                        shuffle=cfg["train_dataset"]["data_loader"]["shuffle"])
     probe = DataLoader(data_dir, rc["batch_size"], **loader_args)
