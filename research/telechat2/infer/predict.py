@@ -16,7 +16,7 @@ import warnings
 
 from ..errors import TeleChat2Error
 from ..ownership import refuse_overlap
-from ..textio import check_utf8_str, decode_utf8
+from ..textio import check_utf8_str
 from .sampling import RELEASE_DEFAULTS, GenerationConfig
 
 GENERATION_KEYS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")
@@ -230,9 +230,10 @@ def chat(cfg: dict, *, checkpoint=None, system=None, stdin=None, stdout=None, **
         lineno += 1
         if isinstance(line, bytes):            # a byte that is not UTF-8: this line is refused, the session goes on
             try:
-                line = decode_utf8(line, f"chat input line {lineno}")
-            except TeleChat2Error as e:
-                print(f"telechat2 chat: error: {e}; line ignored", file=sys.stderr)
+                line = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                print(f"telechat2 chat: error: input line {lineno}: not UTF-8 text (byte 0x{line[e.start]:02x} at "
+                      f"offset {e.start}); line ignored", file=sys.stderr)
                 continue
         text = line.rstrip("\r\n")
         if not text.strip():
