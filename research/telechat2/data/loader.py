@@ -14,7 +14,6 @@ to `MindDataset` as a `SubsetSampler`, so MindRecord's own shuffling and shardin
 """
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
