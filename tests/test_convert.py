@@ -118,11 +118,12 @@ def test_checkpoint_saved_by_mindspore_converts_to_hf(tmp_path):
     model = TeleChat2ForCausalLM(cfg)
     ckpt = str(tmp_path / "telechat.ckpt")
     ms.save_checkpoint(model, ckpt)
-    cfg_path = str(tmp_path / "config.json")
-    cfg.save_hf_config(cfg_path)
     out = str(tmp_path / "hf")
     r = cli("convert", "ms2hf", "--checkpoint", ckpt, "--output", out, check=False)
     assert r.returncode == 1 and "no config.json beside the weights; pass --config" in r.stderr
+    cfg_path = str(tmp_path / "cfg" / "config.json")
+    os.makedirs(os.path.dirname(cfg_path))
+    cfg.save_hf_config(cfg_path)
     cli("convert", "ms2hf", "--checkpoint", ckpt, "--output", out, "--config", cfg_path)
     got = hf_tensors(out)
     for name, p in model.parameters_and_names():
@@ -167,8 +168,14 @@ def test_output_is_never_overwritten_without_force(hf, tmp_path):
     r = cli("convert", "hf2ms", "--hf-dir", hf_dir, "--output", str(out), check=False)
     assert r.returncode == 1 and "output exists and is not empty; pass --force" in r.stderr
     assert (out / "precious.txt").read_text() == "keep me"
-    cli("convert", "hf2ms", "--hf-dir", hf_dir, "--output", str(out), "--force")
-    assert not (out / "precious.txt").exists() and (out / "model.safetensors").exists()
+    r = cli("convert", "hf2ms", "--hf-dir", hf_dir, "--output", str(out), "--force", check=False)
+    assert r.returncode == 1 and "was not written by telechat2" in r.stderr       # --force: only our folders
+    assert (out / "precious.txt").read_text() == "keep me"
+    out = tmp_path / "ms2"
+    cli("convert", "hf2ms", "--hf-dir", hf_dir, "--output", str(out))
+    (out / "stale.txt").write_text("x")
+    cli("convert", "hf2ms", "--hf-dir", hf_dir, "--output", str(out), "--force")   # ours: replaced
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").exists()
     assert [p for p in os.listdir(tmp_path) if ".tmp-" in p or ".old-" in p] == []
 
 

@@ -73,7 +73,7 @@ def test_cli_sft_sample_data_packs_whole_conversations(tmp_path, tok):
             "--reset-position-ids", "--reset-attention-mask", "--seed", 7)
     assert r.returncode == 0, r.stderr
     assert "preprocess sft:" in r.stdout and "lines read" in r.stdout and "480" in r.stdout
-    assert sorted(os.listdir(out)) == ["data.mindrecord", "data.mindrecord.db", "meta.json"]
+    assert sorted(os.listdir(out)) == [".telechat2-output.json", "data.mindrecord", "data.mindrecord.db", "meta.json"]
     assert sorted(os.listdir(tmp_path)) == ["sft"]                        # no temporary folder left
     meta = json.loads((out / "meta.json").read_text())
     assert meta["kind"] == "sft" and meta["seq_length"] == 511 and meta["tokenizer"]["vocab_size"] == 3912

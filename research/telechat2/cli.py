@@ -12,10 +12,11 @@ from .errors import TeleChat2Error
 def _load_config(args) -> TeleChat2Config:
     if args.config:
         if args.config.endswith((".yaml", ".yml")):
-            import yaml
-            with open(args.config, encoding="utf-8") as fh:
-                doc = yaml.safe_load(fh) or {}
-            return TeleChat2Config.from_model_config(doc.get("model", {}).get("model_config", {}))
+            from .textio import read_yaml
+            doc = read_yaml(args.config) or {}
+            if not isinstance(doc, dict) or not isinstance(doc.get("model") or {}, dict):
+                raise TeleChat2Error(f"{args.config}: a run config must be a mapping with a model: block")
+            return TeleChat2Config.from_model_config((doc.get("model") or {}).get("model_config") or {})
         return TeleChat2Config.from_hf_config(args.config)
     return TeleChat2Config.from_preset(args.preset)
 
@@ -66,8 +67,12 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (TeleChat2Error, OSError) as e:     # user errors: one clear line on stderr, no traceback
+    except TeleChat2Error as e:                # user errors: one clear line on stderr, no traceback
         print(f"telechat2 {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:                       # the path first, then the system's reason (never errno alone)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"telechat2 {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 1
 
 

@@ -4,9 +4,20 @@ from __future__ import annotations
 import os
 import sys
 
+from ..options import NON_NEGATIVE
 from .convert import DTYPE_NAMES, parse_size, verify, write_checkpoint
+from .manifest import set_verify
 from .safetensors_io import CheckpointError
 from .sources import open_checkpoint
+
+
+def _open(path, args, **kw):
+    set_verify(not args.no_verify)
+    src = open_checkpoint(path, config=args.config, **kw)
+    note = src.training_state_note()
+    if note:
+        print(f"[telechat2] note: {note}", file=sys.stderr)
+    return src
 
 
 def _config_of(source):
@@ -17,7 +28,7 @@ def _config_of(source):
 
 
 def cmd_hf2ms(args) -> int:
-    src = open_checkpoint(args.hf_dir, config=args.config, allow_pickle=args.allow_pickle)
+    src = _open(args.hf_dir, args, allow_pickle=args.allow_pickle)
     out = write_checkpoint(src, _config_of(src), args.output, target="mindspore", dtype=args.dtype,
                            fmt=args.format, max_shard_bytes=parse_size(args.max_shard_size), force=args.force)
     print(f"wrote MindSpore checkpoint ({args.format}) to {out}")
@@ -25,7 +36,7 @@ def cmd_hf2ms(args) -> int:
 
 
 def cmd_ms2hf(args) -> int:
-    src = open_checkpoint(args.checkpoint, config=args.config, allow_pickle=False)
+    src = _open(args.checkpoint, args, allow_pickle=False)
     out = write_checkpoint(src, _config_of(src), args.output, target="hf", dtype=args.dtype,
                            max_shard_bytes=parse_size(args.max_shard_size), force=args.force)
     print(f"wrote HF release to {out}")
@@ -33,7 +44,7 @@ def cmd_ms2hf(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    src = open_checkpoint(args.checkpoint, config=args.config)
+    src = _open(args.checkpoint, args)
     out = write_checkpoint(src, _config_of(src), args.output, target="mindspore", dtype=args.dtype,
                            fmt=args.format, max_shard_bytes=parse_size(args.max_shard_size), force=args.force)
     print(f"wrote merged MindSpore checkpoint ({args.format}) to {out}")
@@ -41,8 +52,8 @@ def cmd_merge(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    a = open_checkpoint(args.a, config=args.config, allow_pickle=args.allow_pickle)
-    b = open_checkpoint(args.b, config=args.config, allow_pickle=args.allow_pickle)
+    a = _open(args.a, args, allow_pickle=args.allow_pickle)
+    b = _open(args.b, args, allow_pickle=args.allow_pickle)
     problems, compared, worst = verify(a, b, atol=args.atol)
     for p in problems:
         print(f"MISMATCH {p}", file=sys.stderr)
@@ -61,7 +72,10 @@ def add_convert_parser(sub) -> None:
                        help="cast every tensor to this dtype (default: keep the stored dtype)")
         p.add_argument("--config", help="HF config.json or run YAML, when none sits beside the weights")
         p.add_argument("--max-shard-size", default="4GB", help="largest output shard (default 4GB)")
-        p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+        p.add_argument("--force", action="store_true",
+                       help="replace an output folder telechat2 wrote (never one without its marker, never an input)")
+        p.add_argument("--no-verify", action="store_true",
+                       help="read files that do not match their manifest.json (default: refuse them)")
 
     p = csub.add_parser("hf2ms", help="HF release -> MindSpore checkpoint folder")
     p.add_argument("--hf-dir", required=True)
@@ -88,7 +102,9 @@ def add_convert_parser(sub) -> None:
     p = csub.add_parser("verify", help="compare two checkpoints of any supported format, tensor by tensor")
     p.add_argument("a")
     p.add_argument("b")
-    p.add_argument("--atol", type=float, default=0.0, help="largest allowed |a - b| (default 0: bit-equal values)")
+    p.add_argument("--atol", type=NON_NEGATIVE.arg("--atol"), default=0.0,
+                   help="largest allowed |a - b|, a finite number >= 0 (default 0: bit-equal values)")
     p.add_argument("--config", help="config for single-file checkpoints (not needed to compare)")
     p.add_argument("--allow-pickle", action="store_true")
+    p.add_argument("--no-verify", action="store_true", help="read files that do not match their manifest.json")
     p.set_defaults(func=cmd_verify)

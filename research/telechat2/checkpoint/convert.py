@@ -16,6 +16,8 @@ import numpy as np
 from tqdm import tqdm
 
 from ..config import TeleChat2Config
+from ..ownership import check_replaceable, refuse_overlap, write_marker
+from .manifest import write_manifest
 from .ckpt_io import write_ckpt_tensor
 from .names import expected_shapes, ms_to_hf
 from .safetensors_io import CheckpointError, f32_to_bf16_bits, write_safetensors
@@ -47,6 +49,8 @@ def prepare_output(out_dir: str, force: bool) -> str:
     """A fresh temporary folder beside `out_dir`; refuses a non-empty `out_dir` unless `force`."""
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)) and not force:
         raise CheckpointError(f"{out_dir}: output exists and is not empty; pass --force to replace it")
+    if force:
+        check_replaceable(out_dir)          # only an empty folder or one telechat2 wrote (marker file)
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     return tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.tmp-", dir=parent)
@@ -84,6 +88,8 @@ def write_checkpoint(source: CheckpointSource, config: TeleChat2Config, out_dir:
     a folder (MindFormers' converter scripts expect this). Returns the output path.
     """
     check_against_config(source, config)
+    inputs = [("checkpoint", source.path)] + sorted({("checkpoint file", e.origin) for e in source.entries.values()})
+    refuse_overlap(single_file or out_dir, inputs)      # the output must not be, hold or sit inside an input
     if target == "hf" and fmt != "safetensors":
         raise CheckpointError("HF releases are written as safetensors only")
     out_dtype = {n: DTYPE_NAMES[dtype] if dtype else e.dtype for n, e in source.entries.items()}
@@ -129,6 +135,7 @@ def write_checkpoint(source: CheckpointSource, config: TeleChat2Config, out_dir:
                         write_ckpt_tensor(fh, out_name(n), out_dtype[n], source.entries[n].shape, chunks(n))
             weight_map.update({out_name(n): fname for n in names})
         bar.close()
+        source.verify_reads()                   # every input file read matched its manifest (if it has one)
         if single_file:
             os.replace(os.path.join(tmp_dir, files[0]), single_file)
             os.rmdir(tmp_dir)
@@ -147,8 +154,15 @@ def write_checkpoint(source: CheckpointSource, config: TeleChat2Config, out_dir:
                    "pad_token_id": config.pad_token_id}
             with open(os.path.join(tmp_dir, "generation_config.json"), "w", encoding="utf-8") as fh:
                 json.dump(gen, fh, indent=2)
+        write_manifest(tmp_dir, written_by="telechat2 convert", target=target)   # readers check it
+        write_marker(tmp_dir, "convert")        # ours: a later --force may replace this folder
         commit_output(tmp_dir, out_dir)
         return out_dir
+    except OSError as e:                        # full disk, file too large, ...: the message names the output
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        if e.filename:
+            raise
+        raise OSError(e.errno, f"writing {os.path.basename(final)}: {e.strerror or e}", final) from None
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
@@ -170,6 +184,8 @@ def verify(a: CheckpointSource, b: CheckpointSource, atol: float = 0.0, progress
     """Compare two checkpoints tensor by tensor (names through the mapping).
 
     Returns (problems, number of tensors compared, largest difference seen)."""
+    if not (isinstance(atol, (int, float)) and np.isfinite(atol) and atol >= 0):
+        raise CheckpointError(f"--atol must be a finite number >= 0, got {atol!r}")
     problems = [f"{n}: only in {a.path}" for n in sorted(set(a.entries) - set(b.entries))]
     problems += [f"{n}: only in {b.path}" for n in sorted(set(b.entries) - set(a.entries))]
     common = [n for n in a.entries if n in b.entries]
@@ -183,4 +199,6 @@ def verify(a: CheckpointSource, b: CheckpointSource, atol: float = 0.0, progress
         worst = max(worst, diff)
         if diff > atol:
             problems.append(f"{n}: max abs diff {diff:.3g} > {atol:g} ({ea.dtype} vs {eb.dtype})")
+    a.verify_reads()
+    b.verify_reads()
     return problems, len(common), worst

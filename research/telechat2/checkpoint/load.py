@@ -1,6 +1,8 @@
 """Loading a checkpoint of any supported format into a model (used by `from_hf` and the converters' tests)."""
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from .safetensors_io import CheckpointError
@@ -11,7 +13,9 @@ def load_weights(model, path: str, allow_pickle: bool = False) -> None:
     """Copy a checkpoint's weights (HF folder, MindSpore folder, or one file) into `model` by renaming.
 
     Every name and shape is checked against the model's config from the file headers before any data
-    is read; errors name the tensor, the file and the expected/actual shapes.
+    is read; errors name the tensor, the file and the expected/actual shapes. Files with a manifest are
+    checked against it as they are read (refused, naming the file, if one does not match). The optimizer
+    and step entries of a MindFormers training checkpoint are recognised and named in a one-line note.
     """
     import mindspore as ms
 
@@ -34,3 +38,7 @@ def load_weights(model, path: str, allow_pickle: bool = False) -> None:
                                   f"{list(param.shape)}, checkpoint block {list(raw.shape)}")
         value = np.ascontiguousarray(to_f32(raw, entry.dtype))
         param.set_data(ms.Tensor(value).astype(param.dtype))
+    source.verify_reads()                   # a file that fails its manifest is refused before the weights are used
+    note = source.training_state_note()
+    if note:
+        print(f"[telechat2] note: {note}", file=sys.stderr)

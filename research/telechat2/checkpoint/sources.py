@@ -10,14 +10,17 @@ from __future__ import annotations
 import glob
 import json
 import os
-from dataclasses import dataclass
+import zipfile
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
 from ..config import TeleChat2Config
+from ..errors import TeleChat2Error
+from ..textio import read_json, read_yaml
 from .ckpt_io import CkptFile
-from .manifest import resolve_run_checkpoint
+from .manifest import ManifestGuard, guard_for, resolve_run_checkpoint
 from .names import UnknownTensorName, expected_shapes, hf_to_ms, ms_to_hf
 from .safetensors_io import SAFETENSORS_DTYPES, CheckpointError, SafetensorsFile, bf16_bits_to_f32
 
@@ -51,6 +54,45 @@ class CheckpointSource:
     kind: str                          # "hf" or "mindspore" (which names the files use)
     entries: dict[str, TensorEntry]    # by MindSpore name
     config: TeleChat2Config | None
+    guard: ManifestGuard | None = None  # the manifest the files are checked against as they are read
+    training_state: dict[str, TensorEntry] = field(default_factory=dict)   # MindFormers optimizer/step entries
+
+    def verify_reads(self) -> None:
+        """Refuse (naming the file) if any file read so far does not match its manifest; call after reading."""
+        if self.guard is not None:
+            self.guard.finish()
+
+    def training_state_note(self) -> str | None:
+        """One line naming the optimizer/step entries that were recognised and not loaded, or None."""
+        if not self.training_state:
+            return None
+        groups: dict[str, int] = {}
+        for name in self.training_state:
+            key = name.split(".", 1)[0] + ".*" if "." in name else name
+            groups[key] = groups.get(key, 0) + 1
+        listed = ", ".join(f"{k} ({n})" if k.endswith("*") else k for k, n in groups.items())
+        return (f"{self.path}: a training checkpoint; weights taken, optimizer/step entries not loaded: {listed}")
+
+
+# what MindFormers' TrainOneStepCell / AdamW / CheckpointMonitor add to a training checkpoint besides the weights
+TRAINING_STATE_PREFIXES = ("adam_m.", "adam_v.", "accu_grads.", "moments.")
+TRAINING_STATE_NAMES = {"global_step", "scale_sense", "learning_rate", "current_iterator_step",
+                        "last_overflow_iterator_step", "epoch_num", "step_num", "loss_scale", "beta1_power",
+                        "beta2_power", "adam_step"}
+
+
+def is_training_state(name: str) -> bool:
+    """An optimizer or step entry of a MindFormers (or telechat2) training checkpoint, not a weight."""
+    if name in TRAINING_STATE_NAMES:
+        return True
+    for prefix in TRAINING_STATE_PREFIXES:
+        if name.startswith(prefix):
+            try:
+                ms_to_hf(name[len(prefix):])
+                return True
+            except UnknownTensorName:
+                return False
+    return False
 
 
 def to_f32(raw: np.ndarray, dtype: str) -> np.ndarray:
@@ -75,22 +117,47 @@ def _kind_of(names) -> str:
     return "hf" if hf > ms else "mindspore"
 
 
-def _file_entries(path: str, allow_pickle: bool):
-    """[(stored name, dtype, shape, reader)] of one weights file."""
+def _guarded(reader, guard: ManifestGuard | None, path: str, end: int | None):
+    """`reader` that first hashes `path` up to byte `end` (None: the whole file) against the manifest."""
+    if guard is None:
+        return reader
+
+    def read():
+        guard.touch(path, end)
+        return reader()
+    return read
+
+
+def _open_checked(cls, path: str, guard: ManifestGuard | None):
+    """Parse a file's header; if that fails and a manifest covers it, say first whether it was modified."""
+    try:
+        return cls(path)
+    except CheckpointError:
+        if guard is not None:
+            guard.check_whole(path)
+        raise
+
+
+def _file_entries(path: str, allow_pickle: bool, guard: ManifestGuard | None = None):
+    """[(stored name, dtype, shape, reader)] of one weights file; reads are checked by `guard` (if any)."""
     if path.endswith(".safetensors"):
-        f = SafetensorsFile(path)
-        return [(n, f.dtype(n), f.shape(n), (lambda f=f, n=n: f.read_raw(n))) for n in f.keys()]
+        f = _open_checked(SafetensorsFile, path, guard)
+        return [(n, f.dtype(n), f.shape(n), _guarded(lambda f=f, n=n: f.read_raw(n), guard, path,
+                                                       f.data_start + f.entries[n][3])) for n in f.keys()]
     if path.endswith(".ckpt"):
-        f = CkptFile(path)
+        f = _open_checked(CkptFile, path, guard)
         out = []
-        for n, (dtype, shape, _) in f.entries.items():
+        for n, (dtype, shape, spans) in f.entries.items():
             f.validate(n)
-            out.append((n, dtype, shape, (lambda f=f, n=n: f.read_raw(n))))
+            out.append((n, dtype, shape, _guarded(lambda f=f, n=n: f.read_raw(n), guard, path,
+                                                  max(o + ln for o, ln in spans))))
         return out
     if path.endswith(".bin"):
         if not allow_pickle:
             raise CheckpointError(f"{path}: .bin files are Python pickles, which can run arbitrary code when "
                                   "loaded; pass --allow-pickle if you trust this file")
+        if guard is not None:
+            guard.check_whole(path)
         return _torch_bin_entries(path)
     raise CheckpointError(f"{path}: unknown checkpoint file type (expected .safetensors, .ckpt or .bin)")
 
@@ -100,8 +167,8 @@ def _torch_bin_entries(path: str):
         import torch
     except ImportError:
         raise CheckpointError(f"{path}: reading .bin needs torch (pip install torch==2.13.0)") from None
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:        # memory-mapped for the zip format; a legacy (non-zip) pickle cannot be mapped and is read whole
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:                       # noqa: BLE001 - torch raises many types for bad pickles
         raise CheckpointError(f"{path}: cannot load as a weights-only torch pickle: {e}") from None
     names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
@@ -117,18 +184,28 @@ def _torch_bin_entries(path: str):
     return out
 
 
-def _weight_files(folder: str) -> tuple[list[str], dict[str, str]]:
+def _read_json_checked(path: str, what: str, guard: ManifestGuard | None):
+    if guard is not None and guard.covers(path):
+        guard.check_whole(path)
+    try:
+        return read_json(path, what)
+    except TeleChat2Error as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _weight_files(folder: str, guard: ManifestGuard | None = None) -> tuple[list[str], dict[str, str]]:
     """The weights files of a folder and the index's {tensor: file} (empty without an index).
     Index paths must stay inside the folder."""
     root = os.path.realpath(folder)
     for index in ("model.safetensors.index.json", "model.ckpt.index.json", "pytorch_model.bin.index.json"):
         index_path = os.path.join(folder, index)
         if os.path.exists(index_path):
+            doc = _read_json_checked(index_path, "a weights index", guard)
             try:
-                with open(index_path, encoding="utf-8") as fh:
-                    weight_map = json.load(fh)["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index_path}: not a weights index ({e})") from None
+                weight_map = doc["weight_map"]
+                weight_map.items()
+            except (KeyError, TypeError, AttributeError) as e:
+                raise CheckpointError(f"{index_path}: not a weights index (no weight_map mapping: {e})") from None
             files = []
             for name, shard in weight_map.items():
                 path = os.path.realpath(os.path.join(root, shard))
@@ -146,32 +223,43 @@ def _weight_files(folder: str) -> tuple[list[str], dict[str, str]]:
     raise CheckpointError(f"{folder}: no weights found (model*.safetensors, model*.ckpt, pytorch_model*.bin)")
 
 
-def _load_config(path: str | None) -> TeleChat2Config:
+def _load_config(path: str | None, guard: ManifestGuard | None = None) -> TeleChat2Config:
     if path.endswith((".yaml", ".yml")):
-        import yaml
-        with open(path, encoding="utf-8") as fh:
-            doc = yaml.safe_load(fh) or {}
+        from ..config import ConfigError
+        doc = read_yaml(path, error=ConfigError) or {}
+        if not isinstance(doc, dict):
+            raise ConfigError(f"{path}: a run config must be a mapping of keys")
         return TeleChat2Config.from_model_config((doc.get("model") or {}).get("model_config") or {})
+    if guard is not None and os.path.isfile(path) and guard.covers(path):
+        guard.check_whole(path)
     return TeleChat2Config.from_hf_config(path)
+
+
+def _beside(path: str, name: str) -> str | None:
+    p = os.path.join(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)), name)
+    return p if os.path.exists(p) else None
 
 
 def open_checkpoint(path: str, config: str | None = None, allow_pickle: bool = False) -> CheckpointSource:
     """Index a checkpoint (folder or file) without reading tensor data; names mapped to MindSpore names."""
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file or folder")
-    path = resolve_run_checkpoint(path)          # a training output folder: its newest complete checkpoint
+    resolved = resolve_run_checkpoint(path)      # a training output folder: its newest complete checkpoint
+    # the files of a step folder or converted release are checked against its manifest as they are read
+    # (a run folder's checkpoint was just checked whole by resolve_run_checkpoint)
+    guard = guard_for(resolved) if resolved == path else None
+    path = resolved
     if os.path.isdir(path) and glob.glob(os.path.join(path, "rank_*", "rank.json")):
-        return _open_distributed(path, config)
+        return _open_distributed(path, config, guard)
     index = {}
     if os.path.isdir(path):
-        files, index = _weight_files(path)
-        cfg_path = config or (os.path.join(path, "config.json") if os.path.exists(os.path.join(path, "config.json"))
-                              else None)
+        files, index = _weight_files(path, guard)
     else:
-        files, cfg_path = [path], config
+        files = [path]
+    cfg_path = config or _beside(path, "config.json")     # a single file: the config.json beside it, if any
     raw = []
     for f in files:
-        raw.extend((f, *e) for e in _file_entries(f, allow_pickle))
+        raw.extend((f, *e) for e in _file_entries(f, allow_pickle, guard))
     stored = {(os.path.realpath(origin), n) for origin, n, *_ in raw}
     for name, file in index.items():
         if (file, name) not in stored:
@@ -180,8 +268,11 @@ def open_checkpoint(path: str, config: str | None = None, allow_pickle: bool = F
         kind = _kind_of([n for _, n, *_ in raw])
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    entries = {}
+    entries, training_state = {}, {}
     for origin, stored, dtype, shape, reader in raw:
+        if kind == "mindspore" and is_training_state(stored):      # MindFormers optimizer/step entries
+            training_state[stored] = TensorEntry(stored, stored, dtype, tuple(shape), origin, reader)
+            continue
         try:
             name = hf_to_ms(stored) if kind == "hf" else (ms_to_hf(stored) and stored)
         except UnknownTensorName as e:
@@ -189,8 +280,8 @@ def open_checkpoint(path: str, config: str | None = None, allow_pickle: bool = F
         if name in entries:
             raise CheckpointError(f"{origin}: tensor {stored!r} also appears in {entries[name].origin}")
         entries[name] = TensorEntry(name, stored, dtype, tuple(shape), origin, reader)
-    cfg = _load_config(cfg_path) if cfg_path else None
-    return CheckpointSource(path, kind, entries, cfg)
+    cfg = _load_config(cfg_path, guard) if cfg_path else None
+    return CheckpointSource(path, kind, entries, cfg, guard, training_state)
 
 
 def check_against_config(source: CheckpointSource, config: TeleChat2Config) -> None:
@@ -215,13 +306,25 @@ def check_against_config(source: CheckpointSource, config: TeleChat2Config) -> N
             raise CheckpointError(f"{e.origin}: tensor {e.stored_name!r}: dtype {e.dtype} is not a float type")
 
 
-def _open_distributed(path: str, config: str | None) -> CheckpointSource:
+def _rank_info(info_path: str, guard: ManifestGuard | None) -> dict:
+    info = _read_json_checked(info_path, "rank.json", guard)
+    try:
+        int(info["rank"])
+        info["layout"].values()
+        for name, spec in info["shards"].items():
+            axis, start, length = (int(v) for v in spec)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{info_path}: malformed rank.json (needs rank, layout and shards "
+                              f"{{tensor: [axis, start, length]}}): {type(e).__name__} {e}") from None
+    return info
+
+
+def _open_distributed(path: str, config: str | None, guard: ManifestGuard | None = None) -> CheckpointSource:
     """A checkpoint written by several ranks (step_N/rank_R/ with rank.json): every full tensor is
     assembled from the ranks' blocks on read, and a block request reads only the overlapping parts."""
     ranks = {}
     for info_path in sorted(glob.glob(os.path.join(path, "rank_*", "rank.json"))):
-        with open(info_path, encoding="utf-8") as fh:
-            info = json.load(fh)
+        info = _rank_info(info_path, guard)
         ranks[info["rank"]] = (os.path.dirname(info_path), info)
     layouts = {json.dumps(info["layout"], sort_keys=True) for _, info in ranks.values()}
     steps = {info.get("step") for _, info in ranks.values()}
@@ -237,17 +340,21 @@ def _open_distributed(path: str, config: str | None) -> CheckpointSource:
     whole, blocks = {}, {}
     for r in sorted(ranks):
         folder, info = ranks[r]
-        f = SafetensorsFile(os.path.join(folder, "model.safetensors"))
+        f = _open_checked(SafetensorsFile, os.path.join(folder, "model.safetensors"), guard)
         for name in f.keys():
             if name in info["shards"]:
                 axis, start, length = info["shards"][name]
                 blocks.setdefault(name, {}).setdefault(start, (axis, length, f))
             else:
                 whole.setdefault(name, f)
+    def touch(f, name):
+        if guard is not None:
+            guard.touch(f.path, f.data_start + f.entries[name][3])
+
     entries = {}
     for name, f in whole.items():
         entries[name] = TensorEntry(name, name, f.dtype(name), tuple(f.shape(name)), f.path,
-                                    (lambda f=f, n=name: f.read_raw(n)))
+                                    (lambda f=f, n=name: (touch(f, n), f.read_raw(n))[1]))
     for name, parts in blocks.items():
         starts = sorted(parts)
         axis = parts[starts[0]][0]
@@ -270,12 +377,13 @@ def _open_distributed(path: str, config: str | None) -> CheckpointSource:
             for st, ln, f in spans:
                 lo, hi = max(start, st), min(start + length, st + ln)
                 if lo < hi:
+                    touch(f, name)
                     pieces.append(f.read_raw(name)[(slice(None),) * axis + (slice(lo - st, hi - st),)])
             return np.concatenate(pieces, axis=axis) if len(pieces) > 1 else pieces[0]
 
         def read_full(name=name, axis=axis, spans=spans):
-            return np.concatenate([f.read_raw(name) for _, _, f in spans], axis=axis)
+            return np.concatenate([(touch(f, name), f.read_raw(name))[1] for _, _, f in spans], axis=axis)
         entries[name] = TensorEntry(name, name, first.dtype(name), tuple(shape), first.path, read_full, read_block)
     cfg_path = config or os.path.join(path, "config.json")
-    cfg = _load_config(cfg_path) if os.path.exists(cfg_path) else None
-    return CheckpointSource(path, "mindspore", entries, cfg)
+    cfg = _load_config(cfg_path, guard) if os.path.exists(cfg_path) else None
+    return CheckpointSource(path, "mindspore", entries, cfg, guard)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from ..options import NON_NEGATIVE_INT, POSITIVE_INT, Number
+
 
 def cmd_preprocess(args) -> int:
     from .preprocess import Options, run
@@ -25,18 +27,19 @@ def cmd_preprocess(args) -> int:
 def _common(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--input", nargs="+", required=True, metavar="FILE", help=f"JSON-lines files of {what}")
     p.add_argument("--tokenizer", required=True, metavar="MODEL", help="TeleChat2 tokenizer.model")
-    p.add_argument("--seq-length", type=int, required=True, metavar="N",
+    p.add_argument("--seq-length", type=POSITIVE_INT.arg("--seq-length"), required=True, metavar="N",
                    help="model sequence length; samples hold N+1 ids")
     p.add_argument("--output", required=True, metavar="DIR",
                    help="output folder (data.mindrecord, data.mindrecord.db, meta.json)")
-    p.add_argument("--workers", type=int, default=1, metavar="N",
+    p.add_argument("--workers", type=NON_NEGATIVE_INT.arg("--workers"), default=1, metavar="N",
                    help="tokenizer processes (0: one per core; default 1)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the record order before packing (default 0)")
+    p.add_argument("--seed", type=NON_NEGATIVE_INT.arg("--seed"), default=0, help="seed of the record order before packing (default 0)")
     p.add_argument("--no-shuffle", action="store_true", help="pack records in input order")
     p.add_argument("--on-error", choices=["fail", "skip"], default="fail",
                    help="on a bad input line: stop naming file:line (default) or skip it and count it")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
-    p.add_argument("--vocab-size", type=int, default=None, metavar="V",
+    p.add_argument("--force", action="store_true",
+                   help="replace an output folder telechat2 wrote (never one without its marker, never an input)")
+    p.add_argument("--vocab-size", type=Number(int, 13).arg("--vocab-size"), default=None, metavar="V",
                    help="reject token ids >= V (default: the tokenizer's size)")
     p.add_argument("--reset-position-ids", action="store_true",
                    help="add a position_ids column restarting at each document/conversation")

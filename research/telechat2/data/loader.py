@@ -14,7 +14,6 @@ to `MindDataset` as a `SubsetSampler`, so MindRecord's own shuffling and shardin
 """
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -38,8 +37,8 @@ def _resolve(path: str) -> tuple[str, dict]:
         raise LoaderError(f"{path}: no {DATA_FILE} here; run `telechat2 preprocess` first")
     meta = {}
     if os.path.isfile(meta_path):
-        with open(meta_path, encoding="utf-8") as fh:
-            meta = json.load(fh)
+        from ..textio import read_json
+        meta = read_json(meta_path, "meta.json")
     return data, meta
 
 

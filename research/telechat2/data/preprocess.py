@@ -50,6 +50,7 @@ import numpy as np
 
 from ..checkpoint.manifest import sha256
 from ..errors import TeleChat2Error
+from ..ownership import check_replaceable, refuse_overlap, write_marker
 from ..tokenizer.template import TemplateError, render_segments
 
 DATA_FILE = "data.mindrecord"
@@ -455,6 +456,9 @@ def _validate(opts: Options) -> None:
             raise PreprocessError(f"{p}: no such input file")
     if os.path.lexists(opts.output) and not opts.force:
         raise PreprocessError(f"{opts.output} already exists; pass --force to replace it")
+    refuse_overlap(opts.output, [("--input", p) for p in opts.inputs] + [("--tokenizer", opts.tokenizer)])
+    if opts.force:
+        check_replaceable(opts.output)              # only a folder telechat2 wrote (marker file) is replaced
     parent = os.path.dirname(os.path.abspath(opts.output))
     if not os.path.isdir(parent):
         raise PreprocessError(f"{parent}: the output's parent folder does not exist")
@@ -502,6 +506,7 @@ def run(opts: Options) -> Summary:
     try:
         _write_mindrecord(os.path.join(tmp, DATA_FILE), columns, opts.kind, opts.progress)
         summary.seconds = time.perf_counter() - t0
+        files = {f: os.path.getsize(os.path.join(tmp, f)) for f in (DATA_FILE, DATA_FILE + ".db")}
         meta = {
             "format": f"telechat2-{opts.kind}", "version": 1, "kind": opts.kind,
             "seq_length": opts.seq_length, "num_samples": summary.samples,
@@ -515,10 +520,12 @@ def run(opts: Options) -> Summary:
                         "reset_attention_mask": opts.reset_attention_mask,
                         "overlong": opts.overlong, "pack": opts.pack, "on_error": opts.on_error},
             "summary": summary.to_dict(),
+            "files": files,             # bytes per file: the trainer's pre-flight detects a truncated copy
         }
         with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as fh:
             json.dump(meta, fh, indent=2, ensure_ascii=False)
             fh.write("\n")
+        write_marker(tmp, "preprocess")
         _publish(tmp, output, opts.force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -3,16 +3,17 @@ from __future__ import annotations
 
 import json
 
+from ..options import GENERATION, POSITIVE_INT
+
 
 def _gen_args(p):
-    p.add_argument("--max-new-tokens", type=int)
+    # the same specs check these flags and the model_config keys of the same name (telechat2/options.py)
+    for key in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed"):
+        option = "--" + key.replace("_", "-")
+        p.add_argument(option, type=GENERATION[key].arg(option), help=GENERATION[key].describe())
     p.add_argument("--do-sample", action="store_true", default=None)
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--repetition-penalty", type=float)
-    p.add_argument("--seed", type=int)
     p.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override any config key")
+    p.add_argument("--no-verify", action="store_true", help="read checkpoint files that do not match their manifest")
 
 
 def _gen_overrides(args) -> dict:
@@ -21,8 +22,10 @@ def _gen_overrides(args) -> dict:
 
 
 def cmd_predict(args) -> int:
+    from ..checkpoint.manifest import set_verify
     from ..train.run_config import load_run_config
     from .predict import predict
+    set_verify(not args.no_verify)
     cfg = load_run_config(args.config, args.set or [])
     results = predict(cfg, checkpoint=args.checkpoint, prompt=args.prompt, input_file=args.input_file,
                       output=args.output, force=args.force, batch_size=args.batch_size,
@@ -36,8 +39,10 @@ def cmd_predict(args) -> int:
 
 
 def cmd_chat(args) -> int:
+    from ..checkpoint.manifest import set_verify
     from ..train.run_config import load_run_config
     from .predict import chat
+    set_verify(not args.no_verify)
     cfg = load_run_config(args.config, args.set or [])
     chat(cfg, checkpoint=args.checkpoint, system=args.system, **_gen_overrides(args))
     return 0
@@ -52,7 +57,8 @@ def add_infer_parsers(sub) -> None:
     src.add_argument("--input-file", help='jsonl: {"input": ...} or {"system", "dialog", "tools"} per line')
     p.add_argument("--output", help="write results here as jsonl (default: stdout)")
     p.add_argument("--force", action="store_true", help="replace an existing --output")
-    p.add_argument("--batch-size", type=int, help="prompts per batch (default runner_config.batch_size)")
+    p.add_argument("--batch-size", type=POSITIVE_INT.arg("--batch-size"),
+                   help="prompts per batch (default runner_config.batch_size)")
     p.add_argument("--refuse-overlong", action="store_true",
                    help="refuse prompts that do not fit the context instead of truncating them from the left")
     _gen_args(p)

@@ -15,6 +15,8 @@ import time
 import warnings
 
 from ..errors import TeleChat2Error
+from ..ownership import refuse_overlap
+from ..textio import check_utf8_str
 from .sampling import RELEASE_DEFAULTS, GenerationConfig
 
 GENERATION_KEYS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")
@@ -138,8 +140,11 @@ def reply_of(tokenizer, new_ids: list[int], gen: GenerationConfig) -> dict:
 def predict(cfg: dict, *, checkpoint=None, prompt=None, input_file=None, output=None, force=False,
             batch_size=None, refuse_overlong=False, **gen_overrides) -> list[dict]:
     from tqdm import tqdm
-    if output and os.path.exists(output) and not force:
-        raise PredictError(f"{output} exists; pass --force to replace it")
+    check_output(output, force, [("--input-file", input_file), ("--checkpoint", checkpoint or cfg["load_checkpoint"])])
+    if prompt is not None:
+        check_utf8_str(prompt, "--prompt")
+    gen_check = generation_config(cfg, **gen_overrides)
+    check_context(cfg, gen_check)
     model, tokenizer, model_cfg = load_for_inference(cfg, checkpoint)
     gen = generation_config(cfg, vocab_limit=tokenizer.vocab_size, **gen_overrides)
     if prompt is not None:
@@ -166,22 +171,55 @@ def predict(cfg: dict, *, checkpoint=None, prompt=None, input_file=None, output=
             results.append(res)
     if output:
         fd, tmp = tempfile.mkstemp(prefix=".predict-", dir=os.path.dirname(os.path.abspath(output)))
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for res in results:
-                fh.write(json.dumps(res, ensure_ascii=False) + "\n")
-        os.replace(tmp, output)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                for res in results:
+                    fh.write(json.dumps(res, ensure_ascii=False) + "\n")
+            os.replace(tmp, output)
+        except OSError as e:
+            os.unlink(tmp) if os.path.exists(tmp) else None
+            raise PredictError(f"--output {output}: cannot write the results: {e.strerror or e}") from None
     return results
+
+
+def check_output(output: str | None, force: bool, inputs) -> None:
+    """Before anything is generated: --output is a file we may write (never a folder, never an input)."""
+    if not output:
+        return
+    if os.path.isdir(output):
+        raise PredictError(f"--output {output} is a folder; give a file name for the jsonl results")
+    if os.path.lexists(output) and not force:
+        raise PredictError(f"--output {output} exists; pass --force to replace it")
+    refuse_overlap(output, inputs)
+    parent = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(parent):
+        raise PredictError(f"--output {output}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise PredictError(f"--output {output}: the folder {parent} is not writable")
+
+
+def check_context(cfg: dict, gen: GenerationConfig) -> None:
+    """max_new_tokens must leave room for a prompt in the context."""
+    from ..train.run_config import model_config
+    ctx = context_length(cfg, model_config(cfg))
+    if gen.max_new_tokens >= ctx:
+        raise PredictError(f"max_new_tokens {gen.max_new_tokens} leaves no room for a prompt in the context of "
+                           f"{ctx} tokens (model_config.max_decode_length or seq_length); use at most {ctx - 1}")
 
 
 def chat(cfg: dict, *, checkpoint=None, system=None, stdin=None, stdout=None, **gen_overrides) -> None:
     """Multi-turn chat on stdin/stdout: /reset, /system TEXT, /exit. Replies stream as they are generated.
     The oldest turns are dropped when the conversation no longer fits the context."""
-    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    stdin, stdout = stdin or sys.stdin.buffer, stdout or sys.stdout
+    if system is not None:
+        check_utf8_str(system, "--system")
+    check_context(cfg, generation_config(cfg, **gen_overrides))
     model, tokenizer, model_cfg = load_for_inference(cfg, checkpoint)
     gen = generation_config(cfg, vocab_limit=tokenizer.vocab_size, **gen_overrides)
     limit = context_length(cfg, model_cfg) - gen.max_new_tokens
     history: list[dict] = []
     interactive = stdin.isatty()
+    lineno = 0
     while True:
         if interactive:
             stdout.write("user> ")
@@ -189,7 +227,15 @@ def chat(cfg: dict, *, checkpoint=None, system=None, stdin=None, stdout=None, **
         line = stdin.readline()
         if not line:
             break
-        text = line.rstrip("\n")
+        lineno += 1
+        if isinstance(line, bytes):            # a byte that is not UTF-8: this line is refused, the session goes on
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                print(f"telechat2 chat: error: input line {lineno}: not UTF-8 text (byte 0x{line[e.start]:02x} at "
+                      f"offset {e.start}); line ignored", file=sys.stderr)
+                continue
+        text = line.rstrip("\r\n")
         if not text.strip():
             continue
         if text.strip() in ("/exit", "/quit"):
@@ -198,11 +244,18 @@ def chat(cfg: dict, *, checkpoint=None, system=None, stdin=None, stdout=None, **
             history = []
             stdout.write("[history cleared]\n")
             continue
-        if text.startswith("/system"):
+        if text.startswith("/system") and (len(text) == 7 or text[7].isspace()):
             system = text[len("/system"):].strip() or None
             history = []
             stdout.write(f"[system prompt {'set' if system else 'reset to the default'}; history cleared]\n")
             continue
+        if text.startswith("/") and not text.startswith("//"):
+            command = text.split()[0]
+            print(f"telechat2 chat: error: unknown command {command}; commands: /reset, /system TEXT, /exit "
+                  "(start a message with // to send a leading /)", file=sys.stderr)
+            continue
+        if text.startswith("//"):
+            text = text[1:]
         history.append({"role": "user", "content": text})
         head = [{"role": "system", "content": system}] if system else []
         ids = tokenizer.apply_chat_template(head + history)

@@ -6,6 +6,7 @@ import sys
 
 from ..config import PRESETS
 from ..errors import TeleChat2Error
+from ..options import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT
 from .hardware import ATLAS_800T_A2, Hardware
 from .model import Estimate, estimate
 
@@ -119,28 +120,28 @@ def add_plan_parsers(sub) -> None:
                                    "layouts, estimate memory per device and step time, rank those that fit. "
                                    "The model is described in docs/planner.md.")
     p.add_argument("--model", required=True, help=f"preset: {', '.join(PRESETS)}")
-    p.add_argument("--devices", type=int, required=True)
-    p.add_argument("--seq-length", type=int, default=8192)
-    p.add_argument("--hbm-gb", type=float, default=ATLAS_800T_A2.hbm_gb, help="device memory (default 64)")
-    p.add_argument("--peak-tflops", type=float, default=ATLAS_800T_A2.peak_tflops,
+    p.add_argument("--devices", type=POSITIVE_INT.arg("--devices"), required=True)
+    p.add_argument("--seq-length", type=POSITIVE_INT.arg("--seq-length"), default=8192)
+    p.add_argument("--hbm-gb", type=POSITIVE.arg("--hbm-gb"), default=ATLAS_800T_A2.hbm_gb, help="device memory (default 64)")
+    p.add_argument("--peak-tflops", type=POSITIVE.arg("--peak-tflops"), default=ATLAS_800T_A2.peak_tflops,
                    help="dense bf16 peak per device (default 295, Ascend 910B3)")
-    p.add_argument("--global-batch", type=int, help="sequences per optimizer step (default: one per device)")
-    p.add_argument("--micro-batch-size", type=int, default=1, help="sequences per micro-batch (default 1)")
+    p.add_argument("--global-batch", type=POSITIVE_INT.arg("--global-batch"), help="sequences per optimizer step (default: one per device)")
+    p.add_argument("--micro-batch-size", type=POSITIVE_INT.arg("--micro-batch-size"), default=1, help="sequences per micro-batch (default 1)")
     p.add_argument("--amp", choices=["O1", "O2"], default="O1", help="AMP level: residual stream fp32 (O1) or bf16")
     p.add_argument("--layout", help="evaluate one layout, e.g. dp=8,tp=1,pp=1,cp=1,mb=1 (optional: vpp=N, "
                                     "recompute=none|selective|full, zero=0|1, sp=0|1, mbs=N; options left out are "
                                     "chosen by the planner)")
     p.add_argument("--format", choices=["table", "json"], default="table")
-    p.add_argument("--top", type=int, default=10, help="layouts to list (0: all)")
+    p.add_argument("--top", type=NON_NEGATIVE_INT.arg("--top"), default=10, help="layouts to list (0: all)")
     p.add_argument("--all", action="store_true", help="list layouts that do not fit memory too")
     p.set_defaults(func=cmd_plan)
 
     c = sub.add_parser("check-config", help="validate a run YAML and its layout for N devices; print the memory "
                                             "estimate per device (no run)")
     c.add_argument("config", help="run YAML (configs/ascend/finetune_7b_o1.yaml, ...)")
-    c.add_argument("--devices", type=int, required=True, help="world size the config will run on")
-    c.add_argument("--hbm-gb", type=float, help="device memory (default 64; CPU: host memory, default physical)")
-    c.add_argument("--peak-tflops", type=float, help="dense bf16 peak per device for the step-time estimate")
+    c.add_argument("--devices", type=POSITIVE_INT.arg("--devices"), required=True, help="world size the config will run on")
+    c.add_argument("--hbm-gb", type=POSITIVE.arg("--hbm-gb"), help="device memory (default 64; CPU: host memory, default physical)")
+    c.add_argument("--peak-tflops", type=POSITIVE.arg("--peak-tflops"), help="dense bf16 peak per device for the step-time estimate")
     c.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a key, as `telechat2 train`")
     c.add_argument("--format", choices=["table", "json"], default="table")
     c.set_defaults(func=cmd_check_config)

@@ -1,6 +1,8 @@
 """Enumerate the valid training layouts of a model on N devices, estimate each, rank them."""
 from __future__ import annotations
 
+import math
+
 from ..config import PRESETS, ConfigError, TeleChat2Config
 from ..parallel.mesh import Layout, LayoutError
 from .hardware import Hardware
@@ -24,17 +26,21 @@ def planning_config(model: str, seq_length: int, amp: str = "O1") -> TeleChat2Co
                                        seq_length=max(seq_length, PRESETS[model].get("seq_length", 8192)))
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+def _divisors(n: int, limit: int | None = None) -> list[int]:
+    """The divisors of n up to `limit`, found by trial division up to sqrt(n) (any device count is instant)."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    found = sorted(set(small + [n // d for d in small]))
+    return [d for d in found if limit is None or d <= limit]
 
 
 def candidates(c: TeleChat2Config, devices: int, seq_length: int, global_batch: int,
                micro_batch_size: int = 1):
     """Every valid plan: dp x tp x pp x cp = devices, micro-batches from the global batch, sequence parallel
     whenever tp > 1, optimizer sharding on or off when dp > 1, each recompute mode, interleave 1-4."""
-    for tp in _divisors(devices):
-        for cp in _divisors(devices // tp):
-            for pp in _divisors(devices // (tp * cp)):
+    # bounds every valid layout obeys (heads split over tp, >= 1 layer per stage, 2 cp chunks per sequence)
+    for tp in _divisors(devices, c.num_heads):
+        for cp in _divisors(devices // tp, max(1, seq_length // 2)):
+            for pp in _divisors(devices // (tp * cp), c.num_layers):
                 dp = devices // (tp * cp * pp)
                 if global_batch % (dp * micro_batch_size):
                     continue

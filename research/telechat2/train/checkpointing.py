@@ -22,10 +22,13 @@ import shutil
 
 import numpy as np
 
+from ..errors import TeleChat2Error
+
 from ..checkpoint.safetensors_io import CheckpointError, SafetensorsFile, bf16_bits_to_f32, f32_to_bf16_bits, \
     write_safetensors
 
 from ..checkpoint.manifest import MANIFEST, check, latest_valid, list_checkpoints, resolve_run_checkpoint, sha256
+from .output_dir import current_run_id, prune
 
 __all__ = ["save", "read_into", "load_state", "check", "latest_valid", "list_checkpoints", "resolve_run_checkpoint"]
 
@@ -113,14 +116,18 @@ def save(ckpt_root: str, step: int, *, model, optim_params, state: dict, keep: i
             for f in sorted(names):
                 rel = os.path.relpath(os.path.join(folder, f), tmp)
                 files[rel] = {"sha256": sha256(os.path.join(tmp, rel)), "bytes": os.path.getsize(os.path.join(tmp, rel))}
+        run_id = current_run_id(os.path.dirname(ckpt_root))      # the output_dir's marker (train/output_dir.py)
         with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as fh:
-            json.dump({"step": step, "world": mesh.layout.world, "layout": mesh.layout.sizes, "files": files}, fh,
-                      indent=2)
+            json.dump({"step": step, "world": mesh.layout.world, "layout": mesh.layout.sizes, "run_id": run_id,
+                       "files": files}, fh, indent=2)
         if os.path.exists(final):                      # a re-run of the same step: replace it
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        for old in sorted(list_checkpoints(ckpt_root))[:-keep]:
-            shutil.rmtree(os.path.join(ckpt_root, f"step_{old:08d}"), ignore_errors=True)
+            old = f"{tmp}.old"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, final)
+        prune(ckpt_root, keep, run_id, just_written=step)   # only this run's older checkpoints
     barrier(mesh)
     return final
 
@@ -199,5 +206,8 @@ def load_resharded(step_dir: str, model, optimizer) -> None:
 
 
 def load_state(path: str) -> dict:
-    with open(os.path.join(path, "state.json"), encoding="utf-8") as fh:
-        return json.load(fh)
+    from ..textio import read_json
+    try:
+        return read_json(os.path.join(path, "state.json"), "state.json")
+    except TeleChat2Error as e:
+        raise CheckpointError(str(e)) from None

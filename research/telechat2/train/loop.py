@@ -27,12 +27,14 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..data.check import check_dataset
 from ..dtypes import ms_dtype
 from ..errors import TeleChat2Error
 from ..perf import flops_per_token
 from . import checkpointing
 from .checkpointing import fault_point
 from .optim import AdamW, LossScaler, lr_at
+from .output_dir import claim_for_run
 from .report import log_line, write_report
 from .run_config import callback, model_config, save_resolved
 
@@ -128,7 +130,7 @@ class Progress:
     history: list = field(default_factory=list)
 
 
-def set_up(cfg: dict, resume: bool, progress: bool) -> Run:
+def set_up(cfg: dict, resume: bool, progress: bool, force: bool = False) -> Run:
     """Checks, the MindSpore context, the mesh and the dataset: everything before the model."""
     import mindspore as ms
     from ..data.loader import DataLoader
@@ -152,16 +154,19 @@ def set_up(cfg: dict, resume: bool, progress: bool) -> Run:
     configure_mindspore(cfg, layout)
     ms.set_seed(cfg["seed"])
     mesh = ParallelMesh.from_world(layout, stage_offset) if layout.world > 1 else ParallelMesh.single()
+    if mesh.rank == 0:                          # output_dir ownership: --resume / --force (train/output_dir.py)
+        claim_for_run(cfg, out, resume=resume, force=force)
     progress = progress and mesh.rank == 0
     if mesh.rank == 0:                          # raw .jsonl is preprocessed once, by rank 0
         prepare_dataset(cfg, model_cfg, progress)
     barrier(mesh)
     data_dir = prepare_dataset(cfg, model_cfg, progress)
+    check_dataset(data_dir, model_cfg, cfg["run_mode"])     # files, sizes, seq_length, vocab (data/check.py)
     rc = cfg["runner_config"]
     probe = DataLoader(data_dir, rc["batch_size"], rank=mesh.dp_rank, rank_size=mesh.dp, seed=cfg["seed"],
                        epochs=rc["epochs"])
     columns = list(probe.columns or ["input_ids"])
-    check_columns(cfg, data_dir, probe.meta, columns, model_cfg, layout)
+    check_columns(cfg, data_dir, columns, layout)
     accum = rc["gradient_accumulation_steps"] * (layout.micro_batch_num if layout.pp > 1 else 1)
     global_batch = rc["batch_size"] * mesh.dp * accum
     total_steps = len(probe) // accum
@@ -181,14 +186,8 @@ def set_up(cfg: dict, resume: bool, progress: bool) -> Run:
                max(1, probe.num_samples // global_batch), resume_from, progress)
 
 
-def check_columns(cfg, data_dir, meta, columns, model_cfg, layout) -> None:
-    """The dataset's columns and length against the run (before the model is built)."""
-    data_seq = meta.get("seq_length")
-    if data_seq is not None and data_seq != model_cfg.seq_length:
-        raise TrainError(f"{data_dir}: samples have seq_length {data_seq}, model_config.seq_length is "
-                         f"{model_cfg.seq_length}; preprocess with --seq-length {model_cfg.seq_length}")
-    if cfg["run_mode"] == "finetune" and "labels" not in columns:
-        raise TrainError(f"{data_dir}: run_mode finetune needs a `labels` column (telechat2 preprocess sft)")
+def check_columns(cfg, data_dir, columns, layout) -> None:
+    """The dataset's columns against the run (files, length and vocabulary: data/check.py)."""
     missing = [c for c in cfg["train_dataset"]["input_columns"] if c not in columns]
     if missing:
         raise TrainError(f"train_dataset.input_columns: {data_dir} has no column {missing[0]!r} "
@@ -392,12 +391,12 @@ class Logger:
             print(f"[telechat2] report: {os.path.join(report_dir, 'report.md')}", file=sys.stderr)
 
 
-def train(cfg: dict, *, resume: bool = False, progress: bool = True) -> str:
+def train(cfg: dict, *, resume: bool = False, progress: bool = True, force: bool = False) -> str:
     """Run the training described by a resolved run config. Returns the output folder."""
     from tqdm import tqdm
     from ..parallel.mesh import barrier
 
-    run = set_up(cfg, resume, progress)
+    run = set_up(cfg, resume, progress, force)
     model, optimizer, scaler = build(run)
     done = restore(run, model, optimizer, scaler)
     stepper, logger = Stepper(run, model, optimizer), Logger(run)

@@ -14,6 +14,8 @@ import os
 import yaml
 
 from ..config import ConfigError, TeleChat2Config
+from ..options import check_run_config_values
+from ..textio import read_yaml
 
 LOW_PRECISION = ("float16", "bfloat16")
 
@@ -264,15 +266,9 @@ def load_yaml_with_bases(path: str, _seen=()) -> dict:
     path = os.path.abspath(path)
     if path in _seen:
         raise ConfigError(f"{path}: base_config cycle")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            doc = yaml.safe_load(fh) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark else ""
-        raise ConfigError(f"{path}: {where}invalid YAML: {getattr(e, 'problem', e)}") from None
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: no such config file")
+    doc = read_yaml(path, error=ConfigError) or {}      # UTF-8 and YAML errors name the file and line
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: a run config must be a mapping of keys")
     _anchor_paths(doc, os.path.dirname(path))
@@ -394,6 +390,7 @@ def check_accepted_values(cfg: dict, source: str) -> None:
 
 
 def validate_run_config(cfg: dict, source: str) -> None:
+    check_run_config_values(cfg, source)    # numbers finite and in range, switches boolean (options.py)
     check_accepted_values(cfg, source)
     rc = cfg["runner_config"]
     _need(cfg["run_mode"] in ("train", "finetune", "predict"), source, "run_mode",
