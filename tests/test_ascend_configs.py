@@ -1,9 +1,16 @@
 """configs/ascend: every YAML passes check-config for its device count, carries the published layout and the
-Ascend fast paths, and loads into the trainer (or `telechat2 predict`) with its sizes replaced by the tiny model.
+Ascend fast paths, and every pretrain/finetune config trains under msrun in its OWN topology, scaled down, with
+the losses of a single device.
 
-The CPU runs override what a CPU cannot do: sizes -> tiny preset at seq 64, the parallel layout -> all 1s (the
-trainer runs pipeline/context parallel elsewhere; this checks the keys, not the layout), amp.dtype -> float16
-(no bf16 kernels on CPU), device_target -> CPU. Configs that are identical after these overrides run once.
+Scaling down (`scaled_run`): the shipped YAML as resolved, the model replaced by the tiny preset at seq 64 with
+the size's features (GQA and eps 1e-8 for 115B, rope theta 1e6 for 35B-32K), every parallel axis above 1
+replaced by 2 (115B: dp2 x tp2 x pp2 with SP and selective recompute, 8 workers), micro-batches and
+accumulation above 1 replaced by 2, the per-rank batch chosen so that the global batch is 4, fp16 standing in
+for bf16, device_target CPU. Recompute, sequence parallel, the distributed optimizer and the AMP level stay as
+shipped. Each topology is one msrun job that trains its configs one after the other in the same processes;
+the single-device baselines (same tiny model, data and initial weights, batch 4) are shared by every config
+of the same (kind, AMP level, model features). Pretraining uses packed documents (position_ids restart per
+document, attention stays inside it), so every layout also carries the document masks.
 """
 import glob
 import json
@@ -15,6 +22,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import yaml
 
+import numpy as np
+from dist_util import msrun, report_losses, worker_log
+from helpers import write_hf_folder
+from reference import telechat2_torch as ref
+from telechat2 import TeleChat2Config
 from telechat2.cli import main
 from telechat2.plan.check import check_config
 from telechat2.train.run_config import load_run_config, model_config
@@ -33,26 +45,14 @@ DEVICES = {
 }
 CONFIGS = sorted(DEVICES)
 
-TINY = ["model.preset=tiny", "model.model_config.seq_length=64", "use_parallel=False",
-        "parallel_config.data_parallel=1", "parallel_config.model_parallel=1", "parallel_config.pipeline_stage=1",
-        "parallel_config.context_parallel=1", "parallel_config.use_seq_parallel=False",
-        "parallel_config.micro_batch_num=1", "parallel.enable_parallel_optimizer=False",
-        "context.device_target=CPU", "context.max_device_memory=1GB"]
-TINY_TRAIN = TINY + ["amp.dtype=float16", "runner_config.max_steps=2"]
-TINY_PREDICT = TINY + ["model.model_config.max_decode_length=64", "model.model_config.compute_dtype=float16",
-                       "model.model_config.param_init_type=float16", "model.model_config.res_dtype=float16",
-                       f"processor.tokenizer.vocab_file={TOKENIZER}"]
-
-# one process trains several configs, one after the other (a fresh model and compiled step each time)
-DRIVER = """
-import json, sys
-from telechat2.train.loop import train
-from telechat2.train.run_config import load_run_config
-for job in json.load(open(sys.argv[1])):
-    train(load_run_config(job["config"], job["overrides"]), progress=False)
-    print("TRAINED", job["config"], flush=True)
-"""
-
+TINY_PREDICT = ["model.preset=tiny", "model.model_config.seq_length=64", "use_parallel=False",
+                "parallel_config.data_parallel=1", "parallel_config.model_parallel=1",
+                "parallel_config.pipeline_stage=1", "parallel_config.context_parallel=1",
+                "parallel_config.use_seq_parallel=False", "parallel_config.micro_batch_num=1",
+                "parallel.enable_parallel_optimizer=False", "context.device_target=CPU",
+                "context.max_device_memory=1GB", "model.model_config.max_decode_length=64",
+                "model.model_config.compute_dtype=float16", "model.model_config.param_init_type=float16",
+                "model.model_config.res_dtype=float16", f"processor.tokenizer.vocab_file={TOKENIZER}"]
 
 def path(name):
     return os.path.join(ASCEND, name)
@@ -122,85 +122,155 @@ def test_published_layouts(name, layout):
             pc["micro_batch_num"], pc["use_seq_parallel"]) == layout
 
 
-# ---- the tiny CPU runs ----------------------------------------------------------------------------------
+# ---- every training config in its own topology, scaled down ----------------------------------------------
 
-def _signature(cfg: dict) -> str:
-    return json.dumps({k: v for k, v in cfg.items() if k != "output_dir"}, sort_keys=True, default=str)
+STEPS, GLOBAL_BATCH = 5, 4
+# the tiny model with each size's features (the weights only depend on the kv heads)
+FEATURES = {"3b": {}, "7b": {}, "35b": {}, "35b_32k": {"rope_theta": "1.0e+6"},      # YAML spellings of floats
+            "115b": {"n_kv_heads": 2, "rms_norm_eps": "1.0e-8"}}
+TRAIN_CONFIGS = [n for n in CONFIGS if not n.startswith("predict")]
+# fp32 (amp O0) runs of the layouts the issue names, besides the fp16 ones: pp2 x tp2 + SP (35B), dp2 x tp2 x
+# pp2 + SP (115B), dp2 with the distributed optimizer (3B), pretrain and SFT each
+FP32_CONFIGS = ["pretrain_35b_o1.yaml", "finetune_35b_o1.yaml", "pretrain_115b_o1.yaml", "finetune_115b_o1.yaml",
+                "pretrain_3b_o1.yaml", "finetune_3b_o1.yaml"]
+# one driver runs a list of trainings in this process (msrun: every worker runs the same list)
+DRIVER = os.path.join(REPO, "tests", "scenarios", "train_jobs.py")
+
+
+def size_of(name: str) -> str:
+    return name.split("_", 1)[1].rsplit("_", 1)[0]
+
+
+def kind_of(name: str) -> str:
+    return "pretrain" if name.startswith("pretrain") else "sft"
+
+
+def _two(v: int) -> int:
+    return 2 if v > 1 else 1
+
+
+def scaled_run(name: str, data: dict, init: dict, out: str, amp_level: str | None = None):
+    """(workers, --set overrides, baseline key, baseline overrides) of a shipped training config, scaled down."""
+    cfg = load_run_config(path(name))
+    pc, rc = cfg["parallel_config"], cfg["runner_config"]
+    dp, tp, pp, cp = (_two(pc[k]) for k in ("data_parallel", "model_parallel", "pipeline_stage", "context_parallel"))
+    micro = 2 if pp > 1 else 1
+    accum = _two(rc["gradient_accumulation_steps"])
+    assert GLOBAL_BATCH % (dp * micro * accum) == 0
+    for key in ("recompute", "select_recompute"):      # per-stage lists would need rescaling: none are shipped
+        assert isinstance(cfg["recompute_config"][key], bool), (name, key)
+    assert not (cfg["model"].get("model_config") or {}).get("offset"), name
+    feats = FEATURES[size_of(name)]
+    level = amp_level or cfg["amp"]["level"]
+    common = ["model.preset=tiny", "model.model_config.seq_length=64", "model.model_config.base_seqlen=64",
+              *[f"model.model_config.{k}={v}" for k, v in feats.items()],
+              "amp.dtype=float16", f"amp.level={level}", "context.device_target=CPU",
+              f"runner_config.max_steps={STEPS}", "lr_schedule.learning_rate=1.0e-3", "lr_schedule.lr_end=1.0e-4",
+              "lr_schedule.warmup_ratio=0.0", "callbacks.CheckpointMonitor.save_checkpoint_steps=100",
+              f"train_dataset.data_loader.dataset_dir={data[kind_of(name)]}",
+              f"load_checkpoint={init[feats.get('n_kv_heads', 4)]}"]
+    layout = [f"parallel_config.data_parallel={dp}", f"parallel_config.model_parallel={tp}",
+              f"parallel_config.pipeline_stage={pp}", f"parallel_config.context_parallel={cp}",
+              f"parallel_config.micro_batch_num={micro}", f"runner_config.gradient_accumulation_steps={accum}",
+              f"runner_config.batch_size={GLOBAL_BATCH // (dp * micro * accum)}", f"output_dir={out}"]
+    single = ["use_parallel=False", "parallel_config.data_parallel=1", "parallel_config.model_parallel=1",
+              "parallel_config.pipeline_stage=1", "parallel_config.context_parallel=1",
+              "parallel_config.use_seq_parallel=False", "parallel_config.micro_batch_num=1",
+              "parallel.enable_parallel_optimizer=False",
+              "runner_config.gradient_accumulation_steps=1", f"runner_config.batch_size={GLOBAL_BATCH}",
+              "recompute_config.recompute=False", "recompute_config.select_recompute=False"]
+    key = (kind_of(name), level, json.dumps(feats, sort_keys=True))
+    return dp * tp * pp * cp, common + layout, key, common + single
 
 
 @pytest.fixture(scope="module")
-def tiny_runs(tmp_path_factory):
-    """Train every distinct tiny-sized training config for 2 steps (two processes, one per core), then
-    generate with every distinct tiny-sized predict config from one of the fine-tuned checkpoints."""
-    tmp = tmp_path_factory.mktemp("ascend_tiny")
-    data = {}
-    for kind, seq in (("pretrain", 64), ("sft", 64)):
-        data[kind] = str(tmp / kind)
+def topology_runs(tmp_path_factory):
+    """Every training config (fp16) and FP32_CONFIGS (fp32) in its scaled topology, one msrun job per
+    world size; the single-device baselines in two plain processes."""
+    tmp = tmp_path_factory.mktemp("ascend_topologies")
+    data = {"pretrain": str(tmp / "pretrain"), "sft": str(tmp / "sft")}
+    for kind, extra in (("pretrain", ["--reset-position-ids", "--reset-attention-mask"]), ("sft", [])):
         subprocess.run([sys.executable, "-m", "telechat2", "preprocess", kind, "--input",
-                        os.path.join(DATA, f"{'pretrain' if kind == 'pretrain' else 'sft'}.jsonl"),
-                        "--tokenizer", TOKENIZER, "--seq-length", str(seq), "--output", data[kind]],
+                        os.path.join(DATA, "pretrain.jsonl" if kind == "pretrain" else "sft.jsonl"),
+                        "--tokenizer", TOKENIZER, "--seq-length", "64", "--output", data[kind], *extra],
                        check=True, capture_output=True)
-    groups: dict[str, list[str]] = {}          # signature -> config names
-    jobs, outputs = [], {}
-    for name in CONFIGS:
-        if name.startswith("predict"):
-            continue
-        kind = "pretrain" if name.startswith("pretrain") else "sft"
-        out = str(tmp / "runs" / name.removesuffix(".yaml"))
-        sets = TINY_TRAIN + [f"train_dataset.data_loader.dataset_dir={data[kind]}"]
-        sig = _signature(load_run_config(path(name), sets))
-        if sig not in groups:
-            groups[sig] = []
-            jobs.append({"config": path(name), "overrides": sets + [f"output_dir={out}"]})
-            outputs[sig] = out
-        groups[sig].append(name)
-    ran = {name: outputs[sig] for sig, names in groups.items() for name in names}
+    init = {}
+    for kv in (4, 2):
+        cfg = TeleChat2Config.from_preset("tiny", n_kv_heads=kv)
+        init[kv] = write_hf_folder(str(tmp / f"init_kv{kv}"), cfg, ref.random_state_dict(cfg.to_hf_dict(), seed=5))
+    jobs_by_world, baselines, runs = {}, {}, {}
+    for name, level in [(n, None) for n in TRAIN_CONFIGS] + [(n, "O0") for n in FP32_CONFIGS]:
+        tag = name.removesuffix(".yaml") + ("_fp32" if level else "")
+        workers, sets, key, single_sets = scaled_run(name, data, init, str(tmp / "runs" / tag), level)
+        jobs_by_world.setdefault(workers, []).append({"config": path(name), "overrides": sets})
+        if key not in baselines:
+            baselines[key] = {"config": path(name), "overrides": single_sets + [
+                f"output_dir={tmp / 'single' / str(len(baselines))}"]}
+        runs[tag] = {"out": str(tmp / "runs" / tag), "key": key, "workers": workers, "fp32": bool(level)}
 
-    def run_jobs(part, k):
-        jobs_file = tmp / f"jobs{k}.json"
+    def run_plain(part, k):
+        jobs_file = tmp / f"single{k}.json"
         jobs_file.write_text(json.dumps(part))
-        return subprocess.run([sys.executable, "-c", DRIVER, str(jobs_file)], capture_output=True, text=True)
+        return subprocess.run([sys.executable, DRIVER, str(jobs_file)], capture_output=True, text=True)
 
+    single_jobs = list(baselines.values())
     with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(run_jobs, (jobs[0::2], jobs[1::2]), (0, 1)))
-    for r in results:
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-
-    checkpoint = ran["finetune_7b_o1.yaml"]
-    predicted, pgroups = {}, {}
-    for name in CONFIGS:
-        if not name.startswith("predict"):
-            continue
-        sig = _signature(load_run_config(path(name), TINY_PREDICT))
-        if sig not in pgroups:
-            cmd = [sys.executable, "-m", "telechat2", "predict", "--config", path(name), "--checkpoint", checkpoint,
-                   "--prompt", "你好", "--max-new-tokens", "4"]
-            for s in TINY_PREDICT:
-                cmd += ["--set", s]
-            r = subprocess.run(cmd, capture_output=True, text=True)
+        for r in pool.map(run_plain, (single_jobs[0::2], single_jobs[1::2]), (0, 1)):
             assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-            pgroups[sig] = json.loads(r.stdout.strip().splitlines()[-1])
-        predicted[name] = pgroups[sig]
-    return {"trained": ran, "predicted": predicted, "distinct_train": len(groups), "distinct_predict": len(pgroups)}
+    logs = {}
+    for workers, jobs in sorted(jobs_by_world.items()):
+        jobs_file = tmp / f"world{workers}.json"
+        jobs_file.write_text(json.dumps(jobs))
+        logs[workers] = str(tmp / f"logs{workers}")
+        r = msrun(workers, [str(jobs_file)], logs[workers], timeout=1500, script=DRIVER)
+        assert r.returncode == 0, worker_log(logs[workers], 0)[-4000:]
+    single_out = {key: job["overrides"][-1].split("=", 1)[1] for key, job in baselines.items()}
+    return {"runs": runs, "single": single_out, "logs": logs, "distinct_baselines": len(baselines)}
 
 
-@pytest.mark.parametrize("name", [n for n in CONFIGS if not n.startswith("predict")])
-def test_training_config_runs_two_tiny_steps_on_cpu(tiny_runs, name):
-    with open(os.path.join(tiny_runs["trained"][name], "report", "report.json")) as fh:
-        report = json.load(fh)
-    steps = report["steps"]
-    assert [s["step"] for s in steps] == [1, 2]
-    assert all(s["loss"] == s["loss"] and 0 < s["loss"] < 20 for s in steps)     # finite
-    assert report["run"]["amp"].startswith(name.rsplit("_", 1)[1][:2].upper())
+@pytest.mark.parametrize("name", TRAIN_CONFIGS)
+def test_training_config_in_its_topology_equals_one_device(topology_runs, name):
+    """fp16 (the stand-in for bf16): losses within 1e-3 of one device over 5 steps (observed <= 7e-5)."""
+    run = topology_runs["runs"][name.removesuffix(".yaml")]
+    got, want = report_losses(run["out"]), report_losses(topology_runs["single"][run["key"]])
+    assert len(got) == STEPS and np.allclose(got, want, rtol=0, atol=1e-3), (got, want)
+    with open(os.path.join(run["out"], "report", "report.json")) as fh:
+        assert json.load(fh)["run"]["devices"] == run["workers"]
+
+
+@pytest.mark.parametrize("name", FP32_CONFIGS)
+def test_named_layouts_equal_one_device_in_fp32(topology_runs, name):
+    """pp2 x tp2 + SP, dp2 x tp2 x pp2 + SP and dp2 with the distributed optimizer, pretraining (packed
+    documents) and SFT: losses within 1e-5 of one device over 5 steps."""
+    run = topology_runs["runs"][name.removesuffix(".yaml") + "_fp32"]
+    got, want = report_losses(run["out"]), report_losses(topology_runs["single"][run["key"]])
+    assert len(got) == STEPS and np.allclose(got, want, rtol=0, atol=1e-5), (got, want)
+
+
+def test_topologies_scaled_from_the_shipped_layouts(topology_runs):
+    runs = topology_runs["runs"]
+    assert {runs[n.removesuffix(".yaml")]["workers"] for n in TRAIN_CONFIGS} == {2, 4, 8}
+    assert runs["finetune_115b_o2"]["workers"] == 8            # dp2 x tp2 x pp2
+    # baselines shared: (pretrain, sft) x (O1, O2, O0) x (MHA, theta 1e6, GQA) as used
+    assert topology_runs["distinct_baselines"] == 2 * 2 * 3 + 2 * 2
+
+
+_PREDICTED: dict[str, dict] = {}     # configs identical after the tiny overrides generate once
 
 
 @pytest.mark.parametrize("name", [n for n in CONFIGS if n.startswith("predict")])
-def test_predict_config_generates_on_cpu(tiny_runs, name):
-    result = tiny_runs["predicted"][name]
+def test_predict_config_generates_on_cpu(topology_runs, name):
+    """Every predict config (tiny, one device here) generates from a fine-tuned dp2 checkpoint."""
+    cfg = load_run_config(path(name), TINY_PREDICT)
+    sig = json.dumps({k: v for k, v in cfg.items() if k != "output_dir"}, sort_keys=True, default=str)
+    if sig not in _PREDICTED:
+        checkpoint = topology_runs["runs"]["finetune_7b_o1"]["out"]
+        cmd = [sys.executable, "-m", "telechat2", "predict", "--config", path(name), "--checkpoint", checkpoint,
+               "--prompt", "你好", "--max-new-tokens", "4"]
+        for s in TINY_PREDICT:
+            cmd += ["--set", s]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        _PREDICTED[sig] = json.loads(r.stdout.strip().splitlines()[-1])
+    result = _PREDICTED[sig]
     assert result["completion_tokens"] >= 1 and isinstance(result["text"], str)
-
-
-def test_distinct_tiny_runs(tiny_runs):
-    # pretrain/finetune x O1/O2 x {no recompute (3B), full (7B, 35B), full + accumulation (35B-32K), selective (115B)}
-    assert tiny_runs["distinct_train"] == 16
-    assert tiny_runs["distinct_predict"] == 1

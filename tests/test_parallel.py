@@ -61,16 +61,13 @@ def single(tmp_path_factory, data):
 
 
 # Kept to what the suite budget allows without losing a code path: plain tp (copy/reduce edges); SP edges
-# (gather/reduce-scatter, partial-gradient sums) in the MQA and dp2 x tp2 runs; dp gradient buckets in the
-# ZeRO-1 and dp2 x tp2 runs.
+# (gather/reduce-scatter, partial-gradient sums) in the MQA run. dp2 with the distributed optimizer, dp2 x tp2,
+# pp2 x tp2 and dp2 x tp2 x pp2 with SP run as the shipped configs' topologies (tests/test_ascend_configs.py).
 LAYOUTS = {
     # name: (workers, per-rank batch, kv heads, --set overrides)
     "tp2": (2, 4, 4, ["parallel_config.model_parallel=2"]),
     "tp2_sp_mqa_replicated_kv": (2, 4, 1, ["parallel_config.model_parallel=2",
                                            "parallel_config.use_seq_parallel=True"]),
-    "dp2_zero1": (2, 2, 4, ["parallel_config.data_parallel=2", "parallel.enable_parallel_optimizer=True"]),
-    "dp2_tp2": (4, 2, 4, ["parallel_config.data_parallel=2", "parallel_config.model_parallel=2",
-                          "parallel_config.use_seq_parallel=True"]),
     # context parallel: ring attention over the zigzag layout (PyNative forward/backward)
     "cp2": (2, 4, 4, ["parallel_config.context_parallel=2"]),
     "cp4": (4, 4, 4, ["parallel_config.context_parallel=4"]),
@@ -98,6 +95,62 @@ def test_layout_matches_single_device(name, single, data, tmp_path):
     diffs = {k: float(np.abs(a[k] - b[k]).max()) for k in a}
     worst = max(diffs, key=diffs.get)
     assert diffs[worst] <= 1e-5, (worst, diffs[worst], sorted(diffs.values())[-5:])
+
+
+FINETUNE = os.path.join(REPO, "configs", "cpu", "finetune_tiny.yaml")
+DRIVER = os.path.join(REPO, "tests", "scenarios", "train_jobs.py")
+
+
+def _overrides(args: list[str]) -> tuple[str, list[str]]:
+    """(config, overrides) of a `train` argument list, for the multi-run driver."""
+    config, sets = None, []
+    it = iter(args[1:])
+    for a in it:
+        value = next(it) if a in ("--config", "--set", "--train-dataset", "--load-checkpoint") else None
+        if a == "--config":
+            config = value
+        elif a == "--set":
+            sets.append(value)
+        elif a == "--train-dataset":
+            sets.append(f"train_dataset.data_loader.dataset_dir={value}")
+        elif a == "--load-checkpoint":
+            sets.append(f"load_checkpoint={value}")
+    return config, sets
+
+
+def test_pp2_cp2_pretrain_and_sft_match_single_device(single, data, tmp_path):
+    """Pipeline x context parallel (4 workers: 2 stages, each a cp2 ring): pretraining and SFT (5 steps,
+    global batch 4) give the single-device losses within 1e-5."""
+    import json
+    sft = str(tmp_path / "sft")
+    subprocess.run([sys.executable, "-m", "telechat2", "preprocess", "sft", "--input",
+                    os.path.join(REPO, "configs", "cpu", "data", "sft.jsonl"), "--tokenizer", TOKENIZER,
+                    "--seq-length", "64", "--output", sft], check=True, capture_output=True)
+    init = single[4][0]
+    sft_sets = ("model.model_config.seq_length=64",)
+    base_sft = str(tmp_path / "single_sft")
+    args = run_args(base_sft, sft, init, 4, 4, *sft_sets)
+    args[args.index(PRETRAIN)] = FINETUNE
+    r = subprocess.run([sys.executable, "-m", "telechat2", *args], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    layout = ("parallel_config.pipeline_stage=2", "parallel_config.micro_batch_num=2",
+              "parallel_config.context_parallel=2")
+    jobs, outs = [], {}
+    for kind, dataset, extra in (("pretrain", data, ()), ("sft", sft, sft_sets)):
+        outs[kind] = str(tmp_path / f"pp2cp2_{kind}")
+        args = run_args(outs[kind], dataset, init, 4, 2, *extra, *layout)
+        if kind == "sft":
+            args[args.index(PRETRAIN)] = FINETUNE
+        config, sets = _overrides(args)
+        jobs.append({"config": config, "overrides": sets})
+    jobs_file = tmp_path / "jobs.json"
+    jobs_file.write_text(json.dumps(jobs))
+    logs = str(tmp_path / "logs")
+    r = msrun(4, [str(jobs_file)], logs, script=DRIVER)
+    assert r.returncode == 0, worker_log(logs, 0)[-4000:]
+    for kind, base in (("pretrain", single[4][1]), ("sft", base_sft)):
+        got, want = report_losses(outs[kind]), report_losses(base)
+        assert len(got) == STEPS and np.allclose(got, want, rtol=0, atol=1e-5), (kind, got, want)
 
 
 def test_invalid_layouts_fail_before_training(tmp_path, data):

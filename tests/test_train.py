@@ -2,6 +2,7 @@
 handling, and bad configs refused before training starts."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -164,6 +165,70 @@ def test_sft_loss_counts_only_assistant_tokens(tmp_path):
     assert abs(all_tokens - want) > 1e-3
 
 
+@pytest.fixture(scope="module")
+def sft_data(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("sft_data") / "sft")
+    subprocess.run([sys.executable, "-m", "telechat2", "preprocess", "sft", "--input",
+                    os.path.join(REPO, "configs", "cpu", "data", "sft.jsonl"), "--tokenizer", TOKENIZER,
+                    "--seq-length", "64", "--output", out], check=True, capture_output=True)
+    return out
+
+
+def test_sft_accumulation_equals_the_bigger_batch(tmp_path, sft_data):
+    """SFT micro-batches hold different numbers of label tokens: with the per-token loss over the global batch,
+    batch 2 x accumulation 2 equals batch 4 (losses and weights), where per-micro-batch means would not."""
+    from telechat2.data.loader import DataLoader
+    sets = [f"train_dataset.data_loader.dataset_dir={sft_data}", "model.model_config.seq_length=64",
+            "runner_config.max_steps=4", "callbacks.CheckpointMonitor.save_checkpoint_steps=100",
+            "lr_schedule.learning_rate=1.0e-3"]
+    big, accum = str(tmp_path / "big"), str(tmp_path / "accum")
+    train(FINETUNE, big, *sets, "runner_config.batch_size=4")
+    r = train(FINETUNE, accum, *sets, "runner_config.batch_size=2", "runner_config.gradient_accumulation_steps=2",
+              "callbacks.MFLossMonitor.per_print_times=3")
+    a, b = [s["loss"] for s in report(big)["steps"]], [s["loss"] for s in report(accum)["steps"]]
+    # MFLossMonitor.per_print_times: a log line every 3 steps and at the end (the report keeps every step)
+    assert [int(m) for m in re.findall(r"step:\[\s*(\d+)/", r.stdout)] == [3, 4]
+    assert len(a) == 4 and np.allclose(a, b, rtol=0, atol=1e-5), (a, b)
+    wa, wb = final_weights(big, 4), final_weights(accum, 4)
+    assert max(float(np.abs(wa[k] - wb[k]).max()) for k in wa) <= 1e-5
+    # the case it guards: the two halves of a batch carry different label counts
+    batch = next(iter(DataLoader(sft_data, 4, shuffle=True, seed=0)))
+    counts = (batch["labels"][:, 1:] != -100).sum(1)
+    assert counts[:2].sum() != counts[2:].sum()
+
+
+def test_packed_documents_equal_the_documents_run_separately():
+    """One packed sample [doc A | doc B] with position_ids restarting and segment_ids: the per-token losses
+    (through the trainer's path: attention inputs built on the host, the compiled loss) equal each document
+    run alone, and differ without the document mask."""
+    from telechat2 import TeleChat2Config, TeleChat2ForCausalLM
+    from telechat2.model.loss import token_nll
+    ms.set_seed(0)
+    model = TeleChat2ForCausalLM(TeleChat2Config.from_preset("tiny"))
+    rng = np.random.default_rng(3)
+    a, b = rng.integers(13, 4000, 23).astype(np.int32), rng.integers(13, 4000, 41).astype(np.int32)
+    packed = np.concatenate([a, b])[None]                                # [1, 64]
+    positions = np.concatenate([np.arange(23), np.arange(41)])[None].astype(np.int32)
+    segments = np.concatenate([np.zeros(23), np.ones(41)])[None].astype(np.int32)
+    inputs, targets = packed[:, :-1], packed[:, 1:]
+
+    @ms.jit
+    def per_token(ids, tgt, cos, sin, allowed):
+        return token_nll(model.head_logits(model.hidden_states(ids, cos, sin, allowed)), tgt)
+
+    attn = model.attention_inputs(63, positions[:, :-1], segments[:, :-1])
+    got = per_token(ms.Tensor(inputs), ms.Tensor(targets), *attn).asnumpy()[0]
+    alone_a = per_token(ms.Tensor(a[None, :-1]), ms.Tensor(a[None, 1:]), None, None, None).asnumpy()[0]
+    alone_b = per_token(ms.Tensor(b[None, :-1]), ms.Tensor(b[None, 1:]), None, None, None).asnumpy()[0]
+    assert np.abs(got[:22] - alone_a).max() <= 1e-5                    # doc A's own next-token losses
+    assert np.abs(got[23:] - alone_b).max() <= 1e-5                    # doc B's (position 22 predicts B's first)
+    plain = per_token(ms.Tensor(inputs), ms.Tensor(targets), None, None, None).asnumpy()[0]
+    assert np.abs(plain[23:] - alone_b).max() > 1e-3                   # without the mask B sees A
+    # the model's scalar loss with the same inputs is the mean of those per-token losses
+    mean = float(model.next_token_loss(ms.Tensor(inputs), ms.Tensor(targets), *attn).asnumpy())
+    assert abs(mean - got.mean()) <= 1e-5
+
+
 def test_fp16_o2_overflow_skips_the_step(tmp_path):
     """A forced overflow (loss scale 1e30 in fp16): the step is skipped, weights and optimizer untouched."""
     from telechat2 import TeleChat2Config, TeleChat2ForCausalLM
@@ -180,7 +245,8 @@ def test_fp16_o2_overflow_skips_the_step(tmp_path):
     before = {p.name: p.asnumpy().copy() for p in model.trainable_params()}
     accumulate, apply = ms.jit(step.accumulate), ms.jit(step.apply)
     tokens = ids[:, 1:].size               # the loss weight: scale / label tokens of the batch
-    accumulate(ms.Tensor(ids[:, :-1]), ms.Tensor(ids[:, 1:]), None, None, ms.Tensor(scaler.scale / tokens, ms.float32))
+    accumulate(ms.Tensor(ids[:, :-1]), ms.Tensor(ids[:, 1:]), None, None, None,
+               ms.Tensor(scaler.scale / tokens, ms.float32))
     _, finite = apply(ms.Tensor(1e-3, ms.float32), ms.Tensor(1 / scaler.scale, ms.float32))
     assert not bool(finite.asnumpy())
     scaler.update(False)
@@ -192,7 +258,7 @@ def test_fp16_o2_overflow_skips_the_step(tmp_path):
     # a sane scale then trains: finite, weights move, and the scale grows after `scale_window` good steps
     for _ in range(2):
         scaler.scale = min(scaler.scale, 1024.0)
-        accumulate(ms.Tensor(ids[:, :-1]), ms.Tensor(ids[:, 1:]), None, None,
+        accumulate(ms.Tensor(ids[:, :-1]), ms.Tensor(ids[:, 1:]), None, None, None,
                    ms.Tensor(scaler.scale / tokens, ms.float32))
         _, finite = apply(ms.Tensor(1e-3, ms.float32), ms.Tensor(1 / scaler.scale, ms.float32))
         assert bool(finite.asnumpy())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -79,8 +80,11 @@ class TeleChat2Config:
              f"must be a positive integer, got {self.n_kv_heads!r}")
         need(self.num_heads % self.kv_heads == 0, "n_kv_heads",
              f"num_heads={self.num_heads} is not divisible by n_kv_heads={self.kv_heads}")
-        need(self.rms_norm_eps > 0, "rms_norm_eps", f"must be > 0, got {self.rms_norm_eps}")
-        need(self.rope_theta > 0, "rope_theta", f"must be > 0, got {self.rope_theta}")
+        for key in ("rms_norm_eps", "rope_theta"):
+            v = getattr(self, key)
+            need(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0, key,
+                 f"must be a finite number > 0, got {v!r}" + (" (YAML reads 1e-8 as text: write 1.0e-8)"
+                                                              if isinstance(v, str) else ""))
         for key in ("compute_dtype", "param_init_type", "layernorm_compute_type",
                     "softmax_compute_type", "rotary_dtype", "res_dtype"):
             need(getattr(self, key) in DTYPES, key,

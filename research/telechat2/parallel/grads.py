@@ -21,11 +21,9 @@ from .layers import shard_specs
 
 
 def _group(mesh, ranks: list[int], tag: str) -> str:
-    from mindspore.communication import create_group
+    from .mesh import ensure_group
     name = f"{tag}_" + "_".join(map(str, ranks))
-    if name not in mesh.groups.values():
-        create_group(name, ranks)
-    return name
+    return name if name in mesh.groups.values() else ensure_group(name, ranks)
 
 
 class GradReducer(nn.Cell):

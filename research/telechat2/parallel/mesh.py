@@ -104,6 +104,19 @@ def validate_layout(layout: Layout, config, *, devices: int | None = None, seq_l
         warnings.warn("enable_parallel_optimizer has no effect with data_parallel 1", stacklevel=2)
 
 
+_GROUPS: set[str] = set()          # communication groups created by this process
+
+
+def ensure_group(name: str, ranks: list[int]) -> str:
+    """Create the communication group `name` over `ranks` once per process (a process may build several
+    meshes: one run after another, or several layers asking for the same group)."""
+    from mindspore.communication import create_group
+    if name not in _GROUPS:
+        create_group(name, ranks)
+        _GROUPS.add(name)
+    return name
+
+
 @dataclass(frozen=True)
 class ParallelMesh:
     """This rank's place in a layout and the names of its communication groups (None at size 1)."""
@@ -119,8 +132,10 @@ class ParallelMesh:
     @classmethod
     def from_world(cls, layout: Layout, stage_offset=None) -> "ParallelMesh":
         """Join the msrun world, check its size, and create this rank's dp/pp/cp/tp groups."""
-        from mindspore.communication import create_group, get_group_size, get_rank, init
-        init()
+        from mindspore.communication import get_group_size, get_rank, init
+        if "world" not in _GROUPS:         # init() once per process
+            init()
+            _GROUPS.add("world")
         rank, world = get_rank(), get_group_size()
         if world != layout.world:
             raise LayoutError(f"world size {world} (msrun --worker_num) != data_parallel {layout.dp} x "
@@ -130,9 +145,7 @@ class ParallelMesh:
         for axis in AXES:
             if layout.sizes[axis] > 1:
                 ranks = layout.group_ranks(axis, rank)
-                name = f"{axis}_" + "_".join(map(str, ranks))
-                create_group(name, ranks)
-                groups[axis] = name
+                groups[axis] = ensure_group(f"{axis}_" + "_".join(map(str, ranks)), ranks)
         return cls(layout, rank, groups, stage_offset)
 
     stage_offset: tuple | int | None = None       # model_config.offset (layers per stage vs the even split)

@@ -22,6 +22,7 @@ import os
 import resource
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -111,10 +112,14 @@ class Run:
     def loader(self, offset: int = 0):
         from ..data.loader import DataLoader
         tds = self.cfg["train_dataset"]
+        workers = tds["num_parallel_workers"]
+        if workers > (os.cpu_count() or 1):             # MindSpore refuses more workers than CPUs
+            warnings.warn(f"train_dataset.num_parallel_workers {workers} > the {os.cpu_count()} CPUs of this "
+                          f"machine: the loader uses {os.cpu_count()}", stacklevel=2)
+            workers = os.cpu_count() or 1
         return DataLoader(self.data_dir, self.cfg["runner_config"]["batch_size"], rank=self.mesh.dp_rank,
                           rank_size=self.mesh.dp, seed=self.cfg["seed"], epochs=self.cfg["runner_config"]["epochs"],
-                          shuffle=tds["data_loader"]["shuffle"], offset=offset,
-                          num_parallel_workers=tds["num_parallel_workers"])
+                          shuffle=tds["data_loader"]["shuffle"], offset=offset, num_parallel_workers=workers)
 
 
 class MicroBatch(NamedTuple):
@@ -234,9 +239,11 @@ def build(run: Run):
     model = TeleChat2ForCausalLM(run.model_cfg, run.mesh)
     marks = recompute_layers(cfg["recompute_config"], run.model_cfg.num_layers, run.layout.pp,
                              run.mesh.stage_offset)
+    rc = cfg["recompute_config"]
     for index, layer in model.model.layers.items():
-        if marks.get(int(index)) == "full":
-            layer.recompute()
+        if marks.get(int(index)) == "full":             # MindSpore's recompute options for its collectives
+            layer.recompute(mp_comm_recompute=rc["mp_comm_recompute"],
+                            recompute_slice_activation=rc["recompute_slice_activation"])
         elif marks.get(int(index)) == "select":
             layer.select_recompute()
     if cfg["load_checkpoint"] and not run.resume_from:
@@ -402,6 +409,7 @@ def train(cfg: dict, *, resume: bool = False, progress: bool = True, force: bool
     stepper, logger = Stepper(run, model, optimizer), Logger(run)
     batches = iter(run.loader(offset=done.consumed))
     save_every = callback(cfg, "CheckpointMonitor")["save_checkpoint_steps"]
+    print_every = callback(cfg, "MFLossMonitor")["per_print_times"]
     bar = tqdm(total=run.total_steps, initial=done.step, desc="train", unit="step", disable=not run.progress,
                file=sys.stderr)
     while done.step < run.total_steps:
@@ -415,10 +423,11 @@ def train(cfg: dict, *, resume: bool = False, progress: bool = True, force: bool
         record = logger.record(done.step, time.perf_counter() - t0, lr, loss, norm, finite, loss_scale)
         done.history.append(record)
         bar.update(1)
-        if run.progress:
-            bar.write(logger.line(record), file=sys.stdout)
-        else:
-            print(logger.line(record), flush=True)
+        if done.step % print_every == 0 or done.step == run.total_steps:
+            if run.progress:
+                bar.write(logger.line(record), file=sys.stdout)
+            else:
+                print(logger.line(record), flush=True)
         fault_point(f"step:{done.step}")
         if done.step % save_every == 0 or done.step == run.total_steps:
             save_checkpoint(run, done, model, optimizer, scaler)
