@@ -141,9 +141,12 @@ def pretrain_data(tmp_path_factory):
 
 def test_select_recompute_marks_attention_core_and_activation(tmp_path, pretrain_data):
     cfg = load_run_config(PRETRAIN, [f"output_dir={tmp_path}", f"train_dataset.data_loader.dataset_dir={pretrain_data}",
-                                     "recompute_config.select_recompute=True", "train_dataset.num_parallel_workers=3"])
+                                     "recompute_config.select_recompute=True", "train_dataset.num_parallel_workers=2"])
     run = loop.set_up(cfg, resume=False, progress=False)
-    assert run.loader().num_parallel_workers == 3                 # the loader's MindDataset workers
+    assert run.loader().num_parallel_workers == 2                 # the loader's MindDataset workers
+    more = load_run_config(PRETRAIN, [f"train_dataset.num_parallel_workers={(os.cpu_count() or 1) + 6}"])
+    with pytest.warns(UserWarning, match="num_parallel_workers .* the loader uses"):
+        assert loop.Run(**{**vars(run), "cfg": more}).loader().num_parallel_workers == (os.cpu_count() or 1)
     model, _, _ = loop.build(run)
     for layer in model.model.layers.values():
         assert "output_recompute" in layer.attention.core.get_flags()

@@ -119,8 +119,8 @@ RUN_CONFIG_VALUES = {
 BETA = Number(float, 0, 1, hi_open=True)
 RUN_CONFIG_BOOLS = (("resume_training",), ("use_parallel",), ("runner_wrapper", "use_clip_grad"),
                     ("train_dataset", "data_loader", "shuffle"), ("parallel_config", "use_seq_parallel"),
-                    ("parallel", "enable_parallel_optimizer"), ("recompute_config", "recompute"),
-                    ("recompute_config", "select_recompute"))
+                    ("parallel", "enable_parallel_optimizer"))
+# recompute_config.recompute / select_recompute: a bool or a per-stage list (train/run_config.py)
 
 
 def _get(cfg: dict, keys: tuple):

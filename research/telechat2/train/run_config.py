@@ -413,6 +413,12 @@ def validate_run_config(cfg: dict, source: str) -> None:
               "parallel.parallel_mode", "0 is data parallel only; use 1 with model_parallel/pipeline_stage/"
               "context_parallel above 1")
     _need(cfg["use_parallel"] in (None, True, False), source, "use_parallel", "must be True or False")
+    for key in ("recompute", "select_recompute"):
+        v = cfg["recompute_config"][key]
+        _need(isinstance(v, bool) or (isinstance(v, list) and all(isinstance(n, int) and not isinstance(n, bool)
+                                                                  and n >= 0 for n in v)),
+              source, f"recompute_config.{key}", f"expected True/False or a list of layer counts per pipeline "
+              f"stage (MindFormers' form), got {v!r}")
     jl = cfg["context"]["jit_config"]["jit_level"]
     _need(jl in ("O0", "O1"), source, "context.jit_config.jit_level",
           f"{jl!r}: MindSpore {'' if jl != 'O2' else '2.9 '}accepts O0 or O1 (this is the compile level, not AMP)")
