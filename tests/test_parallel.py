@@ -70,7 +70,8 @@ LAYOUTS = {
                                            "parallel_config.use_seq_parallel=True"]),
     # context parallel: ring attention over the zigzag layout (PyNative forward/backward)
     "cp2": (2, 4, 4, ["parallel_config.context_parallel=2"]),
-    "cp4": (4, 4, 4, ["parallel_config.context_parallel=4"]),
+    # cp4's longer ring is exercised by tests/test_ring_attention.py (cp=4 under msrun); the trainer's cp code
+    # is the same for any cp
 }
 
 

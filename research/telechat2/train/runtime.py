@@ -28,6 +28,9 @@ def check_launch(cfg: dict, layout) -> None:
     if layout.world > 1 and not under_msrun:
         raise LayoutError(f"parallel_config describes {layout.world} devices ({layout.describe()}) but this process "
                           f"was started directly; " + LAUNCH_HINT.format(n=layout.world))
+    if under_msrun and layout.world > 1 and workers != layout.world:     # before joining the cluster
+        raise LayoutError(f"world size {workers} (msrun --worker_num) != data_parallel {layout.dp} x model_parallel "
+                          f"{layout.tp} x pipeline_stage {layout.pp} x context_parallel {layout.cp} = {layout.world}")
     if layout.world == 1 and workers > 1:
         raise LayoutError(f"msrun started {workers} workers but the layout is one device; set "
                           "parallel_config (data_parallel x model_parallel x ...) to the worker count")
