@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import torch
@@ -37,3 +39,16 @@ def write_hf_folder(path: str, config: TeleChat2Config, state_dict: dict, shards
 def reference_logits(config: TeleChat2Config, sd: dict, input_ids: np.ndarray, **kw) -> np.ndarray:
     with torch.no_grad():
         return ref.forward(sd, config.to_hf_dict(), torch.from_numpy(input_ids).long(), **kw).numpy()
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_TOKENIZER = os.path.join(REPO, "configs", "cpu", "tokenizer", "tokenizer.model")
+
+
+def preprocess_bundled(kind: str, out: str, seq_length: int = 64, *options: str) -> str:
+    """`telechat2 preprocess pretrain|sft` of the bundled sample corpus into `out` (a new folder)."""
+    source = os.path.join(REPO, "configs", "cpu", "data", "pretrain.jsonl" if kind == "pretrain" else "sft.jsonl")
+    subprocess.run([sys.executable, "-m", "telechat2", "preprocess", kind, "--input", source, "--tokenizer",
+                    TINY_TOKENIZER, "--seq-length", str(seq_length), "--output", out, *options],
+                   check=True, capture_output=True)
+    return out

@@ -24,7 +24,7 @@ import yaml
 
 import numpy as np
 from dist_util import msrun, report_losses, worker_log
-from helpers import write_hf_folder
+from helpers import preprocess_bundled, write_hf_folder
 from reference import telechat2_torch as ref
 from telechat2 import TeleChat2Config
 from telechat2.cli import main
@@ -189,11 +189,8 @@ def topology_runs(tmp_path_factory):
     world size; the single-device baselines in two plain processes."""
     tmp = tmp_path_factory.mktemp("ascend_topologies")
     data = {"pretrain": str(tmp / "pretrain"), "sft": str(tmp / "sft")}
-    for kind, extra in (("pretrain", ["--reset-position-ids", "--reset-attention-mask"]), ("sft", [])):
-        subprocess.run([sys.executable, "-m", "telechat2", "preprocess", kind, "--input",
-                        os.path.join(DATA, "pretrain.jsonl" if kind == "pretrain" else "sft.jsonl"),
-                        "--tokenizer", TOKENIZER, "--seq-length", "64", "--output", data[kind], *extra],
-                       check=True, capture_output=True)
+    preprocess_bundled("pretrain", data["pretrain"], 64, "--reset-position-ids", "--reset-attention-mask")
+    preprocess_bundled("sft", data["sft"], 64)
     init = {}
     for kv in (4, 2):
         cfg = TeleChat2Config.from_preset("tiny", n_kv_heads=kv)

@@ -17,7 +17,6 @@ from telechat2.checkpoint import ckpt_io
 from telechat2.checkpoint.ckpt_io import CkptFile, write_ckpt_tensor
 from telechat2.checkpoint.convert import write_checkpoint
 from telechat2.checkpoint.load import load_weights
-from telechat2.checkpoint.safetensors_io import CheckpointError
 from telechat2.checkpoint.sources import open_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

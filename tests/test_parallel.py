@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dist_util import REPO, gathered_weights, logged_losses, msrun, report_losses, worker_log
-from helpers import write_hf_folder
+from helpers import preprocess_bundled, write_hf_folder
 from reference import telechat2_torch as ref
 from telechat2 import TeleChat2Config
 
@@ -19,11 +19,7 @@ STEPS = 5
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("data") / "pretrain")
-    subprocess.run([sys.executable, "-m", "telechat2", "preprocess", "pretrain", "--input",
-                    os.path.join(REPO, "configs", "cpu", "data", "pretrain.jsonl"), "--tokenizer", TOKENIZER,
-                    "--seq-length", "64", "--output", out], check=True, capture_output=True)
-    return out
+    return preprocess_bundled("pretrain", str(tmp_path_factory.mktemp("data") / "pretrain"))
 
 
 def init_weights(tmp_path_factory, kv_heads):
@@ -123,10 +119,7 @@ def test_pp2_cp2_pretrain_and_sft_match_single_device(single, data, tmp_path):
     """Pipeline x context parallel (4 workers: 2 stages, each a cp2 ring): pretraining and SFT (5 steps,
     global batch 4) give the single-device losses within 1e-5."""
     import json
-    sft = str(tmp_path / "sft")
-    subprocess.run([sys.executable, "-m", "telechat2", "preprocess", "sft", "--input",
-                    os.path.join(REPO, "configs", "cpu", "data", "sft.jsonl"), "--tokenizer", TOKENIZER,
-                    "--seq-length", "64", "--output", sft], check=True, capture_output=True)
+    sft = preprocess_bundled("sft", str(tmp_path / "sft"))
     init = single[4][0]
     sft_sets = ("model.model_config.seq_length=64",)
     base_sft = str(tmp_path / "single_sft")

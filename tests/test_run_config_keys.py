@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+from helpers import preprocess_bundled
 from telechat2.config import ConfigError
 from telechat2.parallel.mesh import Layout, LayoutError
 from telechat2.train import loop, runtime
@@ -21,7 +22,6 @@ from telechat2.train.run_config import (ACCEPTED_VALUES, ANY_PATH, MINDFORMERS_O
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAIN = os.path.join(REPO, "configs", "cpu", "pretrain_tiny.yaml")
-TOKENIZER = os.path.join(REPO, "configs", "cpu", "tokenizer", "tokenizer.model")
 
 
 def leaves(tree: dict, prefix: str = ""):
@@ -132,11 +132,7 @@ def test_recompute_layers_per_stage():
 
 @pytest.fixture(scope="module")
 def pretrain_data(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("keys") / "pretrain")
-    subprocess.run([sys.executable, "-m", "telechat2", "preprocess", "pretrain", "--input",
-                    os.path.join(REPO, "configs", "cpu", "data", "pretrain.jsonl"), "--tokenizer", TOKENIZER,
-                    "--seq-length", "64", "--output", out], check=True, capture_output=True)
-    return out
+    return preprocess_bundled("pretrain", str(tmp_path_factory.mktemp("keys") / "pretrain"))
 
 
 def test_select_recompute_marks_attention_core_and_activation(tmp_path, pretrain_data):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import mindspore as ms
+from helpers import preprocess_bundled
 from safetensors.numpy import load_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,11 +38,7 @@ def report(out):
 
 @pytest.fixture(scope="module")
 def pretrain_data(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("data") / "pretrain")
-    subprocess.run([sys.executable, "-m", "telechat2", "preprocess", "pretrain", "--input",
-                    os.path.join(REPO, "configs", "cpu", "data", "pretrain.jsonl"), "--tokenizer", TOKENIZER,
-                    "--seq-length", "64", "--output", out], check=True, capture_output=True)
-    return out
+    return preprocess_bundled("pretrain", str(tmp_path_factory.mktemp("data") / "pretrain"))
 
 
 RESUME_SETS = ("runner_config.max_steps=20", "callbacks.CheckpointMonitor.save_checkpoint_steps=10",
@@ -167,11 +164,7 @@ def test_sft_loss_counts_only_assistant_tokens(tmp_path):
 
 @pytest.fixture(scope="module")
 def sft_data(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("sft_data") / "sft")
-    subprocess.run([sys.executable, "-m", "telechat2", "preprocess", "sft", "--input",
-                    os.path.join(REPO, "configs", "cpu", "data", "sft.jsonl"), "--tokenizer", TOKENIZER,
-                    "--seq-length", "64", "--output", out], check=True, capture_output=True)
-    return out
+    return preprocess_bundled("sft", str(tmp_path_factory.mktemp("sft_data") / "sft"))
 
 
 def test_sft_accumulation_equals_the_bigger_batch(tmp_path, sft_data):

@@ -1,7 +1,6 @@
 """`telechat2 convert hf2ms | ms2hf | verify`."""
 from __future__ import annotations
 
-import os
 import sys
 
 from ..options import NON_NEGATIVE

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 
 import mindspore as ms
-from mindspore import mint, nn, ops
+from mindspore import nn, ops
 
 from ..config import TeleChat2Config
 from ..dtypes import ms_dtype

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import sys
 
 from ..errors import TeleChat2Error
 from ..checkpoint.manifest import set_verify
