@@ -76,8 +76,10 @@ def allowed_mask(num_queries: int, num_keys: int, *, query_slots=None, key_valid
     building a per-sample mask inside a graph with collectives fails on MindSpore's CPU backend); Tensor
     inputs are combined with ops (inside a graph the causal part is a constant).
     """
-    given = [x for x in (query_slots, key_valid, segment_ids) if x is not None]
-    if all(isinstance(x, np.ndarray) for x in given):
+    # (no comprehension here: this also runs inside ms.jit, whose parser cannot resolve `np` in one)
+    on_host = not isinstance(query_slots, Tensor) and not isinstance(key_valid, Tensor) and \
+        not isinstance(segment_ids, Tensor)
+    if on_host:
         if query_slots is None:
             allowed = _causal(num_queries, num_keys)
         else:
