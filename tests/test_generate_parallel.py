@@ -164,3 +164,12 @@ def test_bad_inference_layouts_refused(sets, env, message, monkeypatch, capsys, 
     assert main(args) == 1
     err = capsys.readouterr().err
     assert message in err and "absent" not in err
+
+
+def test_kv_heads_per_rank_one_rule_for_attention_and_cache():
+    from telechat2.parallel.heads import kv_head_range, kv_heads_per_rank
+    assert [kv_heads_per_rank(8, t) for t in (1, 2, 4, 8, 16)] == [8, 4, 2, 1, 1]
+    assert [kv_head_range(2, 4, r) for r in range(4)] == [(0, 1), (0, 1), (1, 1), (1, 1)]   # replicated pairs
+    assert [kv_head_range(4, 2, r) for r in range(2)] == [(0, 2), (2, 2)]
+    with pytest.raises(ValueError, match="one must divide the other"):
+        kv_heads_per_rank(3, 2)
