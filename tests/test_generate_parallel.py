@@ -91,10 +91,11 @@ def runs(tmp_path_factory):
                                capture_output=True, text=True, input=CHAT_STDIN, cwd=str(root), timeout=600,
                                env={**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep
                                     + os.environ.get("PATH", "")})
-            log = r.stdout[-2000:] + r.stderr[-2000:] + "".join(
-                worker_log(str(root / f"log{world}"), k)[-3000:] for k in range(world)
-                if os.path.exists(root / f"log{world}" / f"worker_{k}.log"))
-        assert r.returncode == 0, log
+            logs = [worker_log(str(root / f"log{world}"), k) for k in range(world)
+                    if os.path.exists(root / f"log{world}" / f"worker_{k}.log")]
+            assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:] + "".join(t[-3000:] for t in logs)
+            log = "".join(logs)
+        assert r.returncode == 0, log[-6000:]
         return {p[:-5]: json.load(open(out / p, encoding="utf-8")) for p in os.listdir(out)}, log
 
     with ThreadPoolExecutor(3) as pool:
