@@ -24,12 +24,15 @@ def _gen_overrides(args) -> dict:
 def cmd_predict(args) -> int:
     from ..checkpoint.manifest import set_verify
     from ..train.run_config import load_run_config
+    from .distributed import is_lead
     from .predict import predict
     set_verify(not args.no_verify)
     cfg = load_run_config(args.config, args.set or [])
     results = predict(cfg, checkpoint=args.checkpoint, prompt=args.prompt, input_file=args.input_file,
                       output=args.output, force=args.force, batch_size=args.batch_size,
                       refuse_overlong=args.refuse_overlong, **_gen_overrides(args))
+    if not is_lead():                  # under msrun only rank 0 writes the results
+        return 0
     if not args.output:
         for r in results:
             print(json.dumps(r, ensure_ascii=False))

@@ -24,7 +24,9 @@ from mindspore.common.initializer import Zero, initializer
 
 from ..dtypes import ms_dtype
 from ..errors import TeleChat2Error
+from ..parallel.heads import kv_heads_per_rank
 from ..model.attention_inputs import AttentionInputs, build_attention_inputs
+from .distributed import share_prompts
 from .sampling import GenerationConfig, choose_next
 
 
@@ -35,7 +37,7 @@ class CachedDecoder(nn.Cell):
         super().__init__(auto_prefix=False)
         c = model.config
         self.model = model
-        shape = (batch, c.kv_heads // model.mesh.tp, cache_len, c.head_dim)
+        shape = (batch, kv_heads_per_rank(c.kv_heads, model.mesh.tp), cache_len, c.head_dim)   # [B, nkv/tp, L, hd]
         dtype = ms_dtype(c.compute_dtype)
         self.k_caches = ParameterTuple([Parameter(initializer(Zero(), shape, dtype), name=f"kv_cache.k.{i}",
                                                   requires_grad=False) for i in range(c.num_layers)])
@@ -79,8 +81,12 @@ class Generator:
         """Full sequences (prompt + new tokens, up to and including a stop token) as lists of ints.
 
         streamer(step, tokens) is called with the [B] new token ids of every step (finished rows repeat pad).
+        Under tensor parallel (msrun) rank 0's prompts are broadcast first: every rank generates them, and the
+        others may pass None.
         """
         cfg.validate()
+        if self.model.mesh.layout.world > 1:
+            prompts = share_prompts(self.model.mesh, prompts)
         if not prompts or any(len(p) == 0 for p in prompts):
             raise TeleChat2Error("generate: every prompt needs at least one token")
         vocab = self.model.config.vocab_size
@@ -139,8 +145,11 @@ class Generator:
 
 
 def generate(model, input_ids, *, streamer=None, timings=None, **kwargs) -> list[list[int]]:
-    """`model.generate`: input_ids is a list of token-id lists (lengths may differ) or a 2-D array."""
-    if isinstance(input_ids, (np.ndarray, Tensor)):
+    """`model.generate`: input_ids is a list of token-id lists (lengths may differ) or a 2-D array (None on
+    the ranks other than 0 under tensor parallel: they generate rank 0's prompts)."""
+    if input_ids is None:
+        prompts = None
+    elif isinstance(input_ids, (np.ndarray, Tensor)):
         arr = input_ids.asnumpy() if isinstance(input_ids, Tensor) else input_ids
         if arr.ndim != 2:
             raise TeleChat2Error(f"generate: input_ids must be 2-D [batch, length], got shape {arr.shape}")

@@ -17,6 +17,7 @@ import warnings
 from ..errors import TeleChat2Error
 from ..ownership import refuse_overlap
 from ..textio import check_utf8_str
+from .distributed import ABORT, END, share_prompts
 from .sampling import RELEASE_DEFAULTS, GenerationConfig
 
 GENERATION_KEYS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")
@@ -40,12 +41,17 @@ def context_length(cfg: dict, model_cfg) -> int:
 
 
 def load_for_inference(cfg: dict, checkpoint: str | None):
-    """(model, tokenizer, model config) with the checks done before any weight is read."""
-    import mindspore as ms
+    """(model, tokenizer, model config) with the checks done before any weight is read.
+
+    Under msrun with model_parallel > 1 the model is built with the mesh and each rank reads only its block
+    of every tensor (`load_weights` reads blocks from any checkpoint layout)."""
     from ..checkpoint.load import load_weights
     from ..model import TeleChat2ForCausalLM
     from ..tokenizer import TeleChat2Tokenizer
     from ..train.run_config import model_config
+    from .distributed import inference_layout, inference_mesh
+    model_cfg = model_config(cfg)
+    layout = inference_layout(cfg, model_cfg)             # pp / cp / dp refused, tp constraints, msrun count
     path = checkpoint or cfg["load_checkpoint"]
     if not path:
         raise PredictError("no checkpoint: pass --checkpoint (or set load_checkpoint in the config)")
@@ -54,10 +60,9 @@ def load_for_inference(cfg: dict, checkpoint: str | None):
     vocab = cfg["processor"]["tokenizer"]["vocab_file"] or cfg["train_dataset"]["tokenizer"]
     if not vocab or not os.path.exists(vocab):
         raise PredictError(f"processor.tokenizer.vocab_file: {vocab or '(empty)'}: no such tokenizer.model")
-    ms.set_device(cfg["context"]["device_target"])
-    model_cfg = model_config(cfg)
+    mesh = inference_mesh(cfg, layout)
     tokenizer = TeleChat2Tokenizer(vocab)
-    model = TeleChat2ForCausalLM(model_cfg)
+    model = TeleChat2ForCausalLM(model_cfg, mesh)
     load_weights(model, path)
     return model, tokenizer, model_cfg
 
@@ -147,6 +152,42 @@ def predict(cfg: dict, *, checkpoint=None, prompt=None, input_file=None, output=
     check_context(cfg, gen_check)
     model, tokenizer, model_cfg = load_for_inference(cfg, checkpoint)
     gen = generation_config(cfg, vocab_limit=tokenizer.vocab_size, **gen_overrides)
+    mesh = model.mesh
+    if mesh.rank == 0:                  # rank 0 reads the input; under tp the others receive its prompt ids
+        try:
+            requests = prompt_requests(cfg, model_cfg, tokenizer, gen, prompt, input_file, refuse_overlong)
+        except TeleChat2Error:
+            share_prompts(mesh, ABORT)
+            raise
+        share_prompts(mesh, [r["prompt_ids"] for r in requests])
+    else:
+        requests = [{"line": None, "prompt_ids": p, "request": None} for p in share_prompts(mesh, None)]
+    bs = batch_size or cfg["runner_config"]["batch_size"]
+    results, batches = [], []
+    for start in tqdm(range(0, len(requests), bs), desc="predict", unit="batch", file=sys.stderr,
+                      disable=len(requests) <= bs or mesh.rank != 0):
+        chunk = requests[start:start + bs]
+        timings = {}
+        seqs = model.generate([r["prompt_ids"] for r in chunk], timings=timings, **vars(gen))
+        new_tokens = 0
+        for r, seq in zip(chunk, seqs):
+            new = seq[len(r["prompt_ids"]):]
+            new_tokens += len(new)
+            res = {"line": r["line"], **reply_of(tokenizer, new, gen), "prompt_tokens": len(r["prompt_ids"]),
+                   "completion_tokens": len(new), "time_to_first_token_s": timings["first_token_s"],
+                   "tokens_per_s": len(new) / timings["total_s"] if timings["total_s"] else 0.0,
+                   "batch": len(batches)}
+            results.append(res)
+        batches.append(batch_report(len(batches), len(chunk), new_tokens, timings))
+    if mesh.rank == 0:
+        print_throughput(batches, mesh.tp)
+    if output and mesh.rank == 0:
+        write_results(output, results)
+    return results
+
+
+def prompt_requests(cfg, model_cfg, tokenizer, gen, prompt, input_file, refuse_overlong) -> list[dict]:
+    """The prompt ids of --prompt or of every line of --input-file, fitted to the context."""
     if prompt is not None:
         requests = [{"line": None, "prompt_ids": tokenizer.apply_chat_template([{"role": "user", "content": prompt}]),
                      "request": {"input": prompt}}]
@@ -156,30 +197,41 @@ def predict(cfg: dict, *, checkpoint=None, prompt=None, input_file=None, output=
     for r in requests:
         where = f"{input_file}:{r['line']}" if r["line"] else "--prompt"
         r["prompt_ids"] = fit_prompt(r["prompt_ids"], limit, where, refuse_overlong)
-    bs = batch_size or cfg["runner_config"]["batch_size"]
-    results = []
-    for start in tqdm(range(0, len(requests), bs), desc="predict", unit="batch", file=sys.stderr,
-                      disable=len(requests) <= bs):
-        chunk = requests[start:start + bs]
-        timings = {}
-        seqs = model.generate([r["prompt_ids"] for r in chunk], timings=timings, **vars(gen))
-        for r, seq in zip(chunk, seqs):
-            new = seq[len(r["prompt_ids"]):]
-            res = {"line": r["line"], **reply_of(tokenizer, new, gen), "prompt_tokens": len(r["prompt_ids"]),
-                   "completion_tokens": len(new), "time_to_first_token_s": timings["first_token_s"],
-                   "tokens_per_s": len(new) / timings["total_s"] if timings["total_s"] else 0.0}
-            results.append(res)
-    if output:
-        fd, tmp = tempfile.mkstemp(prefix=".predict-", dir=os.path.dirname(os.path.abspath(output)))
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                for res in results:
-                    fh.write(json.dumps(res, ensure_ascii=False) + "\n")
-            os.replace(tmp, output)
-        except OSError as e:
-            os.unlink(tmp) if os.path.exists(tmp) else None
-            raise PredictError(f"--output {output}: cannot write the results: {e.strerror or e}") from None
-    return results
+    return requests
+
+
+def batch_report(index: int, requests: int, new_tokens: int, timings: dict) -> dict:
+    """Throughput of one generate call: aggregate tokens/s over its requests, time to first token."""
+    total = timings["total_s"]
+    return {"batch": index, "requests": requests, "completion_tokens": new_tokens, "total_s": total,
+            "time_to_first_token_s": timings["first_token_s"],
+            "tokens_per_s": new_tokens / total if total else 0.0,
+            "tokens_per_s_per_request": new_tokens / requests / total if total else 0.0}
+
+
+def print_throughput(batches: list[dict], tp: int) -> None:
+    """One stderr line per batch and a total (stdout keeps the jsonl results)."""
+    for b in batches:
+        print(f"[telechat2] predict batch {b['batch']}: {b['requests']} request(s), {b['completion_tokens']} new "
+              f"tokens in {b['total_s']:.2f} s: {b['tokens_per_s']:.1f} tokens/s aggregate, "
+              f"{b['tokens_per_s_per_request']:.1f} tokens/s per request, time to first token "
+              f"{b['time_to_first_token_s']:.3f} s", file=sys.stderr)
+    tokens, secs = sum(b["completion_tokens"] for b in batches), sum(b["total_s"] for b in batches)
+    if len(batches) > 1 and secs:
+        print(f"[telechat2] predict total: {tokens} new tokens in {secs:.2f} s: {tokens / secs:.1f} tokens/s "
+              f"(model_parallel {tp})", file=sys.stderr)
+
+
+def write_results(output: str, results: list[dict]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".predict-", dir=os.path.dirname(os.path.abspath(output)))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            for res in results:
+                fh.write(json.dumps(res, ensure_ascii=False) + "\n")
+        os.replace(tmp, output)
+    except OSError as e:
+        os.unlink(tmp) if os.path.exists(tmp) else None
+        raise PredictError(f"--output {output}: cannot write the results: {e.strerror or e}") from None
 
 
 def check_output(output: str | None, force: bool, inputs) -> None:
@@ -217,73 +269,82 @@ def chat(cfg: dict, *, checkpoint=None, system=None, stdin=None, stdout=None, **
     model, tokenizer, model_cfg = load_for_inference(cfg, checkpoint)
     gen = generation_config(cfg, vocab_limit=tokenizer.vocab_size, **gen_overrides)
     limit = context_length(cfg, model_cfg) - gen.max_new_tokens
-    history: list[dict] = []
-    interactive = stdin.isatty()
-    lineno = 0
-    while True:
-        if interactive:
-            stdout.write("user> ")
-            stdout.flush()
-        line = stdin.readline()
-        if not line:
-            break
-        lineno += 1
-        if isinstance(line, bytes):            # a byte that is not UTF-8: this line is refused, the session goes on
-            try:
-                line = line.decode("utf-8")
-            except UnicodeDecodeError as e:
-                print(f"telechat2 chat: error: input line {lineno}: not UTF-8 text (byte 0x{line[e.start]:02x} at "
-                      f"offset {e.start}); line ignored", file=sys.stderr)
-                continue
-        text = line.rstrip("\r\n")
-        if not text.strip():
-            continue
-        if text.strip() in ("/exit", "/quit"):
-            break
-        if text.strip() == "/reset":
-            history = []
-            stdout.write("[history cleared]\n")
-            continue
-        if text.startswith("/system") and (len(text) == 7 or text[7].isspace()):
-            system = text[len("/system"):].strip() or None
-            history = []
-            stdout.write(f"[system prompt {'set' if system else 'reset to the default'}; history cleared]\n")
-            continue
-        if text.startswith("/") and not text.startswith("//"):
-            command = text.split()[0]
-            print(f"telechat2 chat: error: unknown command {command}; commands: /reset, /system TEXT, /exit "
-                  "(start a message with // to send a leading /)", file=sys.stderr)
-            continue
-        if text.startswith("//"):
-            text = text[1:]
-        history.append({"role": "user", "content": text})
-        head = [{"role": "system", "content": system}] if system else []
-        ids = tokenizer.apply_chat_template(head + history)
-        while len(ids) > limit and len(history) > 1:        # drop the oldest exchange
-            history = history[2:] if len(history) > 2 else history[1:]
-            ids = tokenizer.apply_chat_template(head + history)
-        ids = fit_prompt(ids, limit, "chat", refuse=False)
-        stdout.write("bot> ")
-        stdout.flush()
-        new: list[int] = []
-        shown = ""
-
-        def stream(step, tokens):
-            nonlocal shown
-            tok = tokens[0]
-            if tok in (gen.eos_token_id, *gen.stop_token_ids):
-                return
-            new.append(tok)
-            text_now = tokenizer.decode(new)
-            if not text_now.endswith("\ufffd"):          # wait for the rest of a multi-byte character
-                stdout.write(text_now[len(shown):])
+    mesh = model.mesh
+    if mesh.rank != 0:                  # under tp: the turns rank 0 reads from stdin, until it ends
+        while (prompts := share_prompts(mesh, None)) is not None:
+            model.generate(prompts, **vars(gen))
+        return
+    try:
+        history: list[dict] = []
+        interactive = stdin.isatty()
+        lineno = 0
+        while True:
+            if interactive:
+                stdout.write("user> ")
                 stdout.flush()
-                shown = text_now
-        t = time.perf_counter()
-        model.generate([ids], streamer=stream, **vars(gen))
-        reply = tokenizer.decode(new)
-        stdout.write(reply[len(shown):] + "\n")
-        stdout.flush()
-        history.append({"role": "assistant", "content": reply})
-        if interactive:
-            stdout.write(f"[{len(new)} tokens, {len(new) / (time.perf_counter() - t):.1f} tokens/s]\n")
+            line = stdin.readline()
+            if not line:
+                break
+            lineno += 1
+            if isinstance(line, bytes):            # a byte that is not UTF-8: this line is refused, the session goes on
+                try:
+                    line = line.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    print(f"telechat2 chat: error: input line {lineno}: not UTF-8 text (byte 0x{line[e.start]:02x} at "
+                          f"offset {e.start}); line ignored", file=sys.stderr)
+                    continue
+            text = line.rstrip("\r\n")
+            if not text.strip():
+                continue
+            if text.strip() in ("/exit", "/quit"):
+                break
+            if text.strip() == "/reset":
+                history = []
+                stdout.write("[history cleared]\n")
+                continue
+            if text.startswith("/system") and (len(text) == 7 or text[7].isspace()):
+                system = text[len("/system"):].strip() or None
+                history = []
+                stdout.write(f"[system prompt {'set' if system else 'reset to the default'}; history cleared]\n")
+                continue
+            if text.startswith("/") and not text.startswith("//"):
+                command = text.split()[0]
+                print(f"telechat2 chat: error: unknown command {command}; commands: /reset, /system TEXT, /exit "
+                      "(start a message with // to send a leading /)", file=sys.stderr)
+                continue
+            if text.startswith("//"):
+                text = text[1:]
+            history.append({"role": "user", "content": text})
+            head = [{"role": "system", "content": system}] if system else []
+            ids = tokenizer.apply_chat_template(head + history)
+            while len(ids) > limit and len(history) > 1:        # drop the oldest exchange
+                history = history[2:] if len(history) > 2 else history[1:]
+                ids = tokenizer.apply_chat_template(head + history)
+            ids = fit_prompt(ids, limit, "chat", refuse=False)
+            stdout.write("bot> ")
+            stdout.flush()
+            new: list[int] = []
+            shown = ""
+
+            def stream(step, tokens):
+                nonlocal shown
+                tok = tokens[0]
+                if tok in (gen.eos_token_id, *gen.stop_token_ids):
+                    return
+                new.append(tok)
+                text_now = tokenizer.decode(new)
+                if not text_now.endswith("\ufffd"):          # wait for the rest of a multi-byte character
+                    stdout.write(text_now[len(shown):])
+                    stdout.flush()
+                    shown = text_now
+            t = time.perf_counter()
+            share_prompts(mesh, [ids])                      # the other ranks generate this turn too
+            model.generate([ids], streamer=stream, **vars(gen))
+            reply = tokenizer.decode(new)
+            stdout.write(reply[len(shown):] + "\n")
+            stdout.flush()
+            history.append({"role": "assistant", "content": reply})
+            if interactive:
+                stdout.write(f"[{len(new)} tokens, {len(new) / (time.perf_counter() - t):.1f} tokens/s]\n")
+    finally:
+        share_prompts(mesh, END)        # at the end of stdin, /exit or an error: the other ranks stop too

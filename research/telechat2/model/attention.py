@@ -9,6 +9,7 @@ from mindspore import nn, ops
 from ..config import TeleChat2Config
 from ..dtypes import ms_dtype
 from ..parallel import ColumnParallelLinear, ParallelMesh, RowParallelLinear
+from ..parallel.heads import kv_head_range, kv_replicated
 from .rotary import apply_rotary
 
 
@@ -79,13 +80,12 @@ class Attention(nn.Cell):
         common = dict(mesh=mesh, init_std=config.initializer_range, param_dtype=ms_dtype(config.param_init_type),
                       compute_dtype=ms_dtype(config.compute_dtype))
         # rows of wk_v are [K_0; V_0; K_1; V_1; ...] (hd rows each), so a contiguous row split keeps whole kv heads
-        if config.kv_heads % tp == 0:
-            self.kv_heads, kv_rows, self.kv_replicas = config.kv_heads // tp, None, None
-        else:                                                   # fewer kv heads than tp ranks: replicate
+        first, self.kv_heads = kv_head_range(config.kv_heads, tp, mesh.tp_rank)   # kv heads on this rank
+        kv_rows, self.kv_replicas = None, None
+        if kv_replicated(config.kv_heads, tp):                  # fewer kv heads than tp ranks: replicate
             per_kv = tp // config.kv_heads                      # ranks sharing one kv head
-            head = mesh.tp_rank // per_kv
-            self.kv_heads, kv_rows = 1, (head * 2 * hd, 2 * hd)
-            self.kv_replicas = [mesh.layout.rank_of(**{**mesh.layout.coords(mesh.rank), "tp": head * per_kv + i})
+            kv_rows = (first * 2 * hd, 2 * hd)
+            self.kv_replicas = [mesh.layout.rank_of(**{**mesh.layout.coords(mesh.rank), "tp": first * per_kv + i})
                                 for i in range(per_kv)]
         self.n_rep = self.heads // self.kv_heads
         self.core = CoreAttention(self.heads, hd, ms_dtype(config.softmax_compute_type), config.use_flash_attention)
