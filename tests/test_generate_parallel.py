@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from dist_util import msrun, worker_log
+from dist_util import worker_log
 from helpers import write_hf_folder
 from reference import telechat2_torch as ref
 from telechat2 import TeleChat2Config

@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_infer_parsers(sub)
     from .plan.cli import add_plan_parsers
     add_plan_parsers(sub)
+    from .eval.cli import add_eval_parser
+    add_eval_parser(sub)
     return p
 
 

@@ -48,6 +48,7 @@ class ColumnParallelLinear(nn.Cell):
         self.shard_spec = {}
         if rows != (0, out_features):
             self.shard_spec = {"weight": (0, *rows), **({"bias": (0, *rows)} if bias else {})}
+        self.lora = None                       # a LoRA sub-cell (parallel/lora.py::apply_lora)
         self.input_comm = self.output_comm = None
         if mesh.tp > 1:
             self.input_comm = tp_collective(GatherFromSequenceParallel if mesh.sequence_parallel
@@ -62,6 +63,8 @@ class ColumnParallelLinear(nn.Cell):
         w = self.weight.astype(self.compute_dtype)
         b = None if self.bias is None else self.bias.astype(self.compute_dtype)
         y = mint.nn.functional.linear(x.astype(self.compute_dtype), w, b)
+        if self.lora is not None:              # B split by rows like W: this rank's block of the delta
+            y = y + self.lora(x)
         if self.output_comm is not None:
             y = self.output_comm(y)
         return y
@@ -79,6 +82,8 @@ class RowParallelLinear(nn.Cell):
         self.weight = Parameter(initializer(Normal(init_std), (out_features, n), param_dtype), name="weight")
         self.bias = Parameter(initializer(Zero(), (out_features,), param_dtype), name="bias") if bias else None
         self.shard_spec = {"weight": (1, mesh.tp_rank * n, n)} if mesh.tp > 1 else {}
+        self.tp = mesh.tp
+        self.lora = None                       # a LoRA sub-cell (parallel/lora.py::apply_lora)
         self.output_comm = None
         if mesh.tp > 1:
             self.output_comm = tp_collective(ReduceScatterToSequenceParallel if mesh.sequence_parallel
@@ -87,6 +92,8 @@ class RowParallelLinear(nn.Cell):
     def construct(self, x):
         # x: [b, s, in/tp] -> [b, s, out] (SP: [b, s/tp, out])
         y = mint.nn.functional.linear(x.astype(self.compute_dtype), self.weight.astype(self.compute_dtype))
+        if self.lora is not None:              # A split by columns like W: a partial sum, reduced with y
+            y = y + self.lora(x)
         if self.output_comm is not None:
             y = self.output_comm(y)
         if self.bias is not None:
