@@ -4,8 +4,14 @@
 # convert the result to an HF release, generate a reply with it, and print where the reports are. Outputs go to ./output/quickstart.
 source "$(dirname "$0")/_venv.sh"
 OUT="${QUICKSTART_OUT:-output/quickstart}"
+# a previous quickstart's folder (marked) is replaced; anything else is never deleted
+if [ -e "$OUT" ] && [ ! -f "$OUT/.telechat2-quickstart" ]; then
+    echo "quickstart: $OUT exists and was not written by the quickstart; set QUICKSTART_OUT to a new folder" >&2
+    exit 1
+fi
 rm -rf "$OUT"
 mkdir -p "$OUT/data"
+touch "$OUT/.telechat2-quickstart"
 DATA=configs/cpu/data
 TOK=configs/cpu/tokenizer/tokenizer.model
 
