@@ -69,6 +69,11 @@ def test_pretrain_loss_falls_and_reports(straight_run):
     for f in ("report.json", "report.md", "report.png"):
         assert os.path.getsize(os.path.join(out, "report", f)) > 0
     assert os.path.exists(os.path.join(out, "run_config.yaml"))
+    # the step history is appended to output_dir/history.jsonl; state.json does not grow with the steps
+    sizes = [os.path.getsize(os.path.join(out, "checkpoint", f"step_{k:08d}", "state.json")) for k in (10, 20)]
+    assert sizes[1] - sizes[0] <= 4 and sizes[1] < 2000, sizes        # only the numbers' digits may grow
+    with open(os.path.join(out, "history.jsonl")) as fh:
+        assert [json.loads(l)["loss"] for l in fh] == losses
     r2 = subprocess.run([sys.executable, "-m", "telechat2", "report", out], capture_output=True, text=True)
     assert r2.returncode == 0 and r2.stdout.strip().endswith("report.md")
 

@@ -36,7 +36,7 @@ from . import checkpointing
 from .checkpointing import fault_point
 from .optim import AdamW, LossScaler, lr_at
 from .output_dir import claim_for_run
-from .report import log_line, write_report
+from .report import append_history, log_line, read_history, write_report
 from .run_config import callback, model_config, save_resolved
 
 
@@ -274,7 +274,8 @@ def restore(run: Run, model, optimizer, scaler) -> Progress:
     scaler.load_state_dict(state["loss_scale"])
     print(f"[telechat2] resumed from {run.resume_from} (step {state['step']}, {state['consumed_samples']} "
           "samples consumed)", file=sys.stderr)
-    return Progress(state["step"], state["consumed_samples"], state["history"])
+    history = state.get("history") or read_history(run.out, state["step"])
+    return Progress(state["step"], state["consumed_samples"], history)
 
 
 class Stepper:
@@ -349,7 +350,7 @@ def ops_sum(values):
 def save_checkpoint(run: Run, done: Progress, model, optimizer, scaler) -> None:
     layout = run.layout
     state = {"step": done.step, "consumed_samples": done.consumed, "loss_scale": scaler.state_dict(),
-             "seed": run.cfg["seed"], "global_batch": run.global_batch, "history": done.history,
+             "seed": run.cfg["seed"], "global_batch": run.global_batch,
              "layout": layout.sizes, "optimizer_shard": layout.optimizer_shard and layout.dp > 1}
     ckpt = callback(run.cfg, "CheckpointMonitor")
     checkpointing.save(os.path.join(run.out, "checkpoint"), done.step, model=model,
@@ -422,6 +423,8 @@ def train(cfg: dict, *, resume: bool = False, progress: bool = True, force: bool
         done.step, done.consumed = done.step + 1, done.consumed + run.global_batch
         record = logger.record(done.step, time.perf_counter() - t0, lr, loss, norm, finite, loss_scale)
         done.history.append(record)
+        if run.rank0:
+            append_history(run.out, record)
         bar.update(1)
         if done.step % print_every == 0 or done.step == run.total_steps:
             if run.progress:

@@ -3,7 +3,7 @@
 `claim(out, ...)` runs on rank 0 before anything is written. A folder that already holds a run
 (`checkpoint/step_*` or `report/report.json`) is refused unless `--resume` (continue that run: its run id
 is kept) or `--force` (replace it: only what telechat2 wrote, `checkpoint/`, `report/`, `run_config.yaml`,
-is deleted, and only if the folder carries telechat2's marker; `data_cache/` is a content-addressed cache
+`history.jsonl`, is deleted, and only if the folder carries telechat2's marker; `data_cache/` is a content-addressed cache
 and is kept). Files of the user's in the folder are never touched. The marker records the run id;
 checkpoint manifests record it too, and `prune` deletes only older checkpoints of the current run.
 """
@@ -17,7 +17,7 @@ from ..checkpoint.manifest import MANIFEST, list_checkpoints
 from ..errors import OwnershipError
 from ..ownership import MARKER, read_marker, refuse_overlap, write_marker
 
-RUN_ENTRIES = ("checkpoint", "report", "run_config.yaml")      # what a run writes (data_cache is shared)
+RUN_ENTRIES = ("checkpoint", "report", "run_config.yaml", "history.jsonl")   # what a run writes (not data_cache)
 
 
 def holds_run(out: str) -> bool:
@@ -53,7 +53,7 @@ def claim(out: str, *, resume: bool, force: bool, inputs) -> str:
         else:
             raise OwnershipError(f"output_dir {out} already holds another run ({what}); pass --resume to "
                                  "continue it, --force to replace it (deletes only checkpoint/, report/ and "
-                                 "run_config.yaml), or choose another output_dir")
+                                 "run_config.yaml, history.jsonl), or choose another output_dir")
     os.makedirs(out, exist_ok=True)
     return write_marker(out, "train", run_id, entries=list(RUN_ENTRIES) + ["data_cache"])["run_id"]
 

@@ -22,6 +22,33 @@ def log_line(*, epoch, epochs, step, total, loss, step_time_s, lr, overflow, los
             f"MFU {100 * mfu:.2f}%")
 
 
+HISTORY = "history.jsonl"       # in output_dir, beside checkpoint/: one record per step, appended as it is logged
+
+
+def append_history(out: str, record: dict) -> None:
+    """Append one step's record (rank 0); checkpoints' state.json stays O(1) in the number of steps."""
+    with open(os.path.join(out, HISTORY), "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def read_history(out: str, upto_step: int) -> list[dict]:
+    """The records of steps 1..upto_step (a step logged again after a resume: the later record wins; a line
+    cut short by a crash is skipped)."""
+    by_step: dict[int, dict] = {}
+    try:
+        with open(os.path.join(out, HISTORY), encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= upto_step:
+                    by_step[record["step"]] = record
+    except FileNotFoundError:
+        return []
+    return [by_step[k] for k in sorted(by_step)]
+
+
 def summarize(steps: list[dict], skip_first: int = 1) -> dict:
     """Throughput median/p90 over steps (the first, which compiles, is left out when there are others)."""
     timed = steps[skip_first:] if len(steps) > skip_first else steps
