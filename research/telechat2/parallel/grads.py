@@ -53,7 +53,6 @@ class GradReducer(nn.Cell):
         self.norm_weights = tuple(weights)
         self.tp_sum = ops.AllReduce(ReduceOp.SUM, mesh.groups["tp"]) if mesh.tp > 1 else None
         self.pp_sum = ops.AllReduce(ReduceOp.SUM, mesh.groups["pp"]) if mesh.layout.pp > 1 else None
-        self.dp = mesh.dp
         self.dp_sum = ops.AllReduce(ReduceOp.SUM, mesh.groups["dp"]) if mesh.dp > 1 else None
         # context parallel: each cp rank holds a part of the one global loss, so a part of every gradient
         self.cp_sum = ops.AllReduce(ReduceOp.SUM, mesh.groups["cp"]) if mesh.layout.cp > 1 else None
@@ -70,25 +69,24 @@ class GradReducer(nn.Cell):
     def construct(self, grads):
         grads = list(grads)
         if self.cp_sum is not None:
-            for bucket in self.buckets:
-                flat = self.cp_sum(ops.cat([grads[i].reshape(-1) for i in bucket]))
-                offset = 0
-                for i in bucket:
-                    n = grads[i].size
-                    grads[i] = flat[offset:offset + n].reshape(self.shapes[i])
-                    offset += n
+            grads = self._sum_in_buckets(self.cp_sum, grads)
         if self.dp_sum is not None:
-            for bucket in self.buckets:
-                flat = self.dp_sum(ops.cat([grads[i].reshape(-1) for i in bucket]))
-                offset = 0
-                for i in bucket:
-                    n = grads[i].size
-                    grads[i] = flat[offset:offset + n].reshape(self.shapes[i])
-                    offset += n
+            grads = self._sum_in_buckets(self.dp_sum, grads)
         for k in range(len(self.partial_index)):
             i = self.partial_index[k]
             grads[i] = self.partial_reduce[k](grads[i])
         return tuple(grads)
+
+    def _sum_in_buckets(self, all_reduce, grads):
+        """Every gradient summed with `all_reduce`, one flat bucket of ~bucket_mb at a time."""
+        for bucket in self.buckets:
+            flat = all_reduce(ops.cat([grads[i].reshape(-1) for i in bucket]))
+            offset = 0
+            for i in bucket:
+                n = grads[i].size
+                grads[i] = flat[offset:offset + n].reshape(self.shapes[i])
+                offset += n
+        return grads
 
     def data_sum(self, x):
         """Sum over the ranks that hold different data: dp, then cp (label counts, the logged loss)."""
