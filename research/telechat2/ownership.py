@@ -70,6 +70,21 @@ def refuse_overlap(output: str, inputs, option: str = "--output") -> None:
                              f"the input: write the output somewhere else")
 
 
+def check_output_file(path: str, force: bool, inputs, option: str = "--output", folder_hint: str = "") -> None:
+    """Before any work: `path` is a file we may write (not a folder, not an existing file without --force,
+    not one of the inputs, in an existing writable folder)."""
+    if os.path.isdir(path):
+        raise OwnershipError(f"{option} {path} is a folder{folder_hint}")
+    if os.path.lexists(path) and not force:
+        raise OwnershipError(f"{option} {path} exists; pass --force to replace it")
+    refuse_overlap(path, inputs, option)
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise OwnershipError(f"{option} {path}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise OwnershipError(f"{option} {path}: the folder {parent} is not writable")
+
+
 def check_replaceable(output: str, option: str = "--output") -> None:
     """With --force: `output` may be replaced only if it is missing, an empty folder, or marked as ours."""
     if not os.path.lexists(output):

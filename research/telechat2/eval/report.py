@@ -5,7 +5,7 @@ import json
 import os
 import tempfile
 
-from ..ownership import refuse_overlap
+from ..ownership import check_output_file
 from .data import EvalError
 
 
@@ -20,14 +20,7 @@ def check_output(output: str | None, force: bool, inputs) -> None:
     if not output.endswith(".json"):
         raise EvalError(f"--output {output}: give a .json file name (the Markdown goes beside it as .md)")
     for path in (output, markdown_path(output)):
-        if os.path.isdir(path):
-            raise EvalError(f"--output {output}: {path} is a folder")
-        if os.path.lexists(path) and not force:
-            raise EvalError(f"--output {output}: {path} exists; pass --force to replace it")
-        refuse_overlap(path, inputs)
-    parent = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(parent):
-        raise EvalError(f"--output {output}: the folder {parent} does not exist")
+        check_output_file(path, force, inputs)
 
 
 def markdown(result: dict) -> str:

@@ -15,7 +15,7 @@ import time
 import warnings
 
 from ..errors import TeleChat2Error
-from ..ownership import refuse_overlap
+from ..ownership import check_output_file
 from ..textio import check_utf8_str
 from .distributed import ABORT, END, share_prompts
 from .sampling import RELEASE_DEFAULTS, GenerationConfig
@@ -238,16 +238,7 @@ def check_output(output: str | None, force: bool, inputs) -> None:
     """Before anything is generated: --output is a file we may write (never a folder, never an input)."""
     if not output:
         return
-    if os.path.isdir(output):
-        raise PredictError(f"--output {output} is a folder; give a file name for the jsonl results")
-    if os.path.lexists(output) and not force:
-        raise PredictError(f"--output {output} exists; pass --force to replace it")
-    refuse_overlap(output, inputs)
-    parent = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(parent):
-        raise PredictError(f"--output {output}: the folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise PredictError(f"--output {output}: the folder {parent} is not writable")
+    check_output_file(output, force, inputs, folder_hint="; give a file name for the jsonl results")
 
 
 def check_context(cfg: dict, gen: GenerationConfig) -> None:
