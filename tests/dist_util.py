@@ -55,6 +55,8 @@ def gathered_weights(step_dir: str) -> dict[str, np.ndarray]:
     whole: dict[str, np.ndarray] = {}
     blocks: dict[str, tuple[int, dict]] = {}
     for r in sorted(d for d in os.listdir(step_dir) if d.startswith("rank_")):
+        if not os.path.exists(os.path.join(step_dir, r, "model.safetensors")):
+            continue                # a data-parallel replica: its model shard's weights are written once, by dp 0
         with open(os.path.join(step_dir, r, "rank.json")) as fh:
             shards = json.load(fh)["shards"]
         for name, block in load_file(os.path.join(step_dir, r, "model.safetensors")).items():

@@ -272,3 +272,34 @@ def test_predict_config_generates_on_cpu(topology_runs, name):
         _PREDICTED[sig] = json.loads(r.stdout.strip().splitlines()[-1])
     result = _PREDICTED[sig]
     assert result["completion_tokens"] >= 1 and isinstance(result["text"], str)
+
+
+def test_memory_inventory_equals_the_allocated_buffers(topology_runs):
+    """Every rank of every scaled topology: the inventory check-config and plan use (train/memory.py, built
+    without allocating) equals, by kind and byte for byte, the persistent buffers the run allocated; and the
+    distributed optimizer's per-parameter bytes are the formula of docs/ARCHITECTURE.md."""
+    from telechat2.parallel.buckets import ROW
+    from telechat2.parallel.mesh import Layout
+    from telechat2.train.memory import by_kind, run_inventory, weights_by_dtype
+    layouts = set()
+    for tag, run in topology_runs["runs"].items():
+        cfg = load_run_config(os.path.join(run["out"], "run_config.yaml"))
+        layout = Layout.from_run_config(cfg)
+        layouts.add(layout.describe())
+        for rank in range(run["workers"]):
+            with open(os.path.join(run["out"], "report", f"memory_rank_{rank}.json")) as fh:
+                got = json.load(fh)
+            inventory = run_inventory(cfg, rank)
+            assert got["allocated_bytes"] == by_kind(inventory), (tag, rank)
+            assert got["weights_by_dtype"] == weights_by_dtype(inventory), (tag, rank)
+        if layout.world == layout.dp == 2 and layout.optimizer_shard:       # 3B/7B: dp2, one micro-batch
+            p = TeleChat2Config.from_preset("tiny").num_parameters()
+            kinds = by_kind(run_inventory(cfg, 0))
+            o2 = cfg["amp"]["level"] == "O2"
+            # O1 (fp32 weights): 4 + 12/dp bytes per parameter; O2: 2 + 16/dp (the fp32 master shard)
+            assert kinds["weights"] == (2 if o2 else 4) * p, tag
+            sharded = kinds["moments"] + kinds["gradients"] + kinds["master"]
+            # each bucket pads fewer than dp x ROW elements; the tiny model has 2 buckets (decay / no decay)
+            padding = 2 * 2 * ROW * (16 if o2 else 12)
+            assert 0 <= sharded - (16 if o2 else 12) * p / 2 <= padding, (tag, sharded / p)
+    assert {"dp2 tp1 pp1 cp1 zero1", "dp2 tp2 pp2 cp1 sp zero1", "dp1 tp2 pp2 cp1 sp"} <= layouts, layouts

@@ -152,7 +152,8 @@ def test_memory_model_orders():
     assert est["none"].step_time_s < est["selective"].step_time_s < est["full"].step_time_s
     sharded = estimate(c, Plan(Layout(dp=2, tp=4, pp=2, sequence_parallel=True, micro_batch_num=4,
                                       optimizer_shard=True), "full"), 8192, ATLAS_800T_A2)
-    assert sharded.memory["optimizer"] == pytest.approx(est["full"].memory["optimizer"] / 2)
+    # the distributed optimizer halves the moments at dp2 (up to the buckets' padding)
+    assert sharded.memory["moments"] == pytest.approx(est["full"].memory["moments"] / 2, rel=1e-3)
     nosp = estimate(c, Plan(Layout(dp=2, tp=4, pp=2, micro_batch_num=4), "none"), 8192, ATLAS_800T_A2)
     assert nosp.memory["activations"] > est["none"].memory["activations"]
     # ring attention buffers appear with context parallel; the pipeline bubble with pipeline stages

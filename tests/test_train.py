@@ -232,10 +232,13 @@ def test_fp16_o2_overflow_skips_the_step(tmp_path):
     from telechat2 import TeleChat2Config, TeleChat2ForCausalLM
     from telechat2.train.optim import AdamW, LossScaler
     from telechat2.train.step import TrainStep
-    cfg = TeleChat2Config.from_preset("tiny", compute_dtype="float16", res_dtype="float16")
+    # AMP O2: fp16 weights, fp32 master shards in the optimizer
+    cfg = TeleChat2Config.from_preset("tiny", compute_dtype="float16", res_dtype="float16", param_init_type="float16")
     ms.set_seed(0)
     model = TeleChat2ForCausalLM(cfg)
-    opt = AdamW(model.trainable_params())
+    opt = AdamW.for_model(model)
+    assert opt.has_master and all(p.dtype == ms.float16 for p in model.trainable_params())
+    master_before = [m.asnumpy().copy() for m in opt.master]
     step = TrainStep(model, opt, use_clip=True, max_grad_norm=1.0)
     scaler = LossScaler({"type": "DynamicLossScaleUpdateCell", "loss_scale_value": 1e30, "scale_factor": 2,
                          "scale_window": 2})
@@ -252,7 +255,8 @@ def test_fp16_o2_overflow_skips_the_step(tmp_path):
     for p in model.trainable_params():
         assert np.array_equal(p.asnumpy(), before[p.name]), p.name
     assert int(opt.step.asnumpy()) == 0 and all(not m.asnumpy().any() for m in opt.m)
-    assert all(not g.asnumpy().any() for g in step.grad_acc)        # buffers cleared for the next step
+    assert all(np.array_equal(m.asnumpy(), b) for m, b in zip(opt.master, master_before))
+    assert all(not g.asnumpy().any() for g in step.grad_buffers)    # buffers cleared for the next step
     # a sane scale then trains: finite, weights move, and the scale grows after `scale_window` good steps
     for _ in range(2):
         scaler.scale = min(scaler.scale, 1024.0)
@@ -263,6 +267,12 @@ def test_fp16_o2_overflow_skips_the_step(tmp_path):
         scaler.update(True)
     assert scaler.scale == 2048.0 and int(opt.step.asnumpy()) == 2
     assert not np.array_equal(model.trainable_params()[0].asnumpy(), before[model.trainable_params()[0].name])
+    # the fp16 weights are the fp32 master rounded (the master keeps what fp16 cannot hold)
+    weights = [p.asnumpy().astype(np.float32) for p in model.trainable_params()]
+    for b, master in enumerate(opt.master):
+        m = master.asnumpy()
+        assert np.array_equal(opt.plan.flat_shard_numpy(weights, b), m.astype(np.float16).astype(np.float32))
+        assert not np.array_equal(m, master_before[b])
 
 
 def test_fp16_o2_run_reports_skipped_steps(tmp_path, pretrain_data):

@@ -48,6 +48,9 @@ class TeleChat2Config:
     # Ascend fused kernels; the CPU formulation is used when False
     use_flash_attention: bool = False
     use_fused_rms_norm: bool = False
+    # training: the lm_head + loss over this many positions at a time (0: the whole sequence at once); only one
+    # chunk's fp32 logits exist at a time, the backward recomputes them (the same loss and gradients)
+    loss_chunk_tokens: int = 0
     extra: dict = field(default_factory=dict, repr=False, compare=False)  # unknown HF fields, kept for round trips
 
     def __post_init__(self):
@@ -67,6 +70,9 @@ class TeleChat2Config:
             if not cond:
                 raise ConfigError(f"model_config.{key}: {msg}")
 
+        need(isinstance(self.loss_chunk_tokens, int) and not isinstance(self.loss_chunk_tokens, bool)
+             and self.loss_chunk_tokens >= 0, "loss_chunk_tokens",
+             f"must be an integer >= 0 (0: no chunking), got {self.loss_chunk_tokens!r}")
         for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
                     "seq_length", "base_seqlen"):
             v = getattr(self, key)

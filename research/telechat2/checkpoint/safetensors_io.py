@@ -6,6 +6,7 @@ or corrupt file is reported with its path and the offending tensor.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -110,8 +111,9 @@ class SafetensorsFile:
         return np.asarray(raw, dtype=np.float32)
 
 
-def write_safetensors(path: str, tensors, metadata: dict | None = None) -> None:
-    """Stream tensors into one .safetensors file without holding them.
+def write_safetensors(path: str, tensors, metadata: dict | None = None) -> dict:
+    """Stream tensors into one .safetensors file without holding them; returns its sha256 and size (hashed
+    as written, so a checkpoint writer need not read the file back).
 
     `tensors`: list of (name, dtype, shape, chunks) where `chunks()` yields numpy blocks whose raw bytes,
     concatenated, are the tensor in `dtype` (BF16 as uint16 bits). The header is written first from the
@@ -126,15 +128,20 @@ def write_safetensors(path: str, tensors, metadata: dict | None = None) -> None:
         header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)             # keep the data 8-byte aligned, as the reference writer does
+    digest = hashlib.sha256()
     with open(path, "wb") as fh:
-        fh.write(struct.pack("<Q", len(blob)))
-        fh.write(blob)
+        def write(data):
+            digest.update(data)
+            fh.write(data)
+        write(struct.pack("<Q", len(blob)))
+        write(blob)
         for name, dtype, shape, chunks in tensors:
             want = header[name]["data_offsets"][1] - header[name]["data_offsets"][0]
             written = 0
             for block in chunks():
                 data = np.ascontiguousarray(block)
-                fh.write(memoryview(data).cast("B"))
+                write(memoryview(data).cast("B"))
                 written += data.nbytes
             if written != want:
                 raise RuntimeError(f"{path}: tensor {name!r}: wrote {written} bytes, expected {want}")
+    return {"sha256": digest.hexdigest(), "bytes": 8 + len(blob) + offset}

@@ -340,6 +340,8 @@ def _open_distributed(path: str, config: str | None, guard: ManifestGuard | None
     whole, blocks = {}, {}
     for r in sorted(ranks):
         folder, info = ranks[r]
+        if "model.safetensors" not in info.get("files", ["model.safetensors"]):
+            continue                                   # a dp/cp replica: its model shard's weights are elsewhere
         f = _open_checked(SafetensorsFile, os.path.join(folder, "model.safetensors"), guard)
         for name in f.keys():
             if name in info["shards"]:

@@ -9,7 +9,7 @@ import warnings
 
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor, nn, ops
+from mindspore import Tensor, mint, nn, ops
 
 from ..config import TeleChat2Config
 from ..dtypes import ms_dtype
@@ -83,6 +83,25 @@ class TeleChat2Model(nn.Cell):
         return self.norm_out(x) if self.last else x
 
 
+class HeadLossChunk(nn.Cell):
+    """lm_head and the (vocab-parallel) cross entropy of one chunk of positions, summed. The weight comes in as
+    an argument, so the lm_head parameter keeps its one owner and name; marked for recompute by the model."""
+
+    def __init__(self, config: TeleChat2Config, mesh: ParallelMesh):
+        super().__init__()
+        self.compute_dtype = ms_dtype(config.compute_dtype)
+        self.ignore = config.ignore_token_id
+        self.vocab_parallel_loss = VocabParallelCrossEntropy(mesh, config.vocab_size, config.ignore_token_id) \
+            if mesh.tp > 1 else None
+
+    def construct(self, weight, x, targets):
+        logits = mint.nn.functional.linear(x.astype(self.compute_dtype), weight.astype(self.compute_dtype))
+        logits = logits.astype(ms.float32)
+        if self.vocab_parallel_loss is None:
+            return token_nll(logits, targets, self.ignore).sum()
+        return self.vocab_parallel_loss(logits, targets).sum()
+
+
 class TeleChat2ForCausalLM(nn.Cell):
     """`model(input_ids)` -> fp32 logits [B, S, V]; `model(input_ids, labels)` -> mean loss (scalar)."""
 
@@ -117,6 +136,10 @@ class TeleChat2ForCausalLM(nn.Cell):
         self.gather_vocab = tp_collective(GatherFromTensorParallel, mesh) if mesh.tp > 1 else None
         self.vocab_parallel_loss = VocabParallelCrossEntropy(mesh, config.vocab_size, config.ignore_token_id) \
             if mesh.tp > 1 else None
+        self.chunk_loss = None
+        if config.loss_chunk_tokens:            # the head + loss a chunk of the sequence at a time, recomputed
+            self.chunk_loss = HeadLossChunk(config, mesh)
+            self.chunk_loss.recompute()
 
     @classmethod
     def from_hf(cls, hf_dir: str, mesh: ParallelMesh | None = None, **config_overrides) -> "TeleChat2ForCausalLM":
@@ -191,6 +214,15 @@ class TeleChat2ForCausalLM(nn.Cell):
 
     def loss_sum(self, hidden, targets):
         """The last stage's summed next-token loss: sum over counted targets [B, S] of -log p (fp32 scalar)."""
+        if self.chunk_loss is not None:
+            # the head's input collective once, then `loss_chunk_tokens` positions at a time: only one chunk's
+            # logits [B, chunk, V/tp] (and their gradient) exist at once, the backward recomputes them
+            x = hidden if self.lm_head.input_comm is None else self.lm_head.input_comm(hidden)
+            chunk, total = self.config.loss_chunk_tokens, None
+            for start in range(0, x.shape[1], chunk):
+                part = self.chunk_loss(self.lm_head.weight, x[:, start:start + chunk], targets[:, start:start + chunk])
+                total = part if total is None else total + part
+            return total
         logits = self.lm_head(hidden).astype(ms.float32)                   # [B, S, V/tp], never gathered
         if self.vocab_parallel_loss is None:
             return token_nll(logits, targets, self.config.ignore_token_id).sum()

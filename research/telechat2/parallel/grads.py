@@ -1,15 +1,18 @@
-"""Gradient reductions across the mesh, and the weights that make the global norm layout-independent.
+"""Gradient reductions across the mesh into the optimizer's flat shards, and the layout-independent norm.
 
-After backward, on every rank:
-  - data parallel: gradients are summed over dp in flat buckets (one all-reduce per ~`bucket_mb`); the
-    loss of every rank is already weighted by the global batch's label-token count (train/step.py), so
-    the sum is the gradient of the global per-token mean;
+After backward, on every rank (`GradReducer.to_shards`):
   - partial gradients: a parameter replicated across tp but fed with partial inputs gets only its share
     of the gradient and is summed over the ranks that hold it: under sequence parallel every replicated
     parameter (norm weights, row-parallel biases) over tp; replicated kv heads (tp > n_kv) over the ranks
-    sharing the head.
-The global gradient norm counts each distinct value once: sum_i w_i |g_i|^2 over this rank, all-reduced
-over tp and pp, with w_i = 1 for tp-split tensors and 1/(number of holders) for replicated ones.
+    sharing the head;
+  - the gradients are laid into the plan's flat fp32 buckets (parallel/buckets.py), one collective per bucket:
+    summed over cp (each cp rank holds a part of the one global loss), then over dp: reduce-scattered into
+    this rank's shard with the distributed optimizer, else all-reduced (the shard is the whole bucket). The
+    loss of every rank is already weighted by the global batch's label-token count (train/step.py), so the
+    sum is the gradient of the global per-token mean.
+The global gradient norm counts each distinct value once: sum_b w_b |shard_b|^2, summed over the dp shards,
+tp and pp, with w_b = 1 for tp-split tensors and 1/(number of holders) for replicated ones (a bucket holds
+one kind only).
 """
 from __future__ import annotations
 
@@ -17,7 +20,9 @@ import mindspore as ms
 from mindspore import nn, ops
 from mindspore.ops import ReduceOp
 
+from .buckets import ROW, BucketPlan
 from .layers import shard_specs
+from .mappings import GroupCollective
 
 
 def _group(mesh, ranks: list[int], tag: str) -> str:
@@ -26,67 +31,65 @@ def _group(mesh, ranks: list[int], tag: str) -> str:
     return name if name in mesh.groups.values() else ensure_group(name, ranks)
 
 
+def _kv_replicas(model) -> dict[str, list[int]]:
+    """{kv weight name: the ranks holding the same kv heads} (tp > kv heads)."""
+    return {cell.wk_v.weight.name: cell.kv_replicas for _, cell in model.cells_and_names()
+            if getattr(cell, "kv_replicas", None)}
+
+
+def gradient_holders(model, params, mesh) -> list[list[int]]:
+    """For each parameter, the ranks of this rank's tp group holding the same gradient value."""
+    specs = shard_specs(model)
+    tp_ranks = mesh.layout.group_ranks("tp", mesh.rank)
+    replicas = _kv_replicas(model)
+    return [replicas.get(p.name) or ([mesh.rank] if p.name in specs else tp_ranks) for p in params]
+
+
+def bucket_plan(model, params, mesh, *, decay, shard: bool, bucket_mb: float = 25.0) -> BucketPlan:
+    """The flat-bucket plan of `params` on this rank (shared by the optimizer, checkpoints and the inventory)."""
+    holders = gradient_holders(model, params, mesh)
+    dp, dp_rank = (mesh.dp, mesh.dp_rank) if shard else (1, 0)
+    return BucketPlan([(p.name, tuple(p.shape)) for p in params], decay=decay,
+                      norm_weights=[1.0 / len(h) for h in holders], shards=dp, shard_index=dp_rank,
+                      bucket_mb=bucket_mb)
+
+
 class GradReducer(nn.Cell):
-    def __init__(self, model, params, mesh, bucket_mb: float = 25.0):
+    def __init__(self, model, params, mesh, plan: BucketPlan):
         super().__init__(auto_prefix=False)
+        self.plan = plan
         self.n = len(params)
-        specs = shard_specs(model)
-        tp_ranks = mesh.layout.group_ranks("tp", mesh.rank)
-        # which parameters hold partial gradients, and over which ranks they are summed
-        replicas = {}
-        for _, cell in model.cells_and_names():
-            if getattr(cell, "kv_replicas", None):
-                replicas[cell.wk_v.weight.name] = cell.kv_replicas
-        partial, weights = [], []
-        for i, p in enumerate(params):
-            if p.name in replicas:
-                holders = replicas[p.name]
-            elif p.name in specs:
-                holders = [mesh.rank]
-            else:
-                holders = tp_ranks
-            weights.append(1.0 / len(holders))
+        partial, replicas = [], _kv_replicas(model)
+        for i, (p, holders) in enumerate(zip(params, gradient_holders(model, params, mesh))):
             if len(holders) > 1 and (p.name in replicas or mesh.sequence_parallel):
                 partial.append((i, ops.AllReduce(ReduceOp.SUM, _group(mesh, holders, "grad"))))
         self.partial_index = tuple(i for i, _ in partial)
         self.partial_reduce = nn.CellList([_Op(op) for _, op in partial])
-        self.norm_weights = tuple(weights)
         self.tp_sum = ops.AllReduce(ReduceOp.SUM, mesh.groups["tp"]) if mesh.tp > 1 else None
         self.pp_sum = ops.AllReduce(ReduceOp.SUM, mesh.groups["pp"]) if mesh.layout.pp > 1 else None
         self.dp_sum = ops.AllReduce(ReduceOp.SUM, mesh.groups["dp"]) if mesh.dp > 1 else None
-        # context parallel: each cp rank holds a part of the one global loss, so a part of every gradient
         self.cp_sum = ops.AllReduce(ReduceOp.SUM, mesh.groups["cp"]) if mesh.layout.cp > 1 else None
-        buckets, current, size = [], [], 0
-        for i, p in enumerate(params):
-            current.append(i)
-            size += p.size * 4
-            if size >= bucket_mb * 2**20:
-                buckets.append(tuple(current))
-                current, size = [], 0
-        self.buckets = tuple(buckets + [tuple(current)] if current else buckets)
-        self.shapes = tuple(tuple(p.shape) for p in params)
+        # the distributed optimizer: reduce-scatter over dp into this rank's shard
+        self.dp_scatter = GroupCollective(mesh.groups["dp"], mesh.dp, mesh.dp_rank) if plan.shards > 1 else None
+        self.weights = tuple(bk.norm_weight for bk in plan.buckets)
 
-    def construct(self, grads):
+    def to_shards(self, grads):
+        """This rank's fp32 shard of every bucket of the fully reduced gradients."""
         grads = list(grads)
-        if self.cp_sum is not None:
-            grads = self._sum_in_buckets(self.cp_sum, grads)
-        if self.dp_sum is not None:
-            grads = self._sum_in_buckets(self.dp_sum, grads)
         for k in range(len(self.partial_index)):
             i = self.partial_index[k]
             grads[i] = self.partial_reduce[k](grads[i])
-        return tuple(grads)
-
-    def _sum_in_buckets(self, all_reduce, grads):
-        """Every gradient summed with `all_reduce`, one flat bucket of ~bucket_mb at a time."""
-        for bucket in self.buckets:
-            flat = all_reduce(ops.cat([grads[i].reshape(-1) for i in bucket]))
-            offset = 0
-            for i in bucket:
-                n = grads[i].size
-                grads[i] = flat[offset:offset + n].reshape(self.shapes[i])
-                offset += n
-        return grads
+        shards = []
+        for b in range(len(self.plan.buckets)):
+            flat = self.plan.flat(grads, b, ms.float32)
+            if self.cp_sum is not None:
+                flat = self.cp_sum(flat)
+            if self.dp_scatter is not None:
+                flat = self.dp_scatter.reduce_scatter(flat, 0)
+            elif self.dp_sum is not None:
+                flat = self.dp_sum(flat)
+            shards.append(flat)
+        return tuple(shards)
 
     def data_sum(self, x):
         """Sum over the ranks that hold different data: dp, then cp (label counts, the logged loss)."""
@@ -94,10 +97,15 @@ class GradReducer(nn.Cell):
             x = self.dp_sum(x)
         return x if self.cp_sum is None else self.cp_sum(x)
 
-    def global_norm(self, grads):
+    def global_norm(self, shards):
         """(norm of the full model's gradient, finite), identical on every rank."""
-        total = ops.addn([ops.square(grads[i].astype(ms.float32)).sum() * self.norm_weights[i]
-                          for i in range(self.n)])
+        squares = []
+        for b in range(len(shards)):
+            rows = ops.square(shards[b]).reshape(-1, ROW).sum(1)      # deterministic (parallel/buckets.py)
+            squares.append(rows.sum() * self.weights[b])
+        total = ops.addn(squares)
+        if self.dp_scatter is not None:              # each dp rank holds one shard of every bucket
+            total = self.dp_sum(total)
         if self.tp_sum is not None:
             total = self.tp_sum(total)
         if self.pp_sum is not None:                  # every stage holds different parameters

@@ -24,7 +24,7 @@ def native_collectives() -> bool:
     return ms.get_context("device_target") == "Ascend"
 
 
-class _Collective(nn.Cell):
+class GroupCollective(nn.Cell):
     """Shared parts: the group, its size, this rank's index in it, and the all-reduce."""
 
     def __init__(self, group: str, size: int, index: int):
@@ -71,7 +71,7 @@ class _Collective(nn.Cell):
         return self.chunk(self.all_reduce_sum(x), dim)
 
 
-class CopyToTensorParallel(_Collective):
+class CopyToTensorParallel(GroupCollective):
     def construct(self, x):
         return ops.identity(x)
 
@@ -79,7 +79,7 @@ class CopyToTensorParallel(_Collective):
         return (self.all_reduce_sum(dout),)
 
 
-class ReduceFromTensorParallel(_Collective):
+class ReduceFromTensorParallel(GroupCollective):
     def construct(self, x):
         return self.all_reduce_sum(x)
 
@@ -87,7 +87,7 @@ class ReduceFromTensorParallel(_Collective):
         return (dout,)
 
 
-class GatherFromTensorParallel(_Collective):
+class GatherFromTensorParallel(GroupCollective):
     def construct(self, x):
         return self.all_gather(x, -1 % x.ndim)
 
@@ -95,7 +95,7 @@ class GatherFromTensorParallel(_Collective):
         return (self.chunk(dout, -1 % dout.ndim),)
 
 
-class GatherFromSequenceParallel(_Collective):
+class GatherFromSequenceParallel(GroupCollective):
     def construct(self, x):
         return self.all_gather(x, 1)
 
@@ -103,7 +103,7 @@ class GatherFromSequenceParallel(_Collective):
         return (self.reduce_scatter(dout, 1),)
 
 
-class ReduceScatterToSequenceParallel(_Collective):
+class ReduceScatterToSequenceParallel(GroupCollective):
     def construct(self, x):
         return self.reduce_scatter(x, 1)
 
@@ -111,7 +111,7 @@ class ReduceScatterToSequenceParallel(_Collective):
         return (self.all_gather(dout, 1),)
 
 
-class ScatterToSequenceParallel(_Collective):
+class ScatterToSequenceParallel(GroupCollective):
     def construct(self, x):
         return self.chunk(x, 1)
 
@@ -119,7 +119,7 @@ class ScatterToSequenceParallel(_Collective):
         return (self.all_gather(dout, 1),)
 
 
-class AllReduceMax(_Collective):
+class AllReduceMax(GroupCollective):
     """Max over the group, no gradient (MindSpore's CPU AllReduce sums only: there, gather and take the max)."""
 
     def __init__(self, group: str, size: int, index: int):

@@ -189,3 +189,14 @@ def barrier(mesh: ParallelMesh) -> None:
     if mesh.layout.world > 1:
         from mindspore.mint.distributed import barrier as _barrier
         _barrier()
+
+
+def world_sum(mesh: ParallelMesh, value: int) -> int:
+    """The sum of an integer over every rank (host side; the value itself on one device)."""
+    if mesh.layout.world == 1:
+        return int(value)
+    import mindspore as ms
+    from mindspore.mint.distributed import all_reduce
+    t = ms.Tensor([int(value)], ms.int32)
+    all_reduce(t)
+    return int(t.asnumpy()[0])

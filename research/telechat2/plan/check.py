@@ -84,7 +84,9 @@ def check_config(path: str, devices: int, *, hbm_gb: float | None = None, peak_t
     return result
 
 
-def _budget(cfg: dict, target: str, hbm_gb: float | None) -> tuple[float, str]:
+def memory_budget(cfg: dict, hbm_gb: float | None = None) -> tuple[float, str]:
+    """(GB per device, where the number comes from) for a run config."""
+    target = cfg["context"]["device_target"]
     if target == "CPU":
         if hbm_gb is not None:
             return hbm_gb, "--hbm-gb (host memory)"
@@ -100,10 +102,44 @@ def _params(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
 
 
+def training_plan(cfg: dict, layout: Layout) -> Plan:
+    """The plan of a training config: its layout with every micro-batch of a step (pipeline x accumulation)."""
+    rc = cfg["runner_config"]
+    as_written = Plan(layout, recompute_mode(cfg), micro_batch_size=rc["batch_size"])
+    micro = (layout.micro_batch_num if layout.pp > 1 else 1) * rc["gradient_accumulation_steps"]
+    return replace(as_written, layout=replace(layout, micro_batch_num=micro))
+
+
+def training_memory_of(cfg: dict, mc, plan: Plan, hbm_gb=None, peak_tflops=None):
+    """(bytes per device by part, the accelerator estimate or None) of a training config's plan: the
+    persistent buffers from the trainer's inventory (train/memory.py), activations from plan/model.py."""
+    shard_acc = bool(cfg["parallel"]["parallel_optimizer_config"]["gradient_accumulation_shard"])
+    offset = (cfg["model"].get("model_config") or {}).get("offset")
+    if cfg["context"]["device_target"] == "CPU":
+        host = HOST_GRAPH if cfg["context"]["mode"] == 0 else HOST_PYNATIVE
+        return host_training_memory(mc, plan, mc.seq_length, host), None
+    hw = ATLAS_800T_A2.with_(hbm_gb=hbm_gb or ATLAS_800T_A2.hbm_gb, peak_tflops=peak_tflops or ATLAS_800T_A2.peak_tflops)
+    est = estimate(mc, plan, mc.seq_length, hw, shard_accumulation=shard_acc, stage_offset=offset)
+    return est.memory, est
+
+
+def over_budget(memory: dict, budget_gb: float, source: str, run_mode: str) -> str | None:
+    """The message refusing a layout whose estimate exceeds the budget, naming the largest item; else None."""
+    total = sum(memory.values()) / GB
+    if total <= budget_gb:
+        return None
+    largest = max(memory, key=memory.get)
+    hint = " (try recompute_config.recompute: True, optimizer sharding, more model_parallel or " \
+           "pipeline_stage; `telechat2 plan` ranks the layouts that fit)" if run_mode != "predict" \
+        else " (raise model_parallel)"
+    return (f"memory: the estimate {total:.2f} GB per device exceeds {budget_gb:.2f} GB ({source}); the largest "
+            f"item is {largest} {memory[largest] / GB:.2f} GB{hint}")
+
+
 def _check(path, devices, cfg, mc, hbm_gb, peak_tflops) -> CheckResult:
     rc, target = cfg["runner_config"], cfg["context"]["device_target"]
     layout = Layout.from_run_config(cfg)
-    budget, source = _budget(cfg, target, hbm_gb)
+    budget, source = memory_budget(cfg, hbm_gb)
     amp = cfg["amp"]
     amp_text = {"none": "model_config dtypes", "O0": "AMP O0"}.get(amp["level"], f"AMP {amp['level']} {amp['dtype']}")
     weights = "weights" if cfg["run_mode"] == "predict" else "master weights"
@@ -125,30 +161,20 @@ def _check(path, devices, cfg, mc, hbm_gb, peak_tflops) -> CheckResult:
                        f"context {context} tokens (KV cache)")
         result = CheckResult(path, devices, cfg, summary, memory, budget, source)
     else:
-        as_written = Plan(layout, recompute_mode(cfg), micro_batch_size=rc["batch_size"])
-        validate_plan(as_written, mc, devices=devices, seq_length=mc.seq_length)
+        validate_plan(Plan(layout, recompute_mode(cfg), micro_batch_size=rc["batch_size"]), mc, devices=devices,
+                      seq_length=mc.seq_length)
         # micro-batches per step per dp rank: pipeline micro-batches (pp > 1) times accumulation steps
-        micro = (layout.micro_batch_num if layout.pp > 1 else 1) * rc["gradient_accumulation_steps"]
-        plan = replace(as_written, layout=replace(layout, micro_batch_num=micro))
+        plan = training_plan(cfg, layout)
+        micro = plan.micro_batches
         summary.append(f"layout {plan.describe()} for {devices} device(s); global batch {plan.global_batch} "
                        f"= dp {layout.dp} x {micro} micro-batch(es) x batch_size {rc['batch_size']}")
-        if target == "CPU":
-            if devices > 1:
-                notes.append("CPU estimate is per process of a one-process run; other processes add their own")
-            host = HOST_GRAPH if cfg["context"]["mode"] == 0 else HOST_PYNATIVE
-            memory = host_training_memory(mc, plan, mc.seq_length, host)
-            result = CheckResult(path, devices, cfg, summary, memory, budget, source)
-        else:
-            hw = ATLAS_800T_A2.with_(hbm_gb=hbm_gb or ATLAS_800T_A2.hbm_gb,
-                                     peak_tflops=peak_tflops or ATLAS_800T_A2.peak_tflops)
-            est = estimate(mc, plan, mc.seq_length, hw)
-            result = CheckResult(path, devices, cfg, summary, est.memory, budget, source, estimate=est)
-    if result.memory_gb > budget:
-        hint = " (try recompute_config.recompute: True, optimizer sharding, more model_parallel or " \
-               "pipeline_stage; `telechat2 plan` ranks the layouts that fit)" if cfg["run_mode"] != "predict" \
-            else " (raise model_parallel)"
-        result.problems.append(f"memory: the estimate {result.memory_gb:.2f} GB per device exceeds "
-                               f"{budget:.2f} GB ({source}){hint}")
+        if target == "CPU" and devices > 1:
+            notes.append("CPU estimate is per process of a one-process run; other processes add their own")
+        memory, est = training_memory_of(cfg, mc, plan, hbm_gb, peak_tflops)
+        result = CheckResult(path, devices, cfg, summary, memory, budget, source, estimate=est)
+    problem = over_budget(result.memory, budget, source, cfg["run_mode"])
+    if problem:
+        result.problems.append(problem)
     for key in (("train_dataset", "data_loader", "dataset_dir"), ("processor", "tokenizer", "vocab_file")):
         node = cfg
         for k in key:

@@ -116,21 +116,16 @@ def inflight_micro_batches(plan: Plan) -> float:
 
 # ---- memory -----------------------------------------------------------------------------------------
 
-def training_memory(c: TeleChat2Config, plan: Plan, seq_length: int) -> dict[str, float]:
+def training_memory(c: TeleChat2Config, plan: Plan, seq_length: int, *, shard_accumulation: bool = False,
+                    stage_offset=None) -> dict[str, float]:
     """Bytes per device by part, for the heaviest stage (Ascend: flash attention as configured)."""
+    from ..train.memory import by_kind, heaviest_rank
     lay = plan.layout
-    P = stage_params(c, lay.tp, lay.pp)
-    pb, cb = DTYPE_BYTES[c.param_init_type], DTYPE_BYTES[c.compute_dtype]
-    zero = lay.optimizer_shard and lay.dp > 1
-    if zero:
-        # master weights, gradients and Adam moments sharded over dp; a compute-dtype working copy of the
-        # stage's weights is gathered for forward and backward. Micro-batch gradients accumulate in a full
-        # buffer that is reduce-scattered once per step.
-        mem = {"weights": P * pb / lay.dp + P * cb,
-               "gradients": P * GRAD_BYTES * (1 if plan.micro_batches > 1 else 1 / lay.dp),
-               "optimizer": 2 * 4 * P / lay.dp}
-    else:
-        mem = {"weights": P * pb, "gradients": P * GRAD_BYTES, "optimizer": 2 * 4 * P}
+    cb = DTYPE_BYTES[c.compute_dtype]
+    # the persistent buffers: the trainer's own inventory of its heaviest rank (train/memory.py)
+    _, buffers = heaviest_rank(c, lay, accumulation=plan.micro_batches, shard_accumulation=shard_accumulation,
+                               stage_offset=stage_offset)
+    mem = {k: float(v) for k, v in by_kind(buffers).items() if k != "step"}
     tokens = plan.micro_batch_size * seq_length / lay.cp
     layers = math.ceil(c.num_layers / lay.pp)
     sp = lay.sequence_parallel and lay.tp > 1
@@ -138,8 +133,10 @@ def training_memory(c: TeleChat2Config, plan: Plan, seq_length: int) -> dict[str
     whole = layer_activation_bytes(c, lay.tp, sp, "none")
     mem["activations"] = tokens * layers * kept * inflight_micro_batches(plan)
     mem["recompute_working"] = tokens * (whole - kept)           # one layer re-run during its backward
-    # last stage: lm_head output in compute dtype, fp32 logits and their gradient, one micro-batch
-    mem["logits"] = tokens * c.vocab_size / lay.tp * (cb + 4 + 4)
+    # last stage: lm_head output in compute dtype, fp32 logits and their gradient, one micro-batch (with
+    # model_config.loss_chunk_tokens: one chunk of positions at a time)
+    head_tokens = min(tokens, c.loss_chunk_tokens) if c.loss_chunk_tokens else tokens
+    mem["logits"] = head_tokens * c.vocab_size / lay.tp * (cb + 4 + 4)
     if lay.cp > 1:
         # ring attention: K/V blocks in flight (double-buffered) and fp32 dK/dV accumulators of the layer
         kv = tokens * 2 * c.kv_heads * c.head_dim / min(lay.tp, c.kv_heads)
@@ -191,6 +188,8 @@ def training_time(c: TeleChat2Config, plan: Plan, seq_length: int, hw: Hardware)
     full = plan.recompute == "full"
 
     t = {"compute": flops_per_token(c, seq_length) * step_tokens / devices * (4 / 3 if full else 1) / rate}
+    if c.loss_chunk_tokens:                     # the chunked head's forward runs again in its backward
+        t["compute"] += 2 * c.hidden_size * c.vocab_size * step_tokens / devices / rate
     # selective recompute re-runs memory-bound elementwise work (the norms, SiLU and the gate product):
     # the bytes dropped from the kept activations are written again and their inputs read once more
     if plan.recompute == "selective":
@@ -224,13 +223,13 @@ def training_time(c: TeleChat2Config, plan: Plan, seq_length: int, hw: Hardware)
     t["pipeline_p2p"] = 2 * slots * act / hw.p2p_bandwidth(tp * lay.cp * lay.pp) if lay.pp > 1 else 0.0
 
     # gradients, once per step, over every rank holding the same weights (dp x cp): an all-reduce of fp32
-    # gradients, or with optimizer sharding a reduce-scatter of them plus an all-gather of the weights in
-    # compute dtype
+    # gradients, or with the distributed optimizer a reduce-scatter of them plus an all-gather of the weights
     P = stage_params(c, tp, lay.pp)
     n = lay.dp * lay.cp
     if n > 1:
         zero = lay.optimizer_shard and lay.dp > 1
-        volume = (n - 1) / n * P * (GRAD_BYTES + cb if zero else 2 * GRAD_BYTES)
+        # the distributed optimizer gathers the updated weights in their stored dtype
+        volume = (n - 1) / n * P * (GRAD_BYTES + DTYPE_BYTES[c.param_init_type] if zero else 2 * GRAD_BYTES)
         span = lay.world if lay.dp > 1 else tp * lay.cp
         t["data_parallel"] = volume / hw.group_bandwidth(n, span)
     else:
@@ -285,9 +284,11 @@ class Estimate:
         }
 
 
-def estimate(c: TeleChat2Config, plan: Plan, seq_length: int, hw: Hardware) -> Estimate:
+def estimate(c: TeleChat2Config, plan: Plan, seq_length: int, hw: Hardware, *, shard_accumulation: bool = False,
+             stage_offset=None) -> Estimate:
     """Memory and step time of one (already validated) training plan."""
     time = training_time(c, plan, seq_length, hw)
     tokens = plan.global_batch * seq_length
-    return Estimate(plan, training_memory(c, plan, seq_length), hw.budget_gb, time, tokens,
+    memory = training_memory(c, plan, seq_length, shard_accumulation=shard_accumulation, stage_offset=stage_offset)
+    return Estimate(plan, memory, hw.budget_gb, time, tokens,
                     flops_per_token(c, seq_length) * tokens / plan.layout.world, hw.peak_tflops)

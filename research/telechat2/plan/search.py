@@ -14,15 +14,16 @@ LAYOUT_KEYS = {"dp": "dp", "tp": "tp", "mp": "tp", "pp": "pp", "cp": "cp", "mb":
 
 
 def planning_config(model: str, seq_length: int, amp: str = "O1") -> TeleChat2Config:
-    """The preset as it trains on Ascend: bf16 matmuls, fp32 master weights, flash attention, fused norm;
-    O1 keeps the residual stream in fp32, O2 in bf16."""
+    """The preset as it trains on Ascend (configs/ascend): bf16 matmuls, flash attention, fused norm, the head
+    and loss in chunks of 2048 positions; O1 keeps the weights and the residual stream in fp32, O2 both in
+    bf16 (fp32 master shards)."""
     if model not in PRESETS:
         raise ConfigError(f"unknown model {model!r}; known: {', '.join(p for p in PRESETS)}")
     if amp not in ("O1", "O2"):
         raise ConfigError(f"--amp must be O1 or O2, got {amp!r}")
-    return TeleChat2Config.from_preset(model, compute_dtype="bfloat16", param_init_type="float32",
-                                       res_dtype="float32" if amp == "O1" else "bfloat16",
-                                       use_flash_attention=True, use_fused_rms_norm=True,
+    low = "float32" if amp == "O1" else "bfloat16"
+    return TeleChat2Config.from_preset(model, compute_dtype="bfloat16", param_init_type=low, res_dtype=low,
+                                       use_flash_attention=True, use_fused_rms_norm=True, loss_chunk_tokens=2048,
                                        seq_length=max(seq_length, PRESETS[model].get("seq_length", 8192)))
 
 

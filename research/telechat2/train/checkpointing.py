@@ -1,36 +1,44 @@
-"""Training checkpoints: written atomically, verified by checksum before any resume.
+"""Training checkpoints: each tensor block written once, hashed as it is written, verified before resume.
 
     OUTPUT_DIR/checkpoint/step_00000010/
         model.safetensors        weights under MindSpore names (`telechat2 convert ms2hf` reads this folder)
-        optimizer.safetensors    AdamW state (adam_m.*, adam_v.*, adam_step)
+        optimizer.safetensors    AdamW state of the flat buckets (adam_m/adam_v/master.bucket_NNN, adam_step);
+                                 its metadata holds the bucket plan (parallel/buckets.py)
         state.json               step, consumed samples, loss-scale state, seed, data position, layout
         config.json              the model config (HF field names)
         manifest.json            sha256 and size of every file above; written last
 
-On more than one device each rank writes its own model/optimizer files (its tensor-parallel block, its
-ZeRO slice) and a rank.json (coordinates, and the block of each full tensor it holds) under rank_R/;
-rank 0 writes the rest once every rank is done. A checkpoint is built in the hidden folder
-.step_N.tmp and renamed into place, so a kill at any moment leaves either the previous complete
-checkpoints or a temporary folder that is ignored (and removed at the next save). `latest_valid` walks the checkpoints newest first and skips, with a warning, any whose manifest is
-missing or whose files do not match it.
+On more than one device each rank has a folder rank_R/ with a rank.json (coordinates, the block of each full
+tensor its model shard holds, the files it wrote) and files.json (their sha256 and size, computed while
+writing). Each tensor block is written once: the weights by the rank with dp = cp = 0 of each model shard
+(tp, pp), the optimizer state by every dp rank with the distributed optimizer (each its own shard), else by
+dp = 0 only; cp ranks hold copies and write nothing. Rank 0 assembles manifest.json from the ranks' files.json
+without reading their files. The folders must be on a filesystem every rank sees (docs/ascend.md).
+
+A checkpoint is built in the hidden folder .step_N.tmp and renamed into place, so a kill at any moment leaves
+either the previous complete checkpoints or a temporary folder that is ignored (and removed at the next save).
+On resume every rank checks the sizes of all files and the checksums of the files it reads (`latest_valid`);
+the ranks agree on the newest checkpoint that passed everywhere, and skip broken ones with a warning.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import warnings
 
 import numpy as np
 
-from ..errors import TeleChat2Error
-
+from ..checkpoint.manifest import MANIFEST, list_checkpoints, resolve_run_checkpoint, sha256
 from ..checkpoint.safetensors_io import CheckpointError, SafetensorsFile, bf16_bits_to_f32, f32_to_bf16_bits, \
     write_safetensors
-
-from ..checkpoint.manifest import MANIFEST, check, latest_valid, list_checkpoints, resolve_run_checkpoint, sha256
+from ..errors import TeleChat2Error
+from ..parallel.buckets import locate
 from .output_dir import current_run_id, prune
 
-__all__ = ["save", "read_into", "load_state", "check", "latest_valid", "list_checkpoints", "resolve_run_checkpoint"]
+__all__ = ["save", "read_into", "load_state", "latest_valid", "list_checkpoints", "resolve_run_checkpoint"]
+
+SHARED_FS = "checkpoints must be on a filesystem every rank sees (docs/ascend.md)"
 
 
 def fault_point(name: str) -> None:
@@ -50,12 +58,19 @@ def _param_to_numpy(p) -> tuple[str, np.ndarray]:
     return {np.float32: "F32", np.float16: "F16", np.int32: "I32", np.int64: "I64"}[arr.dtype.type], arr
 
 
-def write_tensors(path: str, params) -> None:
+def write_tensors(path: str, params, metadata: dict | None = None) -> dict:
+    """Write the parameters one by one; returns the file's sha256 and size."""
     entries = []
     for p in params:
-        dtype, arr = _param_to_numpy(p)
-        entries.append((p.name, dtype, tuple(arr.shape), (lambda a=arr: iter([a]))))
-    write_safetensors(path, entries)
+        dtype, shape = _param_to_numpy_dtype(p)
+        entries.append((p.name, dtype, shape, (lambda p=p: iter([_param_to_numpy(p)[1]]))))
+    return write_safetensors(path, entries, metadata)
+
+
+def _param_to_numpy_dtype(p) -> tuple[str, tuple]:
+    import mindspore as ms
+    names = {ms.float32: "F32", ms.float16: "F16", ms.bfloat16: "BF16", ms.int32: "I32", ms.int64: "I64"}
+    return names[p.dtype], tuple(p.shape)
 
 
 def read_into(path: str, params) -> None:
@@ -74,52 +89,80 @@ def read_into(path: str, params) -> None:
         p.set_data(ms.Tensor(value).astype(p.dtype))
 
 
-def rank_folder(step_dir: str, mesh) -> str:
-    """Where this rank's files live: the step folder itself on one device, else step_N/rank_R/."""
-    return step_dir if mesh.layout.world == 1 else os.path.join(step_dir, f"rank_{mesh.rank}")
+# -- who writes what ---------------------------------------------------------------------------------------
+def rank_folder(step_dir: str, layout, rank: int) -> str:
+    """Where rank `rank`'s files live: the step folder itself on one device, else step_N/rank_R/."""
+    return step_dir if layout.world == 1 else os.path.join(step_dir, f"rank_{rank}")
 
 
-def save(ckpt_root: str, step: int, *, model, optim_params, state: dict, keep: int) -> str:
+def weight_writer(layout, rank: int) -> int:
+    """The rank that writes (and whose folder holds) the weights of `rank`'s model shard."""
+    return layout.rank_of(**{**layout.coords(rank), "dp": 0, "cp": 0})
+
+
+def optimizer_writer(layout, rank: int, sharded: bool) -> int:
+    """The rank whose folder holds `rank`'s optimizer state (its own dp shard, or the dp = 0 copy)."""
+    c = layout.coords(rank)
+    return layout.rank_of(**{**c, "cp": 0, **({} if sharded else {"dp": 0})})
+
+
+def files_read(step_dir: str, layout, rank: int, sharded: bool) -> list[str]:
+    """The files (relative to the step folder) `rank` reads to resume in the layout it was written in."""
+    rel = lambda r, f: os.path.relpath(os.path.join(rank_folder(step_dir, layout, r), f), step_dir)  # noqa: E731
+    return ["state.json", rel(weight_writer(layout, rank), "model.safetensors"),
+            rel(optimizer_writer(layout, rank, sharded), "optimizer.safetensors")]
+
+
+def save(ckpt_root: str, step: int, *, model, optimizer, state: dict, keep: int) -> str:
     """Write checkpoint `step` (every rank calls this; rank 0 publishes it)."""
     from ..parallel.layers import shard_specs
     from ..parallel.mesh import barrier
     mesh = model.mesh
-    rank0 = mesh.rank == 0
+    layout, rank = mesh.layout, mesh.rank
     name = f"step_{step:08d}"
     tmp = os.path.join(ckpt_root, f".{name}.tmp")
-    if rank0:
+    if rank == 0:
         os.makedirs(ckpt_root, exist_ok=True)
         for stale in os.listdir(ckpt_root):           # leftovers of a run killed mid-save
             if stale.startswith(".step_") and ".tmp" in stale:
                 shutil.rmtree(os.path.join(ckpt_root, stale), ignore_errors=True)
         os.makedirs(tmp)
     barrier(mesh)
-    mine = rank_folder(tmp, mesh)
+    mine = rank_folder(tmp, layout, rank)
     os.makedirs(mine, exist_ok=True)
-    params = model.trainable_params()
-    write_tensors(os.path.join(mine, "model.safetensors"), params)
+    written = {}
+    if weight_writer(layout, rank) == rank:
+        written["model.safetensors"] = write_tensors(os.path.join(mine, "model.safetensors"),
+                                                     model.trainable_params())
     fault_point(f"checkpoint:{step}")                  # crash tests: die with the checkpoint half written
-    write_tensors(os.path.join(mine, "optimizer.safetensors"), optim_params)
-    if mesh.layout.world > 1:                          # what this rank holds, for loading into other layouts
-        with open(os.path.join(mine, "rank.json"), "w", encoding="utf-8") as fh:
-            json.dump({"rank": mesh.rank, "step": step, "coords": mesh.layout.coords(mesh.rank),
-                       "layout": mesh.layout.sizes,
-                       "shards": {k: list(v) for k, v in shard_specs(model).items()}}, fh, indent=1)
+    sharded = optimizer.plan.shards > 1
+    if optimizer_writer(layout, rank, sharded) == rank:
+        written["optimizer.safetensors"] = write_tensors(
+            os.path.join(mine, "optimizer.safetensors"), optimizer.state_parameters(),
+            metadata={"bucket_plan": json.dumps(optimizer.plan.to_json())})
+    if layout.world > 1:                               # what this rank holds, for loading into other layouts
+        _write_json(os.path.join(mine, "rank.json"),
+                    {"rank": rank, "step": step, "coords": layout.coords(rank), "layout": layout.sizes,
+                     "shards": {k: list(v) for k, v in shard_specs(model).items()}, "files": sorted(written)})
+        written["rank.json"] = _file_meta(os.path.join(mine, "rank.json"))
+        _write_json(os.path.join(mine, "files.json"), written)
     barrier(mesh)
     final = os.path.join(ckpt_root, name)
-    if rank0:
-        with open(os.path.join(tmp, "state.json"), "w", encoding="utf-8") as fh:
-            json.dump(state, fh, indent=2)
+    if rank == 0:
+        _write_json(os.path.join(tmp, "state.json"), state)
         model.config.save_hf_config(os.path.join(tmp, "config.json"))
-        files = {}
-        for folder, _, names in sorted(os.walk(tmp)):
-            for f in sorted(names):
-                rel = os.path.relpath(os.path.join(folder, f), tmp)
-                files[rel] = {"sha256": sha256(os.path.join(tmp, rel)), "bytes": os.path.getsize(os.path.join(tmp, rel))}
+        files = {f: _file_meta(os.path.join(tmp, f)) for f in ("state.json", "config.json")}
+        if layout.world == 1:
+            files.update(written)
+        else:
+            for r in range(layout.world):              # the ranks' own records of what they wrote
+                listing = os.path.join(tmp, f"rank_{r}", "files.json")
+                with open(listing, encoding="utf-8") as fh:
+                    files.update({f"rank_{r}/{f}": meta for f, meta in json.load(fh).items()})
+                files[f"rank_{r}/files.json"] = _file_meta(listing)
         run_id = current_run_id(os.path.dirname(ckpt_root))      # the output_dir's marker (train/output_dir.py)
-        with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as fh:
-            json.dump({"step": step, "world": mesh.layout.world, "layout": mesh.layout.sizes, "run_id": run_id,
-                       "files": files}, fh, indent=2)
+        _write_json(os.path.join(tmp, MANIFEST), {"step": step, "world": layout.world, "layout": layout.sizes,
+                                                  "run_id": run_id, "files": dict(sorted(files.items()))})
         if os.path.exists(final):                      # a re-run of the same step: replace it
             old = f"{tmp}.old"
             os.rename(final, old)
@@ -132,77 +175,193 @@ def save(ckpt_root: str, step: int, *, model, optim_params, state: dict, keep: i
     return final
 
 
-def _full_optimizer_tensors(step_dir: str):
-    """{state name: full tensor} of a checkpoint's optimizer, from one folder or from the ranks' files
-    (ZeRO slices concatenated over dp, tensor-parallel blocks joined along their axis)."""
-    state = load_state(step_dir)
-    single = os.path.join(step_dir, "optimizer.safetensors")
-    if os.path.exists(single):
-        f = SafetensorsFile(single)
-        return {n: np.array(f.read_raw(n)) for n in f.keys()}
-    from ..parallel.mesh import Layout
-    sizes = state["layout"]
-    layout = Layout(dp=sizes["dp"], tp=sizes["tp"], pp=sizes["pp"], cp=sizes["cp"])
-    zero = state.get("optimizer_shard", False) and layout.dp > 1
-    infos, files, model_files = {}, {}, {}
-    for r in range(layout.world):
-        folder = os.path.join(step_dir, f"rank_{r}")
-        with open(os.path.join(folder, "rank.json"), encoding="utf-8") as fh:
-            infos[r] = json.load(fh)
-        files[r] = SafetensorsFile(os.path.join(folder, "optimizer.safetensors"))
-        model_files[r] = SafetensorsFile(os.path.join(folder, "model.safetensors"))
-    full, blocks = {}, {}
-    for r in range(layout.world):
-        c = layout.coords(r)
-        if c["dp"] != 0:
-            continue                                   # dp replicas hold the same blocks (or their ZeRO slices)
-        peers = layout.group_ranks("dp", r)
-        for name in files[r].keys():
-            if name == "adam_step":
-                full[name] = np.array(files[r].read_raw(name))
+def _write_json(path: str, doc) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(doc, fh, indent=1)
+
+
+def _file_meta(path: str) -> dict:
+    return {"sha256": sha256(path), "bytes": os.path.getsize(path)}
+
+
+# -- finding the checkpoint to resume ----------------------------------------------------------------------
+def _problem(step_dir: str, hashed) -> str | None:
+    """None if every file of the manifest is present with its size and the files `hashed(step_dir)` names
+    (all when it returns None) match their checksums; else what is wrong."""
+    try:
+        with open(os.path.join(step_dir, MANIFEST), encoding="utf-8") as fh:
+            files = json.load(fh)["files"]
+    except FileNotFoundError:
+        return "no manifest.json (incomplete write?)"
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        return f"manifest.json is corrupt ({e})"
+    for f, meta in files.items():
+        p = os.path.join(step_dir, f)
+        if not os.path.exists(p):
+            return f"{f} is missing (on several nodes, {SHARED_FS})"
+        if os.path.getsize(p) != meta["bytes"]:
+            return f"{f} has {os.path.getsize(p)} bytes, the manifest says {meta['bytes']}"
+    try:
+        wanted = hashed(step_dir)
+    except (TeleChat2Error, OSError, KeyError, ValueError) as e:
+        return f"unreadable ({e})"
+    for f in (files if wanted is None else wanted):
+        if f not in files:
+            return f"{f} is not listed in its manifest"
+        if sha256(os.path.join(step_dir, f)) != files[f]["sha256"]:
+            return f"{f} does not match its checksum"
+    return None
+
+
+def latest_valid(ckpt_root: str, mesh=None, layout=None) -> str | None:
+    """The newest checkpoint that every rank can resume from; broken ones are skipped with a warning.
+
+    With `layout` (this run's), a rank hashes only the files it reads when the checkpoint was written in that
+    layout (every file otherwise: a cross-layout resume reads blocks of many ranks)."""
+    from ..parallel.mesh import world_sum
+
+    def hashed(step_dir):
+        if layout is None or mesh is None:
+            return None
+        state = load_state(step_dir)
+        sharded = bool(state.get("optimizer_shard")) and layout.dp > 1
+        if state.get("layout") != layout.sizes or sharded != (layout.optimizer_shard and layout.dp > 1):
+            return None
+        return files_read(step_dir, layout, mesh.rank, sharded)
+
+    for step in reversed(list_checkpoints(ckpt_root)):
+        path = os.path.join(ckpt_root, f"step_{step:08d}")
+        problem = _problem(path, hashed)
+        failed = world_sum(mesh, problem is not None) if mesh is not None else int(problem is not None)
+        if not failed:
+            return path
+        warnings.warn(f"skipping checkpoint {path}: {problem or 'another rank found a damaged file'}", stacklevel=2)
+    return None
+
+
+# -- resuming --------------------------------------------------------------------------------------------
+def load_same_layout(step_dir: str, mesh, model, optimizer) -> None:
+    layout, rank = mesh.layout, mesh.rank
+    sharded = optimizer.plan.shards > 1
+    model_file, optim_file = files_read(step_dir, layout, rank, sharded)[1:]
+    for rel in (model_file, optim_file):
+        if not os.path.exists(os.path.join(step_dir, rel)):
+            raise CheckpointError(f"{os.path.join(step_dir, rel)}: missing; {SHARED_FS}")
+    read_into(os.path.join(step_dir, model_file), model.trainable_params())
+    read_into(os.path.join(step_dir, optim_file), optimizer.state_parameters())
+
+
+class StoredOptimizer:
+    """The AdamW state of a checkpoint written in any layout, read one parameter at a time.
+
+    `full(kind, name)` assembles the full tensor of `kind` (adam_m, adam_v, master) for parameter `name`
+    from the writers' bucket shards (memory-mapped), so a cross-layout resume holds one full tensor at a time."""
+
+    def __init__(self, step_dir: str):
+        from ..parallel.mesh import Layout
+        self.step_dir = step_dir
+        state = load_state(step_dir)
+        sizes = state["layout"]
+        self.layout = Layout(dp=sizes["dp"], tp=sizes["tp"], pp=sizes["pp"], cp=sizes["cp"])
+        self.writers = {}          # model-shard position (tp, pp) -> [(file, plan location map, shard length)]
+        self.blocks = {}           # parameter name -> {(tp, pp): (axis, start, length)}
+        for r in range(self.layout.world):
+            folder = rank_folder(step_dir, self.layout, r)
+            path = os.path.join(folder, "optimizer.safetensors")
+            c = self.layout.coords(r)
+            if self.layout.world > 1:
+                with open(os.path.join(folder, "rank.json"), encoding="utf-8") as fh:
+                    info = json.load(fh)
+                if c["dp"] == 0 and c["cp"] == 0:
+                    for name, spec in info["shards"].items():
+                        self.blocks.setdefault(name, {})[(c["tp"], c["pp"])] = tuple(spec)
+            if not os.path.exists(path):
                 continue
-            param = name.split(".", 1)[1]
-            local_shape = tuple(model_files[r].shape(param))
-            if zero:
-                flat = np.concatenate([np.array(files[q].read_raw(name)) for q in peers])
-                local = flat[:int(np.prod(local_shape))].reshape(local_shape)
-            else:
-                local = np.array(files[r].read_raw(name))
-            spec = infos[r]["shards"].get(param)
-            if spec is None:
-                full.setdefault(name, local)
-            else:
-                blocks.setdefault(name, (spec[0], {}))[1][spec[1]] = local
-    for name, (axis, parts) in blocks.items():
-        full[name] = np.concatenate([parts[k] for k in sorted(parts)], axis=axis)
-    return full
+            f = SafetensorsFile(path)
+            try:
+                plan = json.loads(f.metadata["bucket_plan"])
+            except (KeyError, json.JSONDecodeError):
+                raise CheckpointError(f"{path}: no bucket plan in its metadata (written by an older telechat2?)") \
+                    from None
+            self.writers.setdefault((c["tp"], c["pp"]), []).append((f, locate(plan), plan))
+        self.step_value = None
+        for files in self.writers.values():
+            if "adam_step" in files[0][0].keys():
+                self.step_value = np.array(files[0][0].read_raw("adam_step"))
+        self.has_master = any(k.startswith("master.") for files in self.writers.values() for k in files[0][0].keys())
+
+    def _local(self, kind: str, name: str, position) -> np.ndarray | None:
+        """The tensor of one model shard's block of parameter `name`, joined from its dp shards."""
+        files = self.writers.get(position) or []
+        out = None
+        for f, where, plan in files:
+            if name not in where:
+                return None
+            b, offset, shape = where[name]
+            size = int(np.prod(shape, dtype=np.int64))
+            n = plan["buckets"][b]["length"] // plan["shards"]
+            k = plan["shard_index"]
+            lo, hi = max(offset, k * n), min(offset + size, (k + 1) * n)
+            if out is None:
+                out = np.zeros(size, np.float32)
+            if lo < hi:
+                out[lo - offset:hi - offset] = f.read_raw(f"{kind}.bucket_{b:03d}")[lo - k * n:hi - k * n]
+        return None if out is None else out.reshape(shape)
+
+    def full(self, kind: str, name: str) -> np.ndarray:
+        blocks = self.blocks.get(name)
+        if not blocks:                                  # replicated: any model shard that holds it
+            for position in sorted(self.writers):
+                local = self._local(kind, name, position)
+                if local is not None:
+                    return local
+            raise CheckpointError(f"{self.step_dir}: optimizer state {kind} of {name!r} is missing")
+        parts = {}
+        for position, (axis, start, _) in blocks.items():
+            local = self._local(kind, name, position)
+            if local is None:
+                raise CheckpointError(f"{self.step_dir}: optimizer state {kind} of {name!r} (block at {start}) is "
+                                      f"missing; {SHARED_FS}")
+            parts[start] = (axis, local)
+        axis = next(iter(parts.values()))[0]
+        return np.concatenate([parts[s][1] for s in sorted(parts)], axis=axis)
 
 
 def load_resharded(step_dir: str, model, optimizer) -> None:
-    """Resume from a checkpoint written in another layout: weights and AdamW state re-sliced for this rank."""
+    """Resume from a checkpoint written in another layout: weights and AdamW state re-sliced for this rank,
+    one parameter at a time (peak host memory: the largest full tensor plus this rank's share)."""
     import mindspore as ms
     from ..checkpoint.load import load_weights
     from ..parallel.layers import shard_specs
     load_weights(model, step_dir)
-    full = _full_optimizer_tensors(step_dir)
-    specs = shard_specs(model)
-    for p in optimizer.state_parameters():
-        if p.name not in full:
-            raise CheckpointError(f"{step_dir}: optimizer state {p.name!r} is missing")
-        value = full[p.name]
-        if p.name != "adam_step":
-            param = p.name.split(".", 1)[1]
-            if param in specs:
-                axis, start, length = specs[param]
-                value = value[(slice(None),) * axis + (slice(start, start + length),)]
-            if optimizer.shard:                        # this dp rank's ZeRO slice
-                i = [q.name for q in optimizer.params].index(param)
-                flat = np.concatenate([value.reshape(-1), np.zeros(optimizer.chunks[i] * optimizer.dp - value.size,
-                                                                    value.dtype)])
-                value = flat[optimizer.starts[i]:optimizer.starts[i] + optimizer.chunks[i]]
-        if tuple(value.shape) != tuple(p.shape):
-            raise CheckpointError(f"{step_dir}: optimizer state {p.name!r}: {list(value.shape)} vs {list(p.shape)}")
-        p.set_data(ms.Tensor(np.ascontiguousarray(value)).astype(p.dtype))
+    stored = StoredOptimizer(step_dir)
+    specs, plan = shard_specs(model), optimizer.plan
+    kinds = [("adam_m", optimizer.m), ("adam_v", optimizer.v)]
+    if optimizer.has_master:
+        kinds.append(("master", optimizer.master))
+    for kind, buffers in kinds:
+        if kind == "master" and not stored.has_master:
+            optimizer.master_from_weights()            # written with fp32 weights: they are the master
+            continue
+        shards = [np.zeros(plan.shard_length(b), np.float32) for b in range(len(plan.buckets))]
+        for b in range(len(plan.buckets)):
+            start, _ = plan.shard_range(b)
+            for s, lo, hi in plan.overlaps(b):
+                value = stored.full(kind, s.name)
+                if s.name in specs:                    # this rank's tensor-parallel block
+                    axis, begin, length = specs[s.name]
+                    value = value[(slice(None),) * axis + (slice(begin, begin + length),)]
+                if tuple(value.shape) != s.shape:
+                    raise CheckpointError(f"{step_dir}: optimizer state {kind} of {s.name!r}: {list(value.shape)} "
+                                          f"vs {list(s.shape)}")
+                dst = s.offset + lo - start
+                shards[b][dst:dst + hi - lo] = np.ascontiguousarray(value).reshape(-1)[lo:hi]
+                del value
+        for b, buf in enumerate(buffers):
+            buf.set_data(ms.Tensor(shards[b]))
+    if stored.step_value is None:
+        raise CheckpointError(f"{step_dir}: optimizer state adam_step is missing")
+    optimizer.step.set_data(ms.Tensor(stored.step_value).astype(optimizer.step.dtype))
 
 
 def load_state(path: str) -> dict:

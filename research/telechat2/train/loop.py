@@ -32,11 +32,11 @@ from ..data.check import check_dataset
 from ..dtypes import ms_dtype
 from ..errors import TeleChat2Error
 from ..perf import flops_per_token
-from . import checkpointing
+from . import checkpointing, memory
 from .checkpointing import fault_point
 from .optim import AdamW, LossScaler, lr_at
 from .output_dir import claim_for_run
-from .report import append_history, log_line, read_history, write_report
+from .report import append_history, log_line, read_history, write_rank_memory, write_report
 from .run_config import callback, model_config, save_resolved
 
 
@@ -152,6 +152,7 @@ def set_up(cfg: dict, resume: bool, progress: bool, force: bool = False) -> Run:
         from ..parallel.pipeline import stage_layers
         stage_layers(model_cfg.num_layers, layout.pp, stage_offset)      # a bad offset list fails here
     recompute_layers(cfg["recompute_config"], model_cfg.num_layers, layout.pp, stage_offset)   # bad lists fail here
+    check_memory(cfg, model_cfg, layout)        # the layout fits the device (train/memory.py's inventory)
     load_path = cfg["load_checkpoint"]
     if load_path and not os.path.exists(load_path):
         raise TrainError(f"load_checkpoint: {load_path}: no such file or folder")
@@ -182,13 +183,23 @@ def set_up(cfg: dict, resume: bool, progress: bool, force: bool = False) -> Run:
                          f"optimizer step of {global_batch} samples")
     ckpt_root = os.path.join(out, "checkpoint")
     wants_resume = resume or cfg["resume_training"]
-    resume_from = checkpointing.latest_valid(ckpt_root) if wants_resume else None
+    resume_from = checkpointing.latest_valid(ckpt_root, mesh, layout) if wants_resume else None
     if wants_resume and resume_from is None:
         print(f"[telechat2] no complete checkpoint under {ckpt_root}; starting from step 0", file=sys.stderr)
     if mesh.rank == 0:
         save_resolved(cfg, os.path.join(out, "run_config.yaml"))
     return Run(cfg, out, model_cfg, layout, mesh, data_dir, columns, accum, global_batch, total_steps,
                max(1, probe.num_samples // global_batch), resume_from, progress)
+
+
+def check_memory(cfg, model_cfg, layout) -> None:
+    """Refuse, before the model is built, a layout whose memory estimate (check-config's) exceeds the device."""
+    from ..plan.check import memory_budget, over_budget, training_memory_of, training_plan
+    memory, _ = training_memory_of(cfg, model_cfg, training_plan(cfg, layout))
+    budget, source = memory_budget(cfg)
+    problem = over_budget(memory, budget, source, cfg["run_mode"])
+    if problem:
+        raise TrainError(f"{problem}; `telechat2 check-config` prints the breakdown")
 
 
 def check_columns(cfg, data_dir, columns, layout) -> None:
@@ -249,8 +260,8 @@ def build(run: Run):
     if cfg["load_checkpoint"] and not run.resume_from:
         load_weights(model, cfg["load_checkpoint"])
     opt = cfg["optimizer"]
-    optimizer = AdamW(model.trainable_params(), betas=opt["betas"], eps=opt["eps"],
-                      weight_decay=opt["weight_decay"], mesh=run.mesh)
+    optimizer = AdamW.for_model(model, betas=opt["betas"], eps=opt["eps"], weight_decay=opt["weight_decay"],
+                                shard=run.layout.optimizer_shard)
     return model, optimizer, LossScaler(cfg["runner_wrapper"]["scale_sense"])
 
 
@@ -263,9 +274,7 @@ def restore(run: Run, model, optimizer, scaler) -> Progress:
     same_layout = state["layout"] == layout.sizes and \
         state.get("optimizer_shard", False) == (layout.optimizer_shard and layout.dp > 1)
     if same_layout:
-        rank_dir = checkpointing.rank_folder(run.resume_from, run.mesh)
-        checkpointing.read_into(os.path.join(rank_dir, "model.safetensors"), model.trainable_params())
-        checkpointing.read_into(os.path.join(rank_dir, "optimizer.safetensors"), optimizer.state_parameters())
+        checkpointing.load_same_layout(run.resume_from, run.mesh, model, optimizer)
     else:                                       # written by another layout: re-slice weights and AdamW state
         if state["global_batch"] != run.global_batch:
             raise TrainError(f"{run.resume_from}: global batch {state['global_batch']} != this run's "
@@ -288,14 +297,25 @@ class Stepper:
         cfg, layout = run.cfg, run.layout
         self.run, self.model = run, model
         self.train_step = TrainStep(model, optimizer, use_clip=cfg["runner_wrapper"]["use_clip_grad"],
-                                    max_grad_norm=cfg["runner_wrapper"]["max_grad_norm"])
+                                    max_grad_norm=cfg["runner_wrapper"]["max_grad_norm"], accumulation=run.accum,
+                                    shard_accumulation=cfg["parallel"]["parallel_optimizer_config"][
+                                        "gradient_accumulation_shard"])
         graph = cfg["context"]["mode"] == 0
         jit_level = cfg["context"]["jit_config"]["jit_level"]
         # ring attention exchanges K/V point to point, which runs in PyNative only: the forward/backward then
         # stays eager (the optimizer step is still compiled)
         jit_model = graph and layout.cp == 1
         compile_ = functools.partial(ms.jit, jit_level=jit_level)
-        self.accumulate = compile_(self.train_step.accumulate) if jit_model else self.train_step.accumulate
+        if jit_model:
+            self.accumulate = compile_(self.train_step.accumulate)
+        else:                                   # eager forward/backward, compiled gradient reduction
+            ts, add_grads = self.train_step, compile_(self.train_step.add_grads) if graph else None
+
+            def accumulate(*args):
+                loss, grads = ts.grad_fn(*args)
+                (add_grads or ts.add_grads)(grads)
+                return loss
+            self.accumulate = accumulate
         self.apply = compile_(self.train_step.apply) if graph else self.train_step.apply
         self.pipeline = None
         if layout.pp > 1:
@@ -353,8 +373,8 @@ def save_checkpoint(run: Run, done: Progress, model, optimizer, scaler) -> None:
              "seed": run.cfg["seed"], "global_batch": run.global_batch,
              "layout": layout.sizes, "optimizer_shard": layout.optimizer_shard and layout.dp > 1}
     ckpt = callback(run.cfg, "CheckpointMonitor")
-    checkpointing.save(os.path.join(run.out, "checkpoint"), done.step, model=model,
-                       optim_params=optimizer.state_parameters(), state=state, keep=ckpt["keep_checkpoint_max"])
+    checkpointing.save(os.path.join(run.out, "checkpoint"), done.step, model=model, optimizer=optimizer,
+                       state=state, keep=ckpt["keep_checkpoint_max"])
 
 
 class Logger:
@@ -436,5 +456,8 @@ def train(cfg: dict, *, resume: bool = False, progress: bool = True, force: bool
             save_checkpoint(run, done, model, optimizer, scaler)
     bar.close()
     logger.finish(done.history)
+    allocated = memory.allocated_buffers(model, optimizer, stepper.train_step)
+    write_rank_memory(run.out, run.mesh.rank, memory.by_kind(allocated), memory.weights_by_dtype(allocated),
+                      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     barrier(run.mesh)
     return run.out

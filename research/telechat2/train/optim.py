@@ -1,4 +1,4 @@
-"""AdamW with fp32 state, the warmup + cosine LR, global-norm clipping and the dynamic loss scaler."""
+"""AdamW over flat fp32 buckets (the distributed optimizer at dp > 1), the warmup + cosine LR, global-norm clipping and the dynamic loss scaler."""
 from __future__ import annotations
 
 import math
@@ -13,71 +13,100 @@ def no_weight_decay(name: str) -> bool:
     return name.endswith(".bias") or "norm" in name.split(".")[-2]
 
 
+def optimizer_buffers(plan, master: bool) -> list[tuple[str, tuple, object]]:
+    """(name, shape, dtype) of every tensor AdamW allocates on this rank: fp32 moments (and, for weights
+    stored in a low-precision dtype, the fp32 master copy) of this rank's shard of each bucket, and the
+    step counter. The memory inventory (train/memory.py) reads the same list."""
+    out = []
+    for kind in ("adam_m", "adam_v") + (("master",) if master else ()):
+        out += [(f"{kind}.bucket_{b:03d}", (plan.shard_length(b),), ms.float32) for b in range(len(plan.buckets))]
+    return out + [("adam_step", (), ms.int32)]
+
+
 class AdamW(nn.Cell):
-    """Decoupled weight decay Adam: p <- p - lr * (m_hat / (sqrt(v_hat) + eps) + wd * p).
+    """Decoupled weight decay Adam over flat fp32 buckets: w <- w - lr * (m_hat / (sqrt(v_hat) + eps) + wd * w).
 
-    `construct(grads, lr, grad_mult)` applies one step; `grad_mult` folds loss-scale removal, gradient
-    accumulation averaging and clipping into one multiplier. m, v and the updates are fp32; parameters
-    in fp32 are the master weights (the network casts them to its compute dtype at use).
-
-    With `mesh` and dp > 1 (ZeRO-1, `parallel.enable_parallel_optimizer`), each dp rank keeps m and v for
-    one contiguous 1/dp slice of every flattened parameter (padded to a multiple of dp), updates that
-    slice, and the updated slices are all-gathered over dp into the full parameter.
+    `construct(shards, lr, grad_mult)` takes this rank's fp32 gradient shard of every bucket of `plan`
+    (parallel/buckets.py; train/step.py reduces into them) and applies one step; `grad_mult` folds loss-scale
+    removal and clipping into one multiplier. With the distributed optimizer (`plan.shards` = dp > 1) the
+    moments exist only for this rank's shard, and the updated shards are all-gathered over dp, in the
+    weights' dtype, into the weights. Weights stored in fp32 are their own master copy (read from the
+    parameters' overlapping slices); weights stored in a low-precision dtype (AMP O2) get an fp32 master
+    shard, initialised from the weights.
     """
 
-    def __init__(self, params, *, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, mesh=None):
+    def __init__(self, params, plan, *, betas=(0.9, 0.95), eps=1e-8, mesh=None):
         super().__init__()
         self.params = ParameterTuple(params)
-        self.shard = mesh is not None and mesh.layout.optimizer_shard and mesh.dp > 1
-        dp, dp_rank = (mesh.dp, mesh.dp_rank) if self.shard else (1, 0)
-        self.sizes = tuple(p.size for p in params)
-        self.chunks = tuple(-(-p.size // dp) for p in params)           # ceil(size / dp)
-        self.starts = tuple(dp_rank * c for c in self.chunks)
-        state_shape = [(c,) for c in self.chunks] if self.shard else [p.shape for p in params]
-        self.m = ParameterTuple([Parameter(initializer(Zero(), sh, ms.float32), name=f"adam_m.{p.name}")
-                                 for p, sh in zip(params, state_shape)])
-        self.v = ParameterTuple([Parameter(initializer(Zero(), sh, ms.float32), name=f"adam_v.{p.name}")
-                                 for p, sh in zip(params, state_shape)])
-        self.step = Parameter(Tensor(0, ms.int32), name="adam_step")
-        self.decay = tuple(0.0 if no_weight_decay(p.name) else float(weight_decay) for p in params)
+        self.plan = plan
+        self.weight_dtype = params[0].dtype
+        self.has_master = any(p.dtype != ms.float32 for p in params)
+        buffers = {name: Parameter(initializer(Zero(), shape, dtype), name=name)
+                   for name, shape, dtype in optimizer_buffers(plan, self.has_master)}
+        nb = len(plan.buckets)
+        self.m = ParameterTuple([buffers[f"adam_m.bucket_{b:03d}"] for b in range(nb)])
+        self.v = ParameterTuple([buffers[f"adam_v.bucket_{b:03d}"] for b in range(nb)])
+        self.master = ParameterTuple([buffers[f"master.bucket_{b:03d}"] for b in range(nb)]) if self.has_master \
+            else None
+        self.step = buffers["adam_step"]
+        self.decay = tuple(bk.decay for bk in plan.buckets)
         self.beta1, self.beta2, self.eps = float(betas[0]), float(betas[1]), float(eps)
-        self.dp = dp
-        if self.shard:
-            from ..parallel.mappings import _Collective
-            self.dp_gather = _Collective(mesh.groups["dp"], dp, dp_rank)
+        self.dp_gather = None
+        if plan.shards > 1:
+            from ..parallel.mappings import GroupCollective
+            self.dp_gather = GroupCollective(mesh.groups["dp"], mesh.dp, mesh.dp_rank)
+        if self.has_master:
+            self.master_from_weights()
+
+    @classmethod
+    def for_model(cls, model, params=None, *, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, shard=False,
+                  bucket_mb=25.0):
+        """AdamW over `params` (default: the model's trainable ones), with the model's bucket plan; `shard`:
+        the distributed optimizer (parallel.enable_parallel_optimizer) over the mesh's dp ranks."""
+        from ..parallel.grads import bucket_plan
+        params = list(model.trainable_params() if params is None else params)
+        mesh = model.mesh
+        plan = bucket_plan(model, params, mesh, decay=[0.0 if no_weight_decay(p.name) else float(weight_decay)
+                                                       for p in params],
+                           shard=shard and mesh.dp > 1, bucket_mb=bucket_mb)
+        return cls(params, plan, betas=betas, eps=eps, mesh=mesh)
 
     def state_parameters(self):
-        return [*self.m, *self.v, self.step]
+        return [*self.m, *self.v, *(self.master or ()), self.step]
 
-    def _slice(self, x, i):
-        """This rank's slice of the flattened, zero-padded tensor."""
-        flat = x.reshape(-1)
-        pad = self.chunks[i] * self.dp - self.sizes[i]
-        if pad:
-            flat = ops.cat((flat, ops.zeros((pad,), flat.dtype)))
-        return flat[self.starts[i]:self.starts[i] + self.chunks[i]]
+    def master_from_weights(self) -> None:
+        """Set the fp32 master shards from the current weights (after the weights were loaded)."""
+        arrays = [p.astype(ms.float32).asnumpy() for p in self.params]
+        for b in range(len(self.plan.buckets)):
+            self.master[b].set_data(Tensor(self.plan.flat_shard_numpy(arrays, b)))
 
-    def construct(self, grads, lr, grad_mult):
+    def construct(self, shards, lr, grad_mult):
         step = self.step + 1
         ops.assign(self.step, step)
         t = step.astype(ms.float32)
-        bc1 = 1.0 - ops.pow(Tensor(self.beta1, ms.float32), t)
-        bc2 = 1.0 - ops.pow(Tensor(self.beta2, ms.float32), t)
-        for i in range(len(self.params)):
-            p, m, v = self.params[i], self.m[i], self.v[i]
-            g = grads[i].astype(ms.float32) * grad_mult
-            w = p.astype(ms.float32)
-            if self.shard:
-                g, w = self._slice(g, i), self._slice(w, i)
-            m_new = self.beta1 * m + (1.0 - self.beta1) * g
-            v_new = self.beta2 * v + (1.0 - self.beta2) * ops.square(g)
-            update = (m_new / bc1) / (ops.sqrt(v_new / bc2) + self.eps) + self.decay[i] * w
+        # bias corrections as 0-d reciprocals: no full-size division (MindSpore's CPU RealDiv keeps 16 bytes of
+        # broadcast indices per element for the life of the graph)
+        inv_bc1 = 1.0 / (1.0 - ops.pow(Tensor(self.beta1, ms.float32), t))
+        inv_bc2 = 1.0 / (1.0 - ops.pow(Tensor(self.beta2, ms.float32), t))
+        done = step
+        for b in range(len(self.plan.buckets)):
+            # one bucket at a time: its inputs wait for the previous bucket's update, so only one bucket's
+            # temporaries are alive (else the scheduler runs each op for every bucket first)
+            g = ops.depend(shards[b], done) * grad_mult
+            w = ops.depend(self.master[b] if self.has_master else self.plan.flat_shard(self.params, b, ms.float32),
+                           done)
+            m_new = self.beta1 * ops.depend(self.m[b], done) + (1.0 - self.beta1) * g
+            v_new = self.beta2 * ops.depend(self.v[b], done) + (1.0 - self.beta2) * ops.square(g)
+            update = (m_new * inv_bc1) * ops.reciprocal(ops.sqrt(v_new * inv_bc2) + self.eps) + self.decay[b] * w
             w_new = w - lr * update
-            ops.assign(m, m_new)
-            ops.assign(v, v_new)
-            if self.shard:
-                w_new = self.dp_gather.all_gather(w_new, 0)[:self.sizes[i]].reshape(p.shape)
-            ops.assign(p, w_new.astype(p.dtype))
+            ops.assign(self.m[b], m_new)
+            ops.assign(self.v[b], v_new)
+            if self.has_master:
+                ops.assign(self.master[b], w_new)
+            w_new = w_new.astype(self.weight_dtype)
+            full = w_new if self.dp_gather is None else self.dp_gather.all_gather(w_new, 0)
+            for i, value in self.plan.unflat(full, b):
+                done = ops.assign(self.params[i], value)
         return step
 
 

@@ -2,7 +2,8 @@
 
 report.json: {"run": {...}, "summary": {...}, "steps": [{step, loss, lr, loss_scale, overflow, global_norm,
 step_time_s, samples_per_s_per_device, tokens_per_s_per_device}, ...]}; report.md and report.png are
-rendered from it (`telechat2 report RUN_DIR` re-renders them).
+rendered from it (`telechat2 report RUN_DIR` re-renders them). report/memory_rank_R.json: each rank's
+persistent buffers as allocated, by kind, and its peak RSS.
 """
 from __future__ import annotations
 
@@ -66,6 +67,19 @@ def summarize(steps: list[dict], skip_first: int = 1) -> dict:
         "mfu_median": pct("mfu", 50),
         "overflow_steps": sum(1 for s in steps if s["overflow"]),
     }
+
+
+def write_rank_memory(run_dir: str, rank: int, allocated: dict, weights_by_dtype: dict, peak_rss_mb: float) -> str:
+    """report/memory_rank_R.json: the bytes this rank allocated for its persistent buffers, by kind
+    (train/memory.py), and its peak resident memory. Every rank writes its own."""
+    out = os.path.join(run_dir, "report")
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, f"memory_rank_{rank}.json")
+    with open(path + ".tmp", "w", encoding="utf-8") as fh:
+        json.dump({"rank": rank, "allocated_bytes": allocated, "weights_by_dtype": weights_by_dtype,
+                   "persistent_bytes": sum(allocated.values()), "peak_rss_mb": peak_rss_mb}, fh, indent=1)
+    os.replace(path + ".tmp", path)
+    return path
 
 
 def write_report(run_dir: str, run: dict, steps: list[dict]) -> str:

@@ -152,7 +152,9 @@ USED = {
     "train_dataset.prefetch_size": "runtime.configure_mindspore (dataset config)",
     "train_dataset.tokenizer": "prepare_dataset",
     "use_parallel": "runtime.check_launch (must agree with the layout)",
-    "parallel.parallel_mode": "validate_run_config", "parallel.enable_parallel_optimizer": "Layout (ZeRO over dp)",
+    "parallel.parallel_mode": "validate_run_config",
+    "parallel.enable_parallel_optimizer": "Layout (the distributed optimizer over dp)",
+    "parallel.parallel_optimizer_config.gradient_accumulation_shard": "TrainStep (gradient_buffers)",
     "parallel_config.data_parallel": "Layout", "parallel_config.model_parallel": "Layout",
     "parallel_config.pipeline_stage": "Layout", "parallel_config.context_parallel": "Layout",
     "parallel_config.use_seq_parallel": "Layout", "parallel_config.micro_batch_num": "Layout, micro-batches",
@@ -192,8 +194,6 @@ ACCEPTED_VALUES = {
     "parallel.search_mode": (("sharding_propagation", "recursive_programming", "dynamic_programming"),
                              "layouts are explicit (no strategy search)"),
     "parallel.strategy_ckpt_save_file": (ANY_PATH, "no strategy file is written: checkpoints record their layout"),
-    "parallel.parallel_optimizer_config.gradient_accumulation_shard": ((False,), "the accumulation buffer is "
-                                                                      "not sharded"),
     "parallel.parallel_optimizer_config.parallel_optimizer_threshold": (ANY_PATH, "every parameter's optimizer "
                                                                        "state is sharded"),
     "parallel_config.vocab_emb_dp": ((False, True), "the embedding and lm_head are vocab-parallel over "
@@ -413,6 +413,11 @@ def validate_run_config(cfg: dict, source: str) -> None:
               "parallel.parallel_mode", "0 is data parallel only; use 1 with model_parallel/pipeline_stage/"
               "context_parallel above 1")
     _need(cfg["use_parallel"] in (None, True, False), source, "use_parallel", "must be True or False")
+    for key in ("enable_parallel_optimizer",):
+        _need(isinstance(cfg["parallel"][key], bool), source, f"parallel.{key}", "must be True or False")
+    gas = cfg["parallel"]["parallel_optimizer_config"]["gradient_accumulation_shard"]
+    _need(isinstance(gas, bool), source, "parallel.parallel_optimizer_config.gradient_accumulation_shard",
+          f"must be True or False, got {gas!r}")
     for key in ("recompute", "select_recompute"):
         v = cfg["recompute_config"][key]
         _need(isinstance(v, bool) or (isinstance(v, list) and all(isinstance(n, int) and not isinstance(n, bool)
@@ -481,7 +486,8 @@ def model_config(cfg: dict, source: str = "run config") -> TeleChat2Config:
     dtypes = {"O0": dict(compute_dtype=fp32, res_dtype=fp32),
               "O1": dict(compute_dtype=low, res_dtype=fp32),
               "O2": dict(compute_dtype=low, res_dtype=low)}[level]
-    return config.replace(**dtypes, param_init_type=fp32, layernorm_compute_type=fp32, softmax_compute_type=fp32,
+    # O2 stores the weights in the low-precision dtype (AdamW keeps fp32 master shards); O0/O1 in fp32
+    return config.replace(**dtypes, param_init_type=low if level == "O2" else fp32, layernorm_compute_type=fp32, softmax_compute_type=fp32,
                           rotary_dtype=fp32)
 
 

@@ -2,11 +2,19 @@
 
 The loss is Megatron's per-token loss: every micro-batch contributes its summed token losses times
 `loss_weight` = loss scale / (label tokens of the whole global batch), so the sum over micro-batches,
-data-parallel and context-parallel ranks is the global mean, whatever the split. `accumulate` runs one
-micro-batch forward+backward of that and adds the gradients into fp32 buffers; `apply` sums them across the
-mesh (parallel/grads.py), measures the global norm, and unless they overflowed, takes one AdamW step with
-`grad_mult` (1 / loss scale) and clipping folded in; it then zeroes the buffers. An overflowed step leaves
-the weights and the optimizer state untouched.
+data-parallel and context-parallel ranks is the global mean, whatever the split.
+
+`accumulate` runs one micro-batch forward+backward and adds its gradients into the step's buffers; `apply`
+takes the reduced fp32 gradient shards (parallel/grads.py), measures the global norm, and unless they
+overflowed, takes one AdamW step with `grad_mult` (1 / loss scale) and clipping folded in; it then zeroes
+the buffers. An overflowed step leaves the weights and the optimizer state untouched.
+
+The gradient buffers (`gradient_buffers`, read by the memory inventory too):
+  - one fp32 shard per bucket (1/dp of the bucket with the distributed optimizer, else the bucket): each
+    micro-batch's gradients are reduced into it at once. Used with one micro-batch per step, and with
+    `parallel_optimizer_config.gradient_accumulation_shard: True` (a reduce-scatter per micro-batch);
+  - else (several micro-batches, gradient_accumulation_shard False, MindSpore's default) one full fp32
+    buffer per parameter, reduced once in `apply`.
 """
 from __future__ import annotations
 
@@ -18,15 +26,25 @@ from ..parallel.grads import GradReducer
 from .optim import AdamW
 
 
+def gradient_buffers(plan, accumulation: int, shard_accumulation: bool) -> list[tuple[str, tuple, object]]:
+    """(name, shape, dtype) of the gradient buffers TrainStep allocates on this rank."""
+    if accumulation > 1 and not shard_accumulation:
+        slots = sorted((s for bk in plan.buckets for s in bk.slots), key=lambda s: s.index)
+        return [(f"grad_acc.{s.name}", s.shape, ms.float32) for s in slots]
+    return [(f"grad_shard.bucket_{b:03d}", (plan.shard_length(b),), ms.float32) for b in range(len(plan.buckets))]
+
+
 class TrainStep(nn.Cell):
-    def __init__(self, model, optimizer: AdamW, *, use_clip: bool, max_grad_norm: float):
+    def __init__(self, model, optimizer: AdamW, *, use_clip: bool, max_grad_norm: float, accumulation: int = 1,
+                 shard_accumulation: bool = False):
         super().__init__(auto_prefix=False)
         self.model = model
         self.optimizer = optimizer
         self.params = optimizer.params
-        self.reducer = GradReducer(model, list(self.params), model.mesh)
-        self.grad_acc = ParameterTuple([Parameter(initializer(Zero(), p.shape, ms.float32), name=f"grad_acc.{p.name}")
-                                        for p in self.params])
+        self.reducer = GradReducer(model, list(self.params), model.mesh, optimizer.plan)
+        self.per_parameter = accumulation > 1 and not shard_accumulation
+        self.grad_buffers = ParameterTuple([Parameter(initializer(Zero(), shape, dtype), name=name) for name, shape, dtype
+                                            in gradient_buffers(optimizer.plan, accumulation, shard_accumulation)])
         self.grad_fn = ms.value_and_grad(self.scaled_loss, None, self.params)
         self.use_clip = use_clip
         self.max_grad_norm = float(max_grad_norm)
@@ -46,20 +64,21 @@ class TrainStep(nn.Cell):
         return loss
 
     def add_grads(self, grads):
-        for i in range(len(grads)):
-            ops.assign_add(self.grad_acc[i], grads[i].astype(ms.float32))
-        return grads[0].sum()
+        parts = grads if self.per_parameter else self.reducer.to_shards(grads)
+        for i in range(len(parts)):
+            ops.assign_add(self.grad_buffers[i], parts[i].astype(ms.float32))
+        return parts[0].sum()
 
     def apply(self, lr, grad_mult):
         """Returns (global gradient norm after unscaling, finite)."""
-        grads = self.reducer(self.grad_acc)                     # dp mean, partial sums (no-op on one device)
-        norm, finite = self.reducer.global_norm(grads)
+        shards = self.reducer.to_shards(self.grad_buffers) if self.per_parameter else tuple(self.grad_buffers)
+        norm, finite = self.reducer.global_norm(shards)
         norm = norm * grad_mult
         if finite:
             clip = ops.minimum(self.max_grad_norm / (norm + 1e-6), 1.0) if self.use_clip else ops.ones_like(norm)
-            self.optimizer(grads, lr, grad_mult * clip)
-        for acc in self.grad_acc:
-            ops.assign(acc, ops.zeros_like(acc))
+            self.optimizer(shards, lr, grad_mult * clip)
+        for buf in self.grad_buffers:
+            ops.assign(buf, ops.zeros(buf.shape, ms.float32))     # (zeros_like becomes a constant per buffer)
         return norm, finite
 
 
