@@ -19,5 +19,8 @@ class RMSNorm(nn.Cell):
             y, _ = ops.rms_norm(x.astype(self.compute_type), self.weight.astype(self.compute_type), self.eps)
             return y.astype(x.dtype)
         xf = x.astype(self.compute_type)
-        normed = xf * ops.rsqrt(ops.mean(ops.square(xf), -1, keep_dims=True) + self.eps)
-        return self.weight.astype(x.dtype) * normed.astype(x.dtype)
+        # explicit broadcast_to: a broadcasting Mul on CPU keeps two int64 indices per output element for the
+        # life of the compiled graph (16 bytes per element, forward and backward); same-shape Muls keep none
+        r = ops.rsqrt(ops.mean(ops.square(xf), -1, keep_dims=True) + self.eps)
+        normed = (xf * ops.broadcast_to(r, xf.shape)).astype(x.dtype)
+        return ops.broadcast_to(self.weight.astype(x.dtype), normed.shape) * normed

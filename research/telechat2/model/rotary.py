@@ -53,4 +53,5 @@ def rotate_half(x):
 def apply_rotary(x, cos, sin):
     """x: [B, n, S, hd]; cos/sin: [B or 1, 1, S, hd] in the rotary dtype. Returns x's dtype."""
     xr = x.astype(cos.dtype)
+    cos, sin = ops.broadcast_to(cos, xr.shape), ops.broadcast_to(sin, xr.shape)     # see model/norm.py
     return (xr * cos + rotate_half(xr) * sin).astype(x.dtype)

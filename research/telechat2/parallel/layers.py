@@ -14,7 +14,7 @@ which block of the full tensor this rank holds: {attr: (axis, start, length)} (a
 from __future__ import annotations
 
 import mindspore as ms
-from mindspore import Parameter, mint, nn, ops
+from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import Normal, Zero, initializer
 
 from .mappings import (CopyToTensorParallel, GatherFromSequenceParallel, GatherFromTensorParallel,
@@ -26,6 +26,16 @@ def _divide(n: int, parts: int, what: str) -> int:
     if n % parts:
         raise ValueError(f"{what}={n} is not divisible by the tensor-parallel size {parts}")
     return n // parts
+
+
+_matmul_nt = ops.MatMul(transpose_b=True)
+
+
+def linear(x, w, b=None):
+    """x [..., in] @ w[out, in]^T (+ b) as one 2-D MatMul with transpose_b. (mint.nn.functional.linear's CPU
+    backward transposes the weight, and its kernels keep index buffers of several times the weight's size.)"""
+    y = _matmul_nt(x.reshape(-1, x.shape[-1]), w).reshape(x.shape[:-1] + (w.shape[0],))
+    return y if b is None else y + ops.broadcast_to(b, y.shape)      # see model/norm.py
 
 
 class ColumnParallelLinear(nn.Cell):
@@ -62,7 +72,7 @@ class ColumnParallelLinear(nn.Cell):
             x = self.input_comm(x)
         w = self.weight.astype(self.compute_dtype)
         b = None if self.bias is None else self.bias.astype(self.compute_dtype)
-        y = mint.nn.functional.linear(x.astype(self.compute_dtype), w, b)
+        y = linear(x.astype(self.compute_dtype), w, b)
         if self.lora is not None:              # B split by rows like W: this rank's block of the delta
             y = y + self.lora(x)
         if self.output_comm is not None:
@@ -91,13 +101,13 @@ class RowParallelLinear(nn.Cell):
 
     def construct(self, x):
         # x: [b, s, in/tp] -> [b, s, out] (SP: [b, s/tp, out])
-        y = mint.nn.functional.linear(x.astype(self.compute_dtype), self.weight.astype(self.compute_dtype))
+        y = linear(x.astype(self.compute_dtype), self.weight.astype(self.compute_dtype))
         if self.lora is not None:              # A split by columns like W: a partial sum, reduced with y
             y = y + self.lora(x)
         if self.output_comm is not None:
             y = self.output_comm(y)
         if self.bias is not None:
-            y = y + self.bias.astype(self.compute_dtype)
+            y = y + ops.broadcast_to(self.bias.astype(self.compute_dtype), y.shape)
         return y
 
 
