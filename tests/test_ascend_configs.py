@@ -103,7 +103,9 @@ def test_ascend_fast_paths_and_precision(name):
     else:
         level = name.rsplit("_", 1)[1][:2].upper()
         assert cfg["amp"] == {"level": level, "dtype": "bfloat16"}
-        assert mc.param_init_type == "float32" and mc.softmax_compute_type == "float32"
+        # O2 stores the weights in bf16 (AdamW keeps fp32 master shards); O1 in fp32
+        assert mc.param_init_type == ("float32" if level == "O1" else "bfloat16")
+        assert mc.softmax_compute_type == "float32"
         assert mc.res_dtype == ("float32" if level == "O1" else "bfloat16")
         assert cfg["run_mode"] == ("train" if name.startswith("pretrain") else "finetune")
 
@@ -303,3 +305,21 @@ def test_memory_inventory_equals_the_allocated_buffers(topology_runs):
             padding = 2 * 2 * ROW * (16 if o2 else 12)
             assert 0 <= sharded - (16 if o2 else 12) * p / 2 <= padding, (tag, sharded / p)
     assert {"dp2 tp1 pp1 cp1 zero1", "dp2 tp2 pp2 cp1 sp zero1", "dp1 tp2 pp2 cp1 sp"} <= layouts, layouts
+
+
+def _folder_bytes(folder):
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files)
+
+
+def test_checkpoints_hold_each_block_once(topology_runs):
+    """A dp2 (distributed optimizer) and a dp2 x tp2 x pp2 step folder hold each weight and each optimizer
+    element once: within 5% of the single-device step folder of the same model (dp replicas write nothing)."""
+    runs = topology_runs["runs"]
+    for tag, steps in (("pretrain_3b_o1_fp32", STEPS), ("finetune_115b_o1_fp32", STEPS), ("finetune_7b_o2", FP16_STEPS)):
+        run = runs[tag]
+        step = f"step_{steps:08d}"
+        got = _folder_bytes(os.path.join(run["out"], "checkpoint", step))
+        want = _folder_bytes(os.path.join(topology_runs["single"][run["key"]], "checkpoint", step))
+        assert abs(got / want - 1) < 0.05, (tag, got, want)
+        writers = glob.glob(os.path.join(run["out"], "checkpoint", step, "rank_*", "model.safetensors"))
+        assert len(writers) == run["workers"] // 2, (tag, writers)          # dp = 2: one writer per model shard

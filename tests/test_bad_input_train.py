@@ -104,6 +104,12 @@ CASES = [
          ("runner_wrapper.use_clip_grad: expected True or False, got 'maybe'",)),
     Case("context.mode=7", lambda c: train(c, fresh(c, "h"), "--set", "context.mode=7"), 1,
          ("context.mode: expected an integer >= 0 and <= 1, got 7",)),
+    # a layout that does not fit the device is refused before the model is built (check-config's estimate)
+    Case("a 115B model on one CPU process", lambda c: train(c, fresh(c, "j"), "--set", "model.preset=115b"), 1,
+         ("memory: the estimate", "GB per device exceeds", "the largest item is", "check-config")),
+    Case("gradient_accumulation_shard=maybe",
+         lambda c: train(c, fresh(c, "k"), "--set", "parallel.parallel_optimizer_config.gradient_accumulation_shard=maybe"),
+         1, ("parallel.parallel_optimizer_config.gradient_accumulation_shard: must be True or False, got 'maybe'",)),
     # case 6: text inputs
     Case("--set lr_schedule.learning_rate=fast",
          lambda c: train(c, fresh(c, "i"), "--set", "lr_schedule.learning_rate=fast"), 1,

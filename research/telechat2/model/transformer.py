@@ -9,11 +9,12 @@ import warnings
 
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor, mint, nn, ops
+from mindspore import Tensor, nn, ops
 
 from ..config import TeleChat2Config
 from ..dtypes import ms_dtype
 from ..parallel import ColumnParallelLinear, ParallelMesh, VocabParallelEmbedding
+from ..parallel.layers import linear
 from ..parallel.cross_entropy import VocabParallelCrossEntropy
 from ..parallel.mappings import GatherFromTensorParallel, tp_collective
 from .attention import Attention
@@ -95,7 +96,7 @@ class HeadLossChunk(nn.Cell):
             if mesh.tp > 1 else None
 
     def construct(self, weight, x, targets):
-        logits = mint.nn.functional.linear(x.astype(self.compute_dtype), weight.astype(self.compute_dtype))
+        logits = linear(x.astype(self.compute_dtype), weight.astype(self.compute_dtype))
         logits = logits.astype(ms.float32)
         if self.vocab_parallel_loss is None:
             return token_nll(logits, targets, self.ignore).sum()
