@@ -341,3 +341,25 @@ def test_trainer_checkpoints_convert_to_hf_and_match_the_reference(straight_run,
     sd = {k: torch.from_numpy(v) for k, v in load_file(os.path.join(hf, "model.safetensors")).items()}
     ids = np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 48)).astype(np.int32)
     assert np.abs(model(ids).asnumpy() - reference_logits(cfg, sd, ids)).max() <= 1e-4
+
+
+def test_chunked_head_loss_equals_the_whole_sequence():
+    """model_config.loss_chunk_tokens: the head + loss over chunks (recomputed in the backward) gives the loss
+    and gradients of the whole sequence at once (uneven last chunk, ignored targets)."""
+    from telechat2 import TeleChat2Config, TeleChat2ForCausalLM
+    from telechat2.train.optim import AdamW
+    from telechat2.train.step import TrainStep
+    ids = np.random.RandomState(0).randint(0, 4096, (2, 65)).astype(np.int32)
+    targets = ids[:, 1:].copy()
+    targets[0, 10:20] = -100
+    got = {}
+    for chunk in (0, 24):
+        ms.set_seed(0)
+        model = TeleChat2ForCausalLM(TeleChat2Config.from_preset("tiny", loss_chunk_tokens=chunk))
+        step = TrainStep(model, AdamW.for_model(model), use_clip=True, max_grad_norm=1.0)
+        loss = ms.jit(step.accumulate)(ms.Tensor(ids[:, :-1]), ms.Tensor(targets), None, None, None,
+                                       ms.Tensor(1.0, ms.float32))
+        got[chunk] = (float(loss.asnumpy()), [g.asnumpy().copy() for g in step.grad_buffers])
+    assert abs(got[24][0] - got[0][0]) <= 1e-4 * abs(got[0][0])
+    for a, b in zip(got[24][1], got[0][1]):
+        assert np.allclose(a, b, rtol=1e-4, atol=1e-6)
