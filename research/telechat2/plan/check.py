@@ -171,6 +171,13 @@ def _check(path, devices, cfg, mc, hbm_gb, peak_tflops) -> CheckResult:
         if target == "CPU" and devices > 1:
             notes.append("CPU estimate is per process of a one-process run; other processes add their own")
         memory, est = training_memory_of(cfg, mc, plan, hbm_gb, peak_tflops)
+        if est is not None and layout.pp > 1:           # the stage placement the cost model prefers
+            from .balance import balance
+            b = balance(mc, plan, mc.seq_length, ATLAS_800T_A2.with_(hbm_gb=hbm_gb or ATLAS_800T_A2.hbm_gb,
+                        peak_tflops=peak_tflops or ATLAS_800T_A2.peak_tflops), budget)
+            if b is not None:
+                summary.append(f"pipeline balance (telechat2 plan --balance): layers per stage {b.counts}, "
+                               f"model_config offset: {b.offset}")
         result = CheckResult(path, devices, cfg, summary, memory, budget, source, estimate=est)
     problem = over_budget(result.memory, budget, source, cfg["run_mode"])
     if problem:

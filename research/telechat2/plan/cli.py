@@ -76,6 +76,8 @@ def _plan(args) -> int:
         fitting = [e for e in ests if e.fits]
         chosen = fitting[0] if fitting else min(ests, key=lambda e: e.memory_gb)
         _emit([chosen], args, header)
+        if args.balance:
+            return _print_balance(c, chosen.plan, seq, hw)
         if not chosen.fits:
             print(f"telechat2 plan: refused: {chosen.plan.describe()} needs {chosen.memory_gb:.1f} GB per device, "
                   f"more than the {hw.budget_gb:g} GB available", file=sys.stderr)
@@ -99,6 +101,29 @@ def _plan(args) -> int:
         return 1
     _emit(shown, args, header)
     return 0
+
+
+def _print_balance(c, plan, seq, hw) -> int:
+    from .balance import balance
+    if plan.layout.pp == 1:
+        raise TeleChat2Error("--balance places layers on pipeline stages: give a layout with pp > 1")
+    b = balance(c, plan, seq, hw, hw.budget_gb)
+    if b is None:
+        print(f"telechat2 plan: refused: no placement of {c.num_layers} layers on {plan.layout.pp} stages fits "
+              f"{hw.budget_gb:g} GB per device", file=sys.stderr)
+        return 1
+    print(format_balance(b))
+    return 0
+
+
+def format_balance(b) -> str:
+    lines = [f"pipeline balance: layers per stage {b.counts}; slowest stage {1000 * max(b.stage_time_s):.1f} ms per "
+             f"micro-batch (even split: {1000 * b.even_time_s:.1f} ms)",
+             "  stage  layers  time ms  memory GB"]
+    lines += [f"  {s:>5}  {n:>6}  {1000 * t:>7.1f}  {m:>9.2f}"
+              for s, (n, t, m) in enumerate(zip(b.counts, b.stage_time_s, b.stage_memory_gb))]
+    lines.append(f"  paste under model.model_config:  offset: {b.offset}")
+    return "\n".join(lines)
 
 
 def cmd_check_config(args) -> int:
@@ -134,6 +159,8 @@ def add_plan_parsers(sub) -> None:
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.add_argument("--top", type=NON_NEGATIVE_INT.arg("--top"), default=10, help="layouts to list (0: all)")
     p.add_argument("--all", action="store_true", help="list layouts that do not fit memory too")
+    p.add_argument("--balance", action="store_true", help="with --layout (pp > 1): the model_config.offset whose "
+                                                          "slowest stage is fastest with every stage fitting")
     p.set_defaults(func=cmd_plan)
 
     c = sub.add_parser("check-config", help="validate a run YAML and its layout for N devices; print the memory "

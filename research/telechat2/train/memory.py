@@ -160,6 +160,15 @@ def _cached_inventory(model, shards: int, per_parameter: bool, weight_decay: flo
                                     weight_decay=weight_decay, mesh=virtual_mesh(layout, rank, stage_offset)))
 
 
+def stage_inventory(config, layout, stage: int, *, accumulation: int, shard_accumulation: bool = False,
+                    weight_decay: float = 0.1, stage_offset=None) -> tuple:
+    """The buffers of the first rank of pipeline stage `stage` (tp, dp and cp ranks hold the same sizes)."""
+    offset = tuple(stage_offset) if isinstance(stage_offset, list) else stage_offset
+    return _stage_inventory(config, layout, layout.rank_of(dp=0, tp=0, pp=stage, cp=0), offset,
+                            bool(layout.optimizer_shard), int(accumulation), bool(shard_accumulation),
+                            float(weight_decay))
+
+
 def heaviest_rank(config, layout, *, accumulation: int, shard_accumulation: bool = False, weight_decay: float = 0.1,
                   stage_offset=None) -> tuple[int, tuple]:
     """(rank, its buffers) of the rank with the most persistent bytes: one rank per kind of pipeline stage
