@@ -105,18 +105,20 @@ def exact_regex(layers) -> str:
     return "|".join(re.escape(n) for n in sorted(layers))
 
 
-def suffix_regex(layers, num_layers: int) -> str:
-    """`.*wq|.*wk_v` when the set is those modules in every layer (the form MindFormers users write), else
-    `exact_regex`."""
-    by_suffix: dict[str, set[int]] = {}
-    for n in layers:
-        m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", n)
-        if not m:
-            return exact_regex(layers)
-        by_suffix.setdefault(m.group(2).rsplit(".", 1)[-1], set()).add(int(m.group(1)))
-    full = all(v == set(range(num_layers)) for v in by_suffix.values())
-    # `.*wo` would not also pick up another module ending in "wo" (the names are wq, wk_v, wo, w1, w2, w3)
-    return "|".join(f".*{s}" for s in sorted(by_suffix)) if full else exact_regex(layers)
+def suffix_regex(layers, all_layers) -> str:
+    """`.*wq|.*wk_v` (the form MindFormers users write) when that selects exactly `layers` among `all_layers`
+    (every linear layer of the model), else `exact_regex`."""
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in layers})
+    regex = "|".join(f".*{re.escape(s)}" for s in suffixes)
+    chosen = sorted(n for n in all_layers if re.fullmatch(regex, n)) if suffixes else []
+    return regex if chosen == sorted(layers) else exact_regex(layers)
+
+
+def model_layers(config) -> list[str]:
+    """Every linear layer of a model with `config` (all pipeline stages), by MindFormers name."""
+    from .checkpoint.names import expected_shapes
+    return [n[:-len(".weight")] for n, shape in expected_shapes(config).items()
+            if n.endswith(".weight") and len(shape) == 2 and "tok_embeddings" not in n]
 
 
 # ---- PEFT adapter_config.json ------------------------------------------------------------------------------
@@ -131,17 +133,18 @@ def ms_layer(module: str) -> str:
     return hf_to_ms(module + ".weight")[:-len(".weight")]
 
 
-def to_peft_config(settings: LoRASettings, layers, base: str | None) -> dict:
-    """adapter_config.json of PEFT's LoraConfig for these adapted layers. target_modules lists the HF module
-    suffixes when every layer carries them (`["query", "key_value", "dense"]`), else the full module names."""
+def to_peft_config(settings: LoRASettings, layers, all_layers, base: str | None) -> dict:
+    """adapter_config.json of PEFT's LoraConfig for these adapted layers. target_modules lists HF module name
+    suffixes (`["query", "key_value", "dense"]`, PEFT matches a name equal to or ending in "." + suffix) when that
+    selects exactly `layers` among `all_layers`, else the full module names."""
     modules = sorted(hf_module(n) for n in layers)
     suffixes = sorted({m.rsplit(".", 1)[-1] for m in modules})
-    layer_ids = {m.split(".")[2] for m in modules if m.startswith("transformer.h.")}
-    uniform = len(modules) == len(suffixes) * len(layer_ids) and all(m.startswith("transformer.h.") for m in modules)
+    every = [hf_module(n) for n in all_layers]
+    chosen = sorted(m for m in every if any(m == x or m.endswith("." + x) for x in suffixes))
     alpha = int(settings.alpha) if float(settings.alpha).is_integer() else settings.alpha
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
             "r": settings.rank, "lora_alpha": alpha, "lora_dropout": settings.dropout,
-            "target_modules": suffixes if uniform else modules, "bias": "none", "fan_in_fan_out": False,
+            "target_modules": suffixes if chosen == modules else modules, "bias": "none", "fan_in_fan_out": False,
             "modules_to_save": None, "init_lora_weights": True, "use_rslora": False, "use_dora": False,
             "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True}
 
@@ -150,8 +153,9 @@ def to_peft_config(settings: LoRASettings, layers, base: str | None) -> dict:
 PEFT_REFUSED = {"use_rslora": False, "use_dora": False, "bias": "none", "fan_in_fan_out": False}
 
 
-def settings_from_peft(doc, path: str, layers, num_layers: int) -> LoRASettings:
-    """The settings of a PEFT LoRA adapter_config.json whose tensors adapt `layers` (MindSpore names)."""
+def settings_from_peft(doc, path: str, layers, all_layers=None) -> LoRASettings:
+    """The settings of a PEFT LoRA adapter_config.json whose tensors adapt `layers` (MindSpore names); the
+    target regex by suffix when `all_layers` (the base's) is known and that selects exactly them."""
     if not isinstance(doc, dict):
         raise LoRAConfigError(f"{path}: expected a JSON object")
     if str(doc.get("peft_type", "")).upper() != "LORA":
@@ -170,4 +174,4 @@ def settings_from_peft(doc, path: str, layers, num_layers: int) -> LoRASettings:
         dropout = Number(float, 0, 1, hi_open=True).parse(doc.get("lora_dropout", 0.0) or 0.0)
     except ValueError as e:
         raise LoRAConfigError(f"{path}: r / lora_alpha / lora_dropout: {e}") from None
-    return LoRASettings(rank, alpha, dropout, suffix_regex(layers, num_layers))
+    return LoRASettings(rank, alpha, dropout, suffix_regex(layers, all_layers) if all_layers else exact_regex(layers))

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..config import TeleChat2Config
-from ..lora_config import (PEFT_PREFIX, LoRAConfigError, LoRASettings, hf_module, ms_layer, settings_from_peft,
-                           suffix_regex, to_peft_config)
+from ..lora_config import (PEFT_PREFIX, LoRAConfigError, LoRASettings, hf_module, model_layers, ms_layer,
+                           settings_from_peft, suffix_regex, to_peft_config)
 from ..ownership import refuse_overlap, write_marker
 from .manifest import guard_for, resolve_run_checkpoint, sha256, write_manifest
 from .names import UnknownTensorName, adapter_layer, expected_shapes
@@ -100,11 +100,15 @@ def open_adapter(path: str, config: TeleChat2Config | None = None) -> AdapterSet
         raise CheckpointError(f"adapter {path}: no such file or folder")
     if os.path.isdir(path) and os.path.exists(os.path.join(path, PEFT_CONFIG)):
         return _open_peft(path, config)
-    source = open_checkpoint(path)
+    expected = ("give a LoRA training run (output or step folder), a `telechat2 convert import-lora` folder or a "
+                f"PEFT folder with {PEFT_CONFIG}")
+    try:
+        source = open_checkpoint(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"adapter {path}: not readable as a LoRA adapter ({e}); {expected}") from None
     if not source.adapters:
-        raise CheckpointError(f"adapter {path}: holds no LoRA adapter tensors (<layer>.lora.lora_a / lora_b); give "
-                              "a LoRA training run (output or step folder), a `telechat2 convert import-lora` folder "
-                              f"or a PEFT folder with {PEFT_CONFIG}")
+        raise CheckpointError(f"adapter {path}: holds no LoRA adapter tensors (<layer>.lora.lora_a / lora_b); "
+                              f"{expected}")
     cfg_file = os.path.join(source.path if os.path.isdir(source.path) else os.path.dirname(source.path), "config.json")
     block = (source.config.extra.get("lora") if source.config is not None else None)
     if not isinstance(block, dict) or not isinstance(block.get("pet_config"), dict):
@@ -156,7 +160,7 @@ def _open_peft(path: str, config: TeleChat2Config | None) -> AdapterSet:
         tensors[ms_name] = TensorEntry(ms_name, stored, f.dtype(stored), tuple(f.shape(stored)), weights, read)
     layers = sorted({adapter_layer(n) for n in tensors})
     # target_modules by suffix when the base config is known and every layer carries them, else the exact names
-    settings = settings_from_peft(doc, cfg_path, layers, config.num_layers if config else 0)
+    settings = settings_from_peft(doc, cfg_path, layers, model_layers(config) if config else None)
     source = CheckpointSource(path, "peft", {}, None, guard)
     base = doc.get("base_model_name_or_path")
     return AdapterSet(path, "peft", settings, tensors, None, None if base is None else {"path": base}, source)
@@ -184,8 +188,7 @@ def check_adapter(adapters: AdapterSet, config: TeleChat2Config) -> None:
         for half in ("lora_a", "lora_b"):
             if f"{layer}.lora.{half}" not in adapters.tensors:
                 raise CheckpointError(f"{adapters.path}: adapter of {layer} has no {half} tensor")
-    from ..parallel.lora import all_layer_names
-    selected = [n for n in all_layer_names(config) if adapters.settings.selects(n)]
+    selected = [n for n in model_layers(config) if adapters.settings.selects(n)]
     if sorted(selected) != adapters.layers:
         extra = sorted(set(selected) - set(adapters.layers))
         raise CheckpointError(f"{adapters.path}: target_modules {adapters.settings.target_modules!r} selects "
@@ -209,16 +212,16 @@ def attach_adapter(model, adapters: AdapterSet) -> list[str]:
     return layers
 
 
-def load_for_base(model, base: str, adapter: str, verify: bool = True) -> AdapterSet:
-    """predict / chat / eval: the adapter folder checked against the base (shapes, recorded fingerprint) and
-    attached to `model`, whose base weights are loaded."""
-    adapters = open_adapter(adapter, model.config)
-    check_adapter(adapters, model.config)
-    check_base(adapters, base, verify)
-    attach_adapter(model, adapters)
-    print(f"[telechat2] LoRA adapter {adapter}: {len(adapters.layers)} layers, rank {adapters.settings.rank}, "
-          f"alpha {adapters.settings.alpha:g} (not merged)", file=sys.stderr)
-    return adapters
+def use_adapter(model, adapters: AdapterSet, base: str) -> list[str]:
+    """predict / chat / eval: `adapters` (already checked against the config) attached to `model`, whose base
+    weights from `base` are loaded, after checking the base is the one the adapters recorded."""
+    from .manifest import verifying
+    check_base(adapters, base, verifying())
+    layers = attach_adapter(model, adapters)
+    if model.mesh.rank == 0:
+        print(f"[telechat2] LoRA adapter {adapters.path}: {len(adapters.layers)} layers, rank "
+              f"{adapters.settings.rank}, alpha {adapters.settings.alpha:g} (not merged)", file=sys.stderr)
+    return layers
 
 
 # ---- merge into a release ----------------------------------------------------------------------------------
@@ -230,13 +233,15 @@ def merged_source(base: CheckpointSource, adapters: AdapterSet) -> CheckpointSou
     """The base with W + (alpha / r) B A in every adapted layer (computed in fp32, stored in W's dtype)."""
     entries = dict(base.entries)
     scale = adapters.settings.scale
+    # the adapters are small: read and checked against their manifest before anything is written
+    deltas = {n: np.array(to_f32(e.read_raw(), e.dtype)) for n, e in adapters.tensors.items()}
+    adapters.verify_reads()
     for layer in adapters.layers:
         w = entries[layer + ".weight"]
-        a, b = adapters.tensors[layer + ".lora.lora_a"], adapters.tensors[layer + ".lora.lora_b"]
+        a, b = deltas[layer + ".lora.lora_a"], deltas[layer + ".lora.lora_b"]
 
-        def read(w=w, a=a, b=b):
-            merged = to_f32(w.read_raw(), w.dtype) + scale * (to_f32(b.read_raw(), b.dtype) @ to_f32(a.read_raw(), a.dtype))
-            return _cast_from_f32(merged, w.dtype)
+        def read(w=w, a=a, b=b):            # one weight at a time, in fp32
+            return _cast_from_f32(to_f32(w.read_raw(), w.dtype) + scale * (b @ a), w.dtype)
         entries[w.name] = TensorEntry(w.name, w.stored_name, w.dtype, w.shape, w.origin, read)
     return CheckpointSource(base.path, base.kind, entries, base.config, base.guard)
 
@@ -275,8 +280,9 @@ def export_peft(adapters: AdapterSet, out_dir: str, force: bool = False) -> str:
         write_safetensors(os.path.join(tmp, PEFT_WEIGHTS), rows, metadata={"format": "pt"})
         adapters.verify_reads()
         base = (adapters.base or {}).get("path")
+        every = model_layers(adapters.config) if adapters.config is not None else adapters.layers
         with open(os.path.join(tmp, PEFT_CONFIG), "w", encoding="utf-8") as fh:
-            json.dump(to_peft_config(adapters.settings, adapters.layers, base), fh, indent=2)
+            json.dump(to_peft_config(adapters.settings, adapters.layers, every, base), fh, indent=2)
     return _write_folder(out_dir, force, _inputs_of(adapters), write, "export-lora")
 
 
@@ -284,13 +290,9 @@ def write_adapter_folder(adapters: AdapterSet, config: TeleChat2Config, base: di
                          force: bool = False, extra_inputs=()) -> str:
     """A telechat2 adapter folder (what a LoRA training checkpoint holds, without the optimizer): the adapters
     under MindSpore names (fp32), config.json with the `lora` block, manifest, marker."""
-    from ..parallel.lora import all_layer_names
-    settings = adapters.settings
-    if config is not None:                      # the regex by suffix when it selects exactly these layers
-        short = suffix_regex(adapters.layers, config.num_layers)
-        candidate = LoRASettings(settings.rank, settings.alpha, settings.dropout, short)
-        if sorted(n for n in all_layer_names(config) if candidate.selects(n)) == adapters.layers:
-            settings = candidate
+    settings = adapters.settings                # the regex by suffix when it selects exactly these layers
+    settings = LoRASettings(settings.rank, settings.alpha, settings.dropout,
+                            suffix_regex(adapters.layers, model_layers(config)))
 
     def write(tmp):
         rows = [(n, "F32", adapters.tensors[n].shape,
@@ -309,4 +311,4 @@ def lora_block(settings: LoRASettings, base: dict, layers) -> dict:
 
 
 __all__ = ["AdapterSet", "LoRAConfigError", "attach_adapter", "base_fingerprint", "check_adapter", "check_base",
-           "export_peft", "load_for_base", "lora_block", "merged_source", "open_adapter", "write_adapter_folder"]
+           "export_peft", "lora_block", "merged_source", "open_adapter", "use_adapter", "write_adapter_folder"]

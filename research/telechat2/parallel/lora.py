@@ -30,7 +30,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, mint, nn
 
-from ..lora_config import PET_SOURCE, LoRAConfigError, LoRASettings
+from ..lora_config import PET_SOURCE, LoRAConfigError, LoRASettings, model_layers
 
 __all__ = ["LoRA", "LoRAConfigError", "apply_lora", "adapter_layers", "lora_targets", "merge_lora"]
 
@@ -76,21 +76,14 @@ def lora_targets(model, settings: LoRASettings) -> list[tuple[str, nn.Cell]]:
             if isinstance(cell, (ColumnParallelLinear, RowParallelLinear)) and settings.selects(name)]
 
 
-def all_layer_names(config) -> list[str]:
-    """Every linear layer of a model with `config` (all pipeline stages), by MindFormers name."""
-    from ..checkpoint.names import expected_shapes
-    return [n[:-len(".weight")] for n, shape in expected_shapes(config).items()
-            if n.endswith(".weight") and len(shape) == 2 and "tok_embeddings" not in n]
-
-
 def apply_lora(model, pet, source: str = PET_SOURCE) -> list[str]:
     """Attach adapters to the selected layers and freeze everything else; returns the adapted layer names.
     `pet`: a pet_config mapping or LoRASettings."""
     from .layers import ColumnParallelLinear
     from .mappings import tp_collective
     s = pet if isinstance(pet, LoRASettings) else LoRASettings.from_pet_config(pet, source)
-    if not any(s.selects(n) for n in all_layer_names(model.config)):
-        examples = all_layer_names(model.config)
+    if not any(s.selects(n) for n in model_layers(model.config)):
+        examples = model_layers(model.config)
         raise LoRAConfigError(f"{source}.target_modules {s.target_modules!r} matches no linear layer "
                               f"(the names look like {', '.join(examples[:4])}, ..., lm_head)")
     targets = lora_targets(model, s)

@@ -23,18 +23,19 @@ def attach_for_training(model, cfg: dict) -> list[str]:
     """Load the base, attach the adapters, record the base; returns this stage's adapted layer names."""
     from ..checkpoint.adapters import base_fingerprint, lora_block
     from ..checkpoint.load import load_weights
-    from ..parallel.lora import all_layer_names, apply_lora
+    from ..lora_config import model_layers
+    from ..parallel.lora import apply_lora
     settings = LoRASettings.from_pet_config(pet_config_of(cfg))
     base = cfg["load_checkpoint"]
     if not base:
         raise LoRAConfigError(f"{PET_SOURCE}: LoRA trains adapters over a base model: set load_checkpoint "
                               "(--load-checkpoint BASE) to its weights")
     layers = apply_lora(model, settings)               # refuses a regex that matches nothing before any read
-    load_weights(model, base)                          # the base; the adapters keep their fresh values
+    load_weights(model, base, base_only=True)          # the base; the adapters keep their fresh values
     if settings.dropout > 0:
         model.set_train(True)                          # nn.Dropout is active only in training mode
     fingerprint = base_fingerprint(base)
-    adapted = [n for n in all_layer_names(model.config) if settings.selects(n)]      # every pipeline stage's
+    adapted = [n for n in model_layers(model.config) if settings.selects(n)]      # every pipeline stage's
     model.config = model.config.replace(extra={**model.config.extra, "lora": lora_block(settings, fingerprint,
                                                                                          adapted)})
     trainable = sum(p.size for p in model.trainable_params())

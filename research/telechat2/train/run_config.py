@@ -14,7 +14,7 @@ import os
 import yaml
 
 from ..config import ConfigError, TeleChat2Config
-from ..lora_config import PET_CONFIG_DEFAULTS, PET_SOURCE, LoRASettings
+from ..lora_config import PET_CONFIG_DEFAULTS, PET_SOURCE, LoRASettings, model_layers
 from ..options import check_run_config_values
 from ..textio import read_yaml
 
@@ -474,7 +474,10 @@ def validate_run_config(cfg: dict, source: str) -> None:
     else:
         _need(isinstance(ss, (int, float)) and ss > 0, source, "runner_wrapper.scale_sense",
               f"must be a positive number or a DynamicLossScaleUpdateCell mapping, got {ss!r}")
-    model_config(cfg, source)           # validates the model block
+    model_config(cfg, source)           # validates the model block (and pet_config)
+    _need(not (cfg["model"].get("model_config") or {}).get("pet_config") or cfg["load_checkpoint"], source,
+          "load_checkpoint", f"{PET_SOURCE} trains LoRA adapters over a base model: set load_checkpoint "
+          "(--load-checkpoint BASE) to its weights")
 
 
 def model_config(cfg: dict, source: str = "run config") -> TeleChat2Config:
@@ -482,8 +485,7 @@ def model_config(cfg: dict, source: str = "run config") -> TeleChat2Config:
     m = cfg["model"]
     mc = dict(m.get("model_config") or {})
     pet = mc.pop("pet_config", None)
-    if pet is not None:                 # LoRA settings: refused by key here, applied by the trainer
-        LoRASettings.from_pet_config(pet, f"{source}: {PET_SOURCE}")
+    lora = None if pet is None else LoRASettings.from_pet_config(pet, f"{source}: {PET_SOURCE}")   # keys refused here
     base = {}
     if m.get("preset"):
         try:
@@ -495,6 +497,9 @@ def model_config(cfg: dict, source: str = "run config") -> TeleChat2Config:
         config = TeleChat2Config.from_model_config({**base, **mc})
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
+    if lora is not None and not any(lora.selects(n) for n in model_layers(config)):
+        raise ConfigError(f"{source}: {PET_SOURCE}.target_modules {lora.target_modules!r} matches no linear layer "
+                          f"(names: {', '.join(model_layers(config)[:3])}, ..., lm_head)")
     level, low = cfg["amp"]["level"], cfg["amp"]["dtype"]
     if level == "none":
         return config
