@@ -150,7 +150,7 @@ def to_peft_config(settings: LoRASettings, layers, all_layers, base: str | None)
 
 
 # PEFT options that change the adapter's function, and the value that matches ours
-PEFT_REFUSED = {"use_rslora": False, "use_dora": False, "bias": "none", "fan_in_fan_out": False}
+PEFT_REFUSED = {"use_rslora": False, "use_dora": False, "bias": "none", "lora_bias": False, "fan_in_fan_out": False}
 
 
 def settings_from_peft(doc, path: str, layers, all_layers=None) -> LoRASettings:

@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..config import TeleChat2Config
-from ..lora_config import (PEFT_PREFIX, LoRAConfigError, LoRASettings, hf_module, model_layers, ms_layer,
-                           settings_from_peft, suffix_regex, to_peft_config)
+from ..lora_config import (PEFT_PREFIX, LoRASettings, hf_module, model_layers, ms_layer, settings_from_peft,
+                           suffix_regex, to_peft_config)
 from ..ownership import refuse_overlap, write_marker
-from .manifest import guard_for, resolve_run_checkpoint, sha256, write_manifest
+from .manifest import guard_for, sha256, write_manifest
 from .names import UnknownTensorName, adapter_layer, expected_shapes
 from .safetensors_io import CheckpointError, SafetensorsFile, f32_to_bf16_bits, write_safetensors
 from .sources import CheckpointSource, TensorEntry, open_checkpoint, to_f32
@@ -290,9 +290,8 @@ def write_adapter_folder(adapters: AdapterSet, config: TeleChat2Config, base: di
                          force: bool = False, extra_inputs=()) -> str:
     """A telechat2 adapter folder (what a LoRA training checkpoint holds, without the optimizer): the adapters
     under MindSpore names (fp32), config.json with the `lora` block, manifest, marker."""
-    settings = adapters.settings                # the regex by suffix when it selects exactly these layers
-    settings = LoRASettings(settings.rank, settings.alpha, settings.dropout,
-                            suffix_regex(adapters.layers, model_layers(config)))
+    s = adapters.settings                       # the target regex by suffix when that selects exactly these layers
+    settings = LoRASettings(s.rank, s.alpha, s.dropout, suffix_regex(adapters.layers, model_layers(config)))
 
     def write(tmp):
         rows = [(n, "F32", adapters.tensors[n].shape,
@@ -310,5 +309,5 @@ def lora_block(settings: LoRASettings, base: dict, layers) -> dict:
     return {"pet_config": settings.to_pet_config(), "base": base, "layers": sorted(layers)}
 
 
-__all__ = ["AdapterSet", "LoRAConfigError", "attach_adapter", "base_fingerprint", "check_adapter", "check_base",
+__all__ = ["AdapterSet", "attach_adapter", "base_fingerprint", "check_adapter", "check_base",
            "export_peft", "lora_block", "merged_source", "open_adapter", "use_adapter", "write_adapter_folder"]

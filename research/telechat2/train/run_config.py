@@ -485,7 +485,7 @@ def model_config(cfg: dict, source: str = "run config") -> TeleChat2Config:
     m = cfg["model"]
     mc = dict(m.get("model_config") or {})
     pet = mc.pop("pet_config", None)
-    lora = None if pet is None else LoRASettings.from_pet_config(pet, f"{source}: {PET_SOURCE}")   # keys refused here
+    lora = LoRASettings.from_pet_config(pet, f"{source}: {PET_SOURCE}") if pet else None   # keys refused here
     base = {}
     if m.get("preset"):
         try:
