@@ -20,7 +20,8 @@ A starts as PEFT initialises it (uniform in +-1/sqrt(in), kaiming-uniform with a
 tensor from a seed of the layer name and sliced, so it does not depend on the layout; B starts at zero, so a
 fresh adapter leaves the model unchanged. `apply_lora` freezes every other parameter: `trainable_params()`
 (what the optimizer and the training checkpoint take) is then the adapters only. Dropout is active only in
-training mode (`model.set_train()`); with several tensor-parallel ranks each draws its own mask.
+training mode (`model.set_train()`); under tensor parallel the ranks' masks are not
+coordinated (the dropout is not that of one device; the tests use lora_dropout 0).
 """
 from __future__ import annotations
 
