@@ -1,5 +1,6 @@
-"""LoRA adapters (issue 19, part B, partial): selection by pet_config, only adapters trainable, merge equals
-base + adapter, the delta is W + (alpha / r) B A as the torch reference computes it, training moves only them."""
+"""LoRA adapter cells (issue 19): selection by pet_config, only adapters trainable, merge equals base + adapter,
+the delta is W + (alpha / r) B A as the torch reference computes it. Training with them (only the adapters move,
+the base stays bit-identical), tensor parallel, conversion and inference: tests/test_lora_run.py."""
 import numpy as np
 import pytest
 import torch
@@ -62,27 +63,6 @@ def test_merged_equals_base_plus_adapter_and_the_reference_delta(setup):
     assert merge_lora(model) == 8
     np.testing.assert_allclose(model.logits(ms.Tensor(ids)).asnumpy(), with_adapter, atol=1e-5)
     assert not any("lora" in p.name for p in model.get_parameters())
-
-
-def test_training_moves_only_the_adapters(setup):
-    cfg, sd, model, ids = setup
-    apply_lora(model, PET)
-    before = {p.name: p.asnumpy().copy() for p in model.get_parameters() if not p.requires_grad}
-    params = model.trainable_params()
-    inputs, targets = ms.Tensor(ids[:, :-1]), ms.Tensor(ids[:, 1:])
-    grad_fn = ms.value_and_grad(lambda x, t: model.next_token_loss(x, t), None, params)
-    losses = []
-    for _ in range(5):
-        loss, grads = grad_fn(inputs, targets)
-        losses.append(float(loss.asnumpy()))
-        assert len(grads) == len(params)
-        for p, g in zip(params, grads):
-            p.set_data(p - 0.5 * g)
-    assert losses[-1] < losses[0] - 1e-3, losses
-    for p in model.get_parameters():
-        if p.name in before:
-            np.testing.assert_array_equal(p.asnumpy(), before[p.name])      # base bit-identical
-    assert any(np.abs(p.asnumpy()).max() > 0 for p in params if p.name.endswith("lora_b"))
 
 
 @pytest.mark.parametrize("pet,needle", [

@@ -15,6 +15,7 @@ import pytest
 
 from helpers import preprocess_bundled
 from telechat2.config import ConfigError
+from telechat2.lora_config import PET_CONFIG_DEFAULTS
 from telechat2.parallel.mesh import Layout, LayoutError
 from telechat2.train import loop, runtime
 from telechat2.train.run_config import (ACCEPTED_VALUES, ANY_PATH, MINDFORMERS_ONLY, SCHEMA, USED,
@@ -36,7 +37,8 @@ def leaves(tree: dict, prefix: str = ""):
 
 
 def test_every_schema_key_is_used_or_restricted():
-    keys = list(leaves({**SCHEMA, **MINDFORMERS_ONLY}))
+    keys = list(leaves({**SCHEMA, **MINDFORMERS_ONLY})) + [f"model.model_config.pet_config.{k}"
+                                                           for k in PET_CONFIG_DEFAULTS]
     unclassified = [k for k in keys if k not in USED and k not in ACCEPTED_VALUES]
     assert not unclassified, unclassified
     stale = [k for k in [*USED, *ACCEPTED_VALUES] if k not in keys]

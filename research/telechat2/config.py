@@ -194,7 +194,7 @@ class TeleChat2Config:
                 kwargs[key] = value
             elif key in YAML_ALIASES:
                 kwargs[YAML_ALIASES[key]] = value
-            elif key in YAML_IGNORED:
+            elif key in YAML_IGNORED or key == "pet_config":      # pet_config: LoRA, read by the trainer
                 continue
             else:
                 raise ConfigError(f"{where}.{key}: unknown key{_did_you_mean(key, ours | set(YAML_ALIASES))}")

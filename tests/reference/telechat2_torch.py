@@ -47,8 +47,14 @@ def rms_norm(x, w, eps):
 
 
 def forward(sd: dict, cfg: dict, input_ids: torch.Tensor, attention_mask=None, position_ids=None,
-            fp16_tables=False, total_len=None):
-    """Logits [B, S, V] in fp32. `sd` has HF names; `attention_mask` [B, S] is 1 for real tokens."""
+            fp16_tables=False, total_len=None, linear=None):
+    """Logits [B, S, V] in fp32. `sd` has HF names; `attention_mask` [B, S] is 1 for real tokens.
+    `linear(module_name, x)` computes the linear layers (default: x W^T + b from `sd`; `TeleChat2Module` calls
+    its nn.Linear modules, which PEFT can wrap)."""
+    if linear is None:
+        def linear(name, x):
+            y = x @ sd[name + ".weight"].T
+            return y + sd[name + ".bias"] if name + ".bias" in sd else y
     B, S = input_ids.shape
     H, nh = cfg["hidden_size"], cfg["n_head"]
     nkv = cfg.get("num_key_value_heads") or nh
@@ -67,8 +73,8 @@ def forward(sd: dict, cfg: dict, input_ids: torch.Tensor, attention_mask=None, p
     for i in range(cfg["n_layer"]):
         p = f"transformer.h.{i}."
         h = rms_norm(x, sd[p + "input_layernorm.weight"], eps)
-        q = (h @ sd[p + "self_attention.query.weight"].T).view(B, S, nh, hd).transpose(1, 2)
-        kv = (h @ sd[p + "self_attention.key_value.weight"].T).view(B, S, nkv, 2 * hd)
+        q = linear(p + "self_attention.query", h).view(B, S, nh, hd).transpose(1, 2)
+        kv = linear(p + "self_attention.key_value", h).view(B, S, nkv, 2 * hd)
         k, v = kv[..., :hd].transpose(1, 2), kv[..., hd:].transpose(1, 2)  # [B, nkv, S, hd]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
@@ -78,12 +84,75 @@ def forward(sd: dict, cfg: dict, input_ids: torch.Tensor, attention_mask=None, p
         scores = scores.float().masked_fill(~allowed, neg)
         probs = torch.softmax(scores, dim=-1).to(v.dtype)
         ctx = (probs @ v).transpose(1, 2).reshape(B, S, H)
-        x = x + ctx @ sd[p + "self_attention.dense.weight"].T + sd[p + "self_attention.dense.bias"]
+        x = x + linear(p + "self_attention.dense", ctx)
         h = rms_norm(x, sd[p + "post_attention_layernorm.weight"], eps)
-        g = F.silu(h @ sd[p + "mlp.gate_proj.weight"].T) * (h @ sd[p + "mlp.up_proj.weight"].T)
-        x = x + g @ sd[p + "mlp.down_proj.weight"].T + sd[p + "mlp.down_proj.bias"]
+        g = F.silu(linear(p + "mlp.gate_proj", h)) * linear(p + "mlp.up_proj", h)
+        x = x + linear(p + "mlp.down_proj", g)
     x = rms_norm(x, sd["transformer.ln_f.weight"], eps)
-    return (x @ sd["lm_head.weight"].T).float()
+    return linear("lm_head", x).float()
+
+
+class _Holder(torch.nn.Module):
+    """Submodules and parameters under given dotted names, so named_modules() are the HF names."""
+
+    def put(self, name: str, module: torch.nn.Module):
+        head, _, rest = name.partition(".")
+        if not rest:
+            self.add_module(head, module)
+            return
+        if not hasattr(self, head):
+            self.add_module(head, _Holder())
+        getattr(self, head).put(rest, module)
+
+
+class _Weight(torch.nn.Module):
+    def __init__(self, w):
+        super().__init__()
+        self.weight = torch.nn.Parameter(w.clone())
+
+
+class _Config(dict):
+    """The HF config dict with attribute access (what transformers' configs offer PEFT)."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to_dict(self):
+        return dict(self)
+
+
+class TeleChat2Module(_Holder):
+    """The same forward as `forward`, as an nn.Module whose linear layers are torch.nn.Linear modules under the
+    HF module names (`transformer.h.0.self_attention.query`, ..., `lm_head`), so PEFT can inject LoRA into it."""
+
+    def __init__(self, sd: dict, cfg: dict):
+        super().__init__()
+        self.hf_config = cfg
+        self.config = _Config(cfg)                  # PEFT's wrappers read model.config.model_type
+        for name, w in sd.items():
+            module = name[:-len(".weight")] if name.endswith(".weight") else None
+            if module is None:
+                continue
+            if w.dim() == 2 and "word_embeddings" not in name:
+                lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=module + ".bias" in sd)
+                with torch.no_grad():
+                    lin.weight.copy_(w)
+                    if lin.bias is not None:
+                        lin.bias.copy_(sd[module + ".bias"])
+                self.put(module, lin)
+            else:
+                self.put(module, _Weight(w))
+
+    def forward(self, input_ids=None, **kwargs):
+        weights = {n: m.weight for n, m in self.named_modules() if isinstance(m, _Weight)}
+        weights = {f"{n}.weight": w for n, w in weights.items()}
+        return forward(weights, self.hf_config, input_ids, linear=lambda name, x: self.get_submodule(name)(x))
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):     # PEFT's causal-LM wrapper looks it up
+        raise NotImplementedError("the reference module does not generate")
 
 
 def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
-"""`telechat2 convert hf2ms | ms2hf | verify`."""
+"""`telechat2 convert hf2ms | ms2hf | merge | merge-lora | export-lora | import-lora | verify`."""
 from __future__ import annotations
 
+import os
 import sys
 
 from ..options import NON_NEGATIVE
@@ -8,6 +9,7 @@ from .convert import DTYPE_NAMES, parse_size, verify, write_checkpoint
 from .manifest import set_verify
 from .safetensors_io import CheckpointError
 from .sources import open_checkpoint
+from ..ownership import refuse_overlap
 
 
 def _open(path, args, **kw):
@@ -47,6 +49,59 @@ def cmd_merge(args) -> int:
     out = write_checkpoint(src, _config_of(src), args.output, target="mindspore", dtype=args.dtype,
                            fmt=args.format, max_shard_bytes=parse_size(args.max_shard_size), force=args.force)
     print(f"wrote merged MindSpore checkpoint ({args.format}) to {out}")
+    return 0
+
+
+def cmd_merge_lora(args) -> int:
+    from .adapters import check_adapter, check_base, merged_source, open_adapter
+    from .manifest import verifying
+    set_verify(not args.no_verify)
+    adapters = open_adapter(args.adapter)
+    base = args.base or (adapters.base or {}).get("path")
+    if not base:
+        raise CheckpointError(f"{args.adapter}: records no base checkpoint; pass --base")
+    if not os.path.exists(base):
+        raise CheckpointError(f"--base {base}: no such file or folder" + ("" if args.base else
+                              f" (the base recorded by {adapters.path}; pass --base)"))
+    src = _open(base, args)
+    config = _config_of(src)
+    check_adapter(adapters, config)
+    check_base(adapters, base, verifying())
+    target = "hf" if args.to == "hf" else "mindspore"
+    if target == "hf" and args.format != "safetensors":
+        raise CheckpointError("--to hf writes safetensors only (--format ckpt is for --to mindspore)")
+    refuse_overlap(args.output, [("--adapter", adapters.path)])
+    out = write_checkpoint(merged_source(src, adapters), config, args.output, target=target, dtype=args.dtype,
+                           fmt=args.format, max_shard_bytes=parse_size(args.max_shard_size), force=args.force)
+    print(f"wrote {'HF release' if target == 'hf' else f'MindSpore checkpoint ({args.format})'} with "
+          f"{len(adapters.layers)} LoRA layers merged (scale {adapters.settings.scale:g}) to {out}")
+    return 0
+
+
+def cmd_export_lora(args) -> int:
+    from .adapters import export_peft, open_adapter
+    set_verify(not args.no_verify)
+    adapters = open_adapter(args.adapter)
+    out = export_peft(adapters, args.output, force=args.force)
+    print(f"wrote PEFT adapter ({len(adapters.layers)} layers, r {adapters.settings.rank}, lora_alpha "
+          f"{adapters.settings.alpha:g}) to {out}")
+    return 0
+
+
+def cmd_import_lora(args) -> int:
+    from .adapters import PEFT_CONFIG, base_fingerprint, check_adapter, open_adapter, write_adapter_folder
+    set_verify(not args.no_verify)
+    if not os.path.isfile(os.path.join(args.peft, PEFT_CONFIG)):
+        raise CheckpointError(f"--peft {args.peft}: no such {PEFT_CONFIG} (a PEFT folder holds {PEFT_CONFIG} and "
+                              "adapter_model.safetensors); a telechat2 LoRA run is used as --adapter directly")
+    src = _open(args.base, args)
+    config = _config_of(src)
+    adapters = open_adapter(args.peft, config)
+    check_adapter(adapters, config)
+    out = write_adapter_folder(adapters, config, base_fingerprint(args.base), args.output, force=args.force,
+                               extra_inputs=[("--base", args.base)])
+    print(f"wrote telechat2 adapter folder ({len(adapters.layers)} layers, target_modules "
+          f"{adapters.settings.target_modules!r}) to {out}; use it with --adapter, or convert merge-lora")
     return 0
 
 
@@ -97,6 +152,33 @@ def add_convert_parser(sub) -> None:
     p.add_argument("--format", choices=["safetensors", "ckpt"], default="safetensors")
     common(p)
     p.set_defaults(func=cmd_merge)
+
+    p = csub.add_parser("merge-lora", help="base + LoRA adapter -> one full release (HF or MindSpore)")
+    p.add_argument("--adapter", required=True, help="a LoRA run (output or step folder), an import-lora or a PEFT "
+                   "folder")
+    p.add_argument("--base", help="the base checkpoint (default: the one the adapter records)")
+    p.add_argument("--output", required=True)
+    p.add_argument("--to", choices=["hf", "mindspore"], default="hf", help="HF release (default) or MindSpore folder")
+    p.add_argument("--format", choices=["safetensors", "ckpt"], default="safetensors", help="for --to mindspore")
+    common(p)
+    p.set_defaults(func=cmd_merge_lora)
+
+    p = csub.add_parser("export-lora", help="LoRA adapter -> PEFT folder (adapter_config.json + "
+                        "adapter_model.safetensors, HF module names)")
+    p.add_argument("--adapter", required=True, help="a LoRA run (output or step folder) or an import-lora folder")
+    p.add_argument("--output", required=True)
+    p.add_argument("--force", action="store_true", help="replace an output folder telechat2 wrote")
+    p.add_argument("--no-verify", action="store_true", help="read files that do not match their manifest.json")
+    p.set_defaults(func=cmd_export_lora)
+
+    p = csub.add_parser("import-lora", help="PEFT LoRA folder -> telechat2 adapter folder (for --adapter, merge-lora)")
+    p.add_argument("--peft", required=True, help="folder with adapter_config.json + adapter_model.safetensors")
+    p.add_argument("--base", required=True, help="the base checkpoint it adapts (config and fingerprint)")
+    p.add_argument("--output", required=True)
+    p.add_argument("--config", help="HF config.json or run YAML, when none sits beside the base weights")
+    p.add_argument("--force", action="store_true", help="replace an output folder telechat2 wrote")
+    p.add_argument("--no-verify", action="store_true", help="read files that do not match their manifest.json")
+    p.set_defaults(func=cmd_import_lora)
 
     p = csub.add_parser("verify", help="compare two checkpoints of any supported format, tensor by tensor")
     p.add_argument("a")

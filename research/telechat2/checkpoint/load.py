@@ -6,26 +6,36 @@ import sys
 import numpy as np
 
 from .safetensors_io import CheckpointError
+from .names import adapter_layer
 from .sources import check_against_config, open_checkpoint, to_f32
 
 
-def load_weights(model, path: str, allow_pickle: bool = False) -> None:
+def load_weights(model, path: str, allow_pickle: bool = False, base_only: bool = False) -> None:
     """Copy a checkpoint's weights (HF folder, MindSpore folder, or one file) into `model` by renaming.
 
     Every name and shape is checked against the model's config from the file headers before any data
     is read; errors name the tensor, the file and the expected/actual shapes. Files with a manifest are
     checked against it as they are read (refused, naming the file, if one does not match). The optimizer
     and step entries of a MindFormers training checkpoint are recognised and named in a one-line note.
+    A model with LoRA adapters takes its base weights from a full checkpoint, or its adapters from a LoRA run's
+    checkpoint (adapter tensors only: what `--resume` into another layout reads); `base_only` refuses the latter.
     """
     import mindspore as ms
 
     from ..parallel.layers import shard_specs
 
     source = open_checkpoint(path, allow_pickle=allow_pickle)
-    check_against_config(source, model.config)
     params = model.parameters_dict()
+    adapters = {n for n in params if adapter_layer(n)}          # a LoRA model's adapters (parallel/lora.py)
+    if adapters and source.adapters and not source.entries and not base_only:   # a LoRA run's: adapters only
+        params = {n: params[n] for n in adapters}
+        source.entries = source.adapters
+        missing = sorted(adapters - set(source.entries))
+    else:
+        check_against_config(source, model.config)
+        params = {n: p for n, p in params.items() if n not in adapters}      # the base of a LoRA model
+        missing = sorted(set(params) - set(source.entries))
     specs = shard_specs(model)                      # under tensor parallel: read only this rank's block
-    missing = sorted(set(params) - set(source.entries))
     if missing:
         raise CheckpointError(f"{path}: no tensor for model parameter(s) {', '.join(missing[:5])}")
     for name, entry in source.entries.items():

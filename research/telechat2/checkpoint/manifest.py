@@ -23,6 +23,11 @@ def set_verify(enabled: bool) -> None:
     _VERIFY[0] = bool(enabled)
 
 
+def verifying() -> bool:
+    """False after `--no-verify`: recorded checksums (manifests, an adapter's base) are not compared."""
+    return _VERIFY[0]
+
+
 def sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -56,6 +56,22 @@ def ms_to_hf(name: str) -> str:
     return _translate(name, _MS_TO_HF, "MindSpore")
 
 
+ADAPTER = re.compile(r"^(?P<layer>.+)\.lora\.lora_(?P<ab>[ab])$")
+
+
+def adapter_layer(name: str) -> str | None:
+    """The layer of a LoRA adapter tensor (`model.layers.0.attention.wq.lora.lora_a` ->
+    `model.layers.0.attention.wq`), or None when the name is not one."""
+    m = ADAPTER.match(name)
+    if not m:
+        return None
+    try:
+        ms_to_hf(m.group("layer") + ".weight")
+    except UnknownTensorName:
+        return None
+    return m.group("layer")
+
+
 def expected_shapes(config: TeleChat2Config) -> dict[str, tuple[int, ...]]:
     """MindSpore name -> full (unsharded) shape, for every parameter of a model with `config`."""
     H, F, V, hd = config.hidden_size, config.intermediate_size, config.vocab_size, config.head_dim

@@ -21,7 +21,7 @@ from ..errors import TeleChat2Error
 from ..textio import read_json, read_yaml
 from .ckpt_io import CkptFile
 from .manifest import ManifestGuard, guard_for, resolve_run_checkpoint
-from .names import UnknownTensorName, expected_shapes, hf_to_ms, ms_to_hf
+from .names import UnknownTensorName, adapter_layer, expected_shapes, hf_to_ms, ms_to_hf
 from .safetensors_io import SAFETENSORS_DTYPES, CheckpointError, SafetensorsFile, bf16_bits_to_f32
 
 ROW_CHUNK_BYTES = 64 * 2**20     # reads and casts go through blocks of rows of about this size
@@ -56,6 +56,7 @@ class CheckpointSource:
     config: TeleChat2Config | None
     guard: ManifestGuard | None = None  # the manifest the files are checked against as they are read
     training_state: dict[str, TensorEntry] = field(default_factory=dict)   # MindFormers optimizer/step entries
+    adapters: dict[str, TensorEntry] = field(default_factory=dict)   # LoRA tensors (`<layer>.lora.lora_a/b`)
 
     def verify_reads(self) -> None:
         """Refuse (naming the file) if any file read so far does not match its manifest; call after reading."""
@@ -268,10 +269,13 @@ def open_checkpoint(path: str, config: str | None = None, allow_pickle: bool = F
         kind = _kind_of([n for _, n, *_ in raw])
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    entries, training_state = {}, {}
+    entries, training_state, adapters = {}, {}, {}
     for origin, stored, dtype, shape, reader in raw:
         if kind == "mindspore" and is_training_state(stored):      # MindFormers optimizer/step entries
             training_state[stored] = TensorEntry(stored, stored, dtype, tuple(shape), origin, reader)
+            continue
+        if kind == "mindspore" and adapter_layer(stored):             # a LoRA run's checkpoint
+            adapters[stored] = TensorEntry(stored, stored, dtype, tuple(shape), origin, reader)
             continue
         try:
             name = hf_to_ms(stored) if kind == "hf" else (ms_to_hf(stored) and stored)
@@ -281,7 +285,7 @@ def open_checkpoint(path: str, config: str | None = None, allow_pickle: bool = F
             raise CheckpointError(f"{origin}: tensor {stored!r} also appears in {entries[name].origin}")
         entries[name] = TensorEntry(name, stored, dtype, tuple(shape), origin, reader)
     cfg = _load_config(cfg_path, guard) if cfg_path else None
-    return CheckpointSource(path, kind, entries, cfg, guard, training_state)
+    return CheckpointSource(path, kind, entries, cfg, guard, training_state, adapters)
 
 
 def check_against_config(source: CheckpointSource, config: TeleChat2Config) -> None:
@@ -294,6 +298,11 @@ def check_against_config(source: CheckpointSource, config: TeleChat2Config) -> N
                               f"{config.num_layers} layers" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
                               + "; config and weights from different sizes?")
     missing = [n for n in want if n not in source.entries]
+    if missing and source.adapters and not source.entries:
+        raise CheckpointError(f"{source.path}: holds LoRA adapters only ({len(source.adapters)} tensors such as "
+                              f"{next(iter(source.adapters))!r}), no base weights: pass the base as the checkpoint "
+                              "and this folder as --adapter, or write a merged release with `telechat2 convert "
+                              "merge-lora`")
     if missing:
         raise CheckpointError(f"{source.path}: missing {len(missing)} tensor(s): {', '.join(missing[:8])}"
                               + (" ..." if len(missing) > 8 else ""))
@@ -388,4 +397,5 @@ def _open_distributed(path: str, config: str | None, guard: ManifestGuard | None
         entries[name] = TensorEntry(name, name, first.dtype(name), tuple(shape), first.path, read_full, read_block)
     cfg_path = config or os.path.join(path, "config.json")
     cfg = _load_config(cfg_path, guard) if os.path.exists(cfg_path) else None
-    return CheckpointSource(path, "mindspore", entries, cfg, guard)
+    adapters = {n: entries.pop(n) for n in list(entries) if adapter_layer(n)}
+    return CheckpointSource(path, "mindspore", entries, cfg, guard, adapters=adapters)

@@ -330,6 +330,19 @@ def sft_dialogues(n: int = 480, seed: int = 1) -> list[dict]:
     return [SFT_KINDS[i % len(SFT_KINDS)](r) for i in range(n)]
 
 
+def heldout_dialogues(train: list[dict], n: int = 60, seed: int = 2) -> list[dict]:
+    """Dialogues of the same kinds drawn with another seed, none identical to one of `train` (the small tables
+    make some repeat: the identity answer, capitals, single-word translations)."""
+    seen = {json.dumps(d, ensure_ascii=False) for d in train}
+    r, out, i = random.Random(seed), [], 0
+    while len(out) < n:
+        d = SFT_KINDS[i % len(SFT_KINDS)](r)
+        i += 1
+        if json.dumps(d, ensure_ascii=False) not in seen:
+            out.append(d)
+    return out
+
+
 # ---- files ---------------------------------------------------------------------------------------
 
 def _write_jsonl(path: str, rows) -> None:
@@ -339,9 +352,13 @@ def _write_jsonl(path: str, rows) -> None:
 
 
 def write_samples(out_dir: str) -> dict[str, str]:
-    """Write `pretrain.jsonl` (`{"text": ...}` lines) and `sft.jsonl` (both TeleChat2 SFT formats)."""
+    """Write `pretrain.jsonl` (`{"text": ...}` lines), `sft.jsonl` (both TeleChat2 SFT formats) and
+    `sft_heldout.jsonl` (60 dialogues drawn with another seed, none identical to a training one, for evaluation;
+    the tokenizer is not trained on them)."""
     os.makedirs(out_dir, exist_ok=True)
-    paths = {"pretrain": os.path.join(out_dir, "pretrain.jsonl"), "sft": os.path.join(out_dir, "sft.jsonl")}
+    paths = {k: os.path.join(out_dir, f"{k}.jsonl") for k in ("pretrain", "sft", "sft_heldout")}
     _write_jsonl(paths["pretrain"], ({"text": t} for t in pretrain_documents()))
-    _write_jsonl(paths["sft"], sft_dialogues())
+    train = sft_dialogues()
+    _write_jsonl(paths["sft"], train)
+    _write_jsonl(paths["sft_heldout"], heldout_dialogues(train))
     return paths

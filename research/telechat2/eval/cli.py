@@ -17,7 +17,10 @@ def cmd_eval(args) -> int:
                       shots=getattr(args, "shots", 0), language=getattr(args, "language", "en"),
                       prompt_style=getattr(args, "prompt_style", "plain"), batch_size=args.batch_size,
                       max_new_tokens=getattr(args, "max_new_tokens", None), limit=args.limit, output=args.output,
-                      force=args.force)
+                      force=args.force, adapter=args.adapter)
+    from ..infer.distributed import is_lead
+    if not is_lead():                  # under msrun only rank 0 prints and writes
+        return 0
     print(markdown(result))
     if args.output:
         print(f"wrote {args.output} and its .md", file=sys.stderr)
@@ -27,6 +30,8 @@ def cmd_eval(args) -> int:
 def _common(p, data_help: str) -> None:
     p.add_argument("--config", required=True, help="run YAML (configs/cpu/predict_tiny.yaml, ...)")
     p.add_argument("--checkpoint", help="weights (HF folder, MindSpore folder/file, training output folder)")
+    p.add_argument("--adapter", help="a LoRA adapter over --checkpoint, not merged (a LoRA run, an import-lora or a "
+                   "PEFT folder)")
     p.add_argument("--data", required=True, help=data_help)
     p.add_argument("--batch-size", type=POSITIVE_INT.arg("--batch-size"),
                    help="sequences per forward (default runner_config.batch_size)")

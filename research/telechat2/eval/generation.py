@@ -47,6 +47,7 @@ def chat_messages(question: str, shots: list[dict]) -> list[dict]:
 def evaluate(model, tokenizer, rows: list[dict], dev: list[dict], shots: int, style: str, batch_size: int,
              max_new_tokens: int, context: int, eos_id: int = 2, pad_id: int = 3) -> dict:
     from tqdm import tqdm
+    from ..infer.distributed import is_lead
     from .data import EvalError
     if shots > len(dev):
         raise EvalError(f"--shots {shots}: the dev split has only {len(dev)} examples")
@@ -59,7 +60,8 @@ def evaluate(model, tokenizer, rows: list[dict], dev: list[dict], shots: int, st
         prompts.append(ids[-limit:])                        # keep the end: the question itself
     samples = []
     starts = range(0, len(rows), batch_size)
-    for start in tqdm(starts, desc="generate", unit="batch", file=sys.stderr, disable=len(starts) <= 1):
+    for start in tqdm(starts, desc="generate", unit="batch", file=sys.stderr,
+                      disable=len(starts) <= 1 or not is_lead()):
         chunk = prompts[start:start + batch_size]
         seqs = model.generate(chunk, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_id,
                               pad_token_id=pad_id, vocab_limit=tokenizer.vocab_size)

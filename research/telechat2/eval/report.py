@@ -25,7 +25,8 @@ def check_output(output: str | None, force: bool, inputs) -> None:
 
 def markdown(result: dict) -> str:
     task = result["task"]
-    head = f"## telechat2 eval {task}\n\ncheckpoint `{result['checkpoint']}`, data `{result['data']}`"
+    head = f"## telechat2 eval {task}\n\ncheckpoint `{result['checkpoint']}`" + \
+        (f" + adapter `{result['adapter']}`" if result.get("adapter") else "") + f", data `{result['data']}`"
     if task == "perplexity":
         return (head + "\n\n| tokens | samples | mean loss | perplexity | bits/token |\n|---:|---:|---:|---:|---:|\n"
                 f"| {result['tokens']} | {result['samples']} | {result['mean_loss']:.4f} | {result['perplexity']:.4f} "

@@ -6,9 +6,9 @@ import time
 from .data import EvalError, read_choice_set, read_qa_set
 
 
-def _setup(cfg: dict, checkpoint: str | None):
+def _setup(cfg: dict, checkpoint: str | None, adapter: str | None):
     from ..infer.predict import load_for_inference
-    return load_for_inference(cfg, checkpoint)
+    return load_for_inference(cfg, checkpoint, adapter)
 
 
 def _ids(cfg: dict) -> tuple[int, int]:
@@ -17,11 +17,15 @@ def _ids(cfg: dict) -> tuple[int, int]:
 
 
 def run_eval(cfg: dict, task: str, data: str, *, checkpoint=None, dev=None, shots=0, language="en",
-             prompt_style="plain", batch_size=None, max_new_tokens=256, limit=None, output=None, force=False) -> dict:
-    """The result dict of one task (also written to `output` .json + .md when given)."""
+             prompt_style="plain", batch_size=None, max_new_tokens=256, limit=None, output=None, force=False,
+             adapter=None) -> dict:
+    """The result dict of one task (also written to `output` .json + .md when given, by rank 0 under msrun).
+
+    Under msrun with model_parallel > 1 every rank runs the same batches through the tensor-parallel model
+    (`load_for_inference` builds the mesh; generation shares rank 0's prompts), so each rank holds the result."""
     from . import report
     ckpt = checkpoint or cfg.get("load_checkpoint")
-    report.check_output(output, force, [("--data", data), ("--dev", dev), ("--checkpoint", ckpt)])
+    report.check_output(output, force, [("--data", data), ("--dev", dev), ("--checkpoint", ckpt), ("--adapter", adapter)])
     if shots and not dev:
         raise EvalError(f"--shots {shots} needs --dev (the split the examples are taken from)")
     eos_id, pad_id = _ids(cfg)
@@ -39,8 +43,10 @@ def run_eval(cfg: dict, task: str, data: str, *, checkpoint=None, dev=None, shot
         from .choice import shots_by_subject
         shots_by_subject(dev_rows, sorted({r["subject"] for r in rows}), shots)
     t0 = time.perf_counter()
-    model, tokenizer, model_cfg = _setup(cfg, checkpoint)
-    result = {"task": task, "checkpoint": ckpt, "data": data}
+    model, tokenizer, model_cfg = _setup(cfg, checkpoint, adapter)
+    result = {"task": task, "checkpoint": ckpt, "data": data, "model_parallel": model.mesh.tp}
+    if adapter:
+        result["adapter"] = adapter
     if task == "perplexity":
         from .perplexity import perplexity, read_samples
         samples = read_samples(data, tokenizer, model_cfg.seq_length, pad_id, eos_id)
@@ -61,6 +67,6 @@ def run_eval(cfg: dict, task: str, data: str, *, checkpoint=None, dev=None, shot
                       **evaluate(model, tokenizer, rows, dev_rows, shots, prompt_style, bs, max_new_tokens, ctx,
                                  eos_id, pad_id))
     result["seconds"] = time.perf_counter() - t0
-    if output:
+    if output and model.mesh.rank == 0:
         report.write(result, output)
     return result

@@ -36,10 +36,12 @@ def token_nlls(model, rows: list[tuple[list[int], list[int]]], batch_size: int, 
     """Per row, the fp32 -log p of each target (0 where the target is -100), in the order of `rows`."""
     import mindspore as ms
     from tqdm import tqdm
+    from ..infer.distributed import is_lead
     from ..model.loss import token_nll
     out: list = [None] * len(rows)
     batches = list(_batches([len(ids) for ids, _ in rows], batch_size))
-    for idx in tqdm(batches, desc=desc, unit="batch", file=sys.stderr, disable=len(batches) <= 1):
+    for idx in tqdm(batches, desc=desc, unit="batch", file=sys.stderr,
+                    disable=len(batches) <= 1 or not is_lead()):
         inputs, targets = padded([rows[i] for i in idx], pad_id)
         t = ms.Tensor(targets)
         nll = token_nll(model.logits(ms.Tensor(inputs)), t, model.config.ignore_token_id).asnumpy()
@@ -53,10 +55,11 @@ def loss_sums(model, batches, desc: str = "perplexity", total: int | None = None
     numpy [B, S], through the trainer's own loss (`model.loss_sum` of `model.hidden_states`, `label_count`)."""
     import mindspore as ms
     from tqdm import tqdm
+    from ..infer.distributed import is_lead
     from ..model.loss import label_count
     nll, count = 0.0, 0
     for batch in tqdm(batches, desc=desc, unit="batch", file=sys.stderr, total=total,
-                      disable=total is not None and total <= 1):
+                      disable=(total is not None and total <= 1) or not is_lead()):
         inputs, targets = batch["input_ids"], batch["targets"]
         positions, segments = batch.get("position_ids"), batch.get("segment_ids")
         attn = (None, None, None)

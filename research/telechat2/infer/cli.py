@@ -12,6 +12,8 @@ def _gen_args(p):
         option = "--" + key.replace("_", "-")
         p.add_argument(option, type=GENERATION[key].arg(option), help=GENERATION[key].describe())
     p.add_argument("--do-sample", action="store_true", default=None)
+    p.add_argument("--adapter", help="a LoRA adapter over --checkpoint, not merged: a LoRA training run (output or "
+                   "step folder), a `convert import-lora` folder or a PEFT folder")
     p.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override any config key")
     p.add_argument("--no-verify", action="store_true", help="read checkpoint files that do not match their manifest")
 
@@ -30,7 +32,7 @@ def cmd_predict(args) -> int:
     cfg = load_run_config(args.config, args.set or [])
     results = predict(cfg, checkpoint=args.checkpoint, prompt=args.prompt, input_file=args.input_file,
                       output=args.output, force=args.force, batch_size=args.batch_size,
-                      refuse_overlong=args.refuse_overlong, **_gen_overrides(args))
+                      refuse_overlong=args.refuse_overlong, adapter=args.adapter, **_gen_overrides(args))
     if not is_lead():                  # under msrun only rank 0 writes the results
         return 0
     if not args.output:
@@ -47,7 +49,7 @@ def cmd_chat(args) -> int:
     from .predict import chat
     set_verify(not args.no_verify)
     cfg = load_run_config(args.config, args.set or [])
-    chat(cfg, checkpoint=args.checkpoint, system=args.system, **_gen_overrides(args))
+    chat(cfg, checkpoint=args.checkpoint, system=args.system, adapter=args.adapter, **_gen_overrides(args))
     return 0
 
 

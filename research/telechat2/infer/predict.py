@@ -40,11 +40,13 @@ def context_length(cfg: dict, model_cfg) -> int:
     return int((cfg["model"].get("model_config") or {}).get("max_decode_length") or model_cfg.seq_length)
 
 
-def load_for_inference(cfg: dict, checkpoint: str | None):
+def load_for_inference(cfg: dict, checkpoint: str | None, adapter: str | None = None):
     """(model, tokenizer, model config) with the checks done before any weight is read.
 
     Under msrun with model_parallel > 1 the model is built with the mesh and each rank reads only its block
-    of every tensor (`load_weights` reads blocks from any checkpoint layout)."""
+    of every tensor (`load_weights` reads blocks from any checkpoint layout). `adapter`: a LoRA adapter (a LoRA
+    run, an import-lora or a PEFT folder) attached, not merged, to the base `checkpoint`; its shapes are checked
+    before the base is read, its recorded base fingerprint after."""
     from ..checkpoint.load import load_weights
     from ..model import TeleChat2ForCausalLM
     from ..tokenizer import TeleChat2Tokenizer
@@ -60,10 +62,20 @@ def load_for_inference(cfg: dict, checkpoint: str | None):
     vocab = cfg["processor"]["tokenizer"]["vocab_file"] or cfg["train_dataset"]["tokenizer"]
     if not vocab or not os.path.exists(vocab):
         raise PredictError(f"processor.tokenizer.vocab_file: {vocab or '(empty)'}: no such tokenizer.model")
+    adapters = None
+    if adapter:
+        from ..checkpoint.adapters import check_adapter, open_adapter
+        if not os.path.exists(adapter):
+            raise PredictError(f"--adapter {adapter}: no such file or folder")
+        adapters = open_adapter(adapter, model_cfg)
+        check_adapter(adapters, model_cfg)
     mesh = inference_mesh(cfg, layout)
     tokenizer = TeleChat2Tokenizer(vocab)
     model = TeleChat2ForCausalLM(model_cfg, mesh)
-    load_weights(model, path)
+    load_weights(model, path, base_only=adapters is not None)
+    if adapters is not None:
+        from ..checkpoint.adapters import use_adapter
+        use_adapter(model, adapters, path)
     return model, tokenizer, model_cfg
 
 
@@ -143,14 +155,15 @@ def reply_of(tokenizer, new_ids: list[int], gen: GenerationConfig) -> dict:
 
 
 def predict(cfg: dict, *, checkpoint=None, prompt=None, input_file=None, output=None, force=False,
-            batch_size=None, refuse_overlong=False, **gen_overrides) -> list[dict]:
+            batch_size=None, refuse_overlong=False, adapter=None, **gen_overrides) -> list[dict]:
     from tqdm import tqdm
-    check_output(output, force, [("--input-file", input_file), ("--checkpoint", checkpoint or cfg["load_checkpoint"])])
+    check_output(output, force, [("--input-file", input_file), ("--checkpoint", checkpoint or cfg["load_checkpoint"]),
+                                 ("--adapter", adapter)])
     if prompt is not None:
         check_utf8_str(prompt, "--prompt")
     gen_check = generation_config(cfg, **gen_overrides)
     check_context(cfg, gen_check)
-    model, tokenizer, model_cfg = load_for_inference(cfg, checkpoint)
+    model, tokenizer, model_cfg = load_for_inference(cfg, checkpoint, adapter)
     gen = generation_config(cfg, vocab_limit=tokenizer.vocab_size, **gen_overrides)
     mesh = model.mesh
     if mesh.rank == 0:                  # rank 0 reads the input; under tp the others receive its prompt ids
@@ -250,14 +263,14 @@ def check_context(cfg: dict, gen: GenerationConfig) -> None:
                            f"{ctx} tokens (model_config.max_decode_length or seq_length); use at most {ctx - 1}")
 
 
-def chat(cfg: dict, *, checkpoint=None, system=None, stdin=None, stdout=None, **gen_overrides) -> None:
+def chat(cfg: dict, *, checkpoint=None, system=None, stdin=None, stdout=None, adapter=None, **gen_overrides) -> None:
     """Multi-turn chat on stdin/stdout: /reset, /system TEXT, /exit. Replies stream as they are generated.
     The oldest turns are dropped when the conversation no longer fits the context."""
     stdin, stdout = stdin or sys.stdin.buffer, stdout or sys.stdout
     if system is not None:
         check_utf8_str(system, "--system")
     check_context(cfg, generation_config(cfg, **gen_overrides))
-    model, tokenizer, model_cfg = load_for_inference(cfg, checkpoint)
+    model, tokenizer, model_cfg = load_for_inference(cfg, checkpoint, adapter)
     gen = generation_config(cfg, vocab_limit=tokenizer.vocab_size, **gen_overrides)
     limit = context_length(cfg, model_cfg) - gen.max_new_tokens
     mesh = model.mesh

@@ -68,13 +68,14 @@ class ColumnParallelLinear(nn.Cell):
 
     def construct(self, x):
         # x: [b, s, in] (SP: [b, s/tp, in]) -> [b, s, out/tp] (gather_output: [b, s, out])
+        x_in = x
         if self.input_comm is not None:
             x = self.input_comm(x)
         w = self.weight.astype(self.compute_dtype)
         b = None if self.bias is None else self.bias.astype(self.compute_dtype)
         y = linear(x.astype(self.compute_dtype), w, b)
-        if self.lora is not None:              # B split by rows like W: this rank's block of the delta
-            y = y + self.lora(x)
+        if self.lora is not None:              # this rank's rows of the delta; the adapter runs the same input
+            y = y + self.lora(x_in)            # collective on its [b, s, r] activation (parallel/lora.py)
         if self.output_comm is not None:
             y = self.output_comm(y)
         return y
@@ -102,10 +103,10 @@ class RowParallelLinear(nn.Cell):
     def construct(self, x):
         # x: [b, s, in/tp] -> [b, s, out] (SP: [b, s/tp, out])
         y = linear(x.astype(self.compute_dtype), self.weight.astype(self.compute_dtype))
-        if self.lora is not None:              # A split by columns like W: a partial sum, reduced with y
-            y = y + self.lora(x)
         if self.output_comm is not None:
             y = self.output_comm(y)
+        if self.lora is not None:              # the adapter reduces its partial [b, s, r] activation itself
+            y = y + self.lora(x)
         if self.bias is not None:
             y = y + ops.broadcast_to(self.bias.astype(self.compute_dtype), y.shape)
         return y

@@ -243,11 +243,17 @@ def recompute_layers(rc: dict, num_layers: int, pp: int, offset) -> dict[int, st
 
 
 def build(run: Run):
-    """The model (with its recompute marks), AdamW and the loss scaler."""
+    """The model (with its recompute marks), AdamW and the loss scaler. With pet_config: the base from
+    load_checkpoint (also on resume) and only the LoRA adapters trainable (train/lora.py)."""
     from ..checkpoint.load import load_weights
     from ..model import TeleChat2ForCausalLM
+    from .lora import attach_for_training, pet_config_of
     cfg = run.cfg
     model = TeleChat2ForCausalLM(run.model_cfg, run.mesh)
+    if pet_config_of(cfg):                              # before the recompute marks, which cover the adapters
+        attach_for_training(model, cfg)
+    elif cfg["load_checkpoint"] and not run.resume_from:
+        load_weights(model, cfg["load_checkpoint"])
     marks = recompute_layers(cfg["recompute_config"], run.model_cfg.num_layers, run.layout.pp,
                              run.mesh.stage_offset)
     rc = cfg["recompute_config"]
@@ -257,8 +263,6 @@ def build(run: Run):
                             recompute_slice_activation=rc["recompute_slice_activation"])
         elif marks.get(int(index)) == "select":
             layer.select_recompute()
-    if cfg["load_checkpoint"] and not run.resume_from:
-        load_weights(model, cfg["load_checkpoint"])
     opt = cfg["optimizer"]
     optimizer = AdamW.for_model(model, betas=opt["betas"], eps=opt["eps"], weight_decay=opt["weight_decay"],
                                 shard=run.layout.optimizer_shard)
@@ -269,6 +273,8 @@ def restore(run: Run, model, optimizer, scaler) -> Progress:
     """Step, data position, weights, AdamW and loss-scale state of the checkpoint to resume (else zeros)."""
     if not run.resume_from:
         return Progress()
+    from .lora import check_resume
+    check_resume(run.resume_from, model)                # LoRA: same settings, same base (or neither LoRA)
     state = checkpointing.load_state(run.resume_from)
     layout = run.layout
     same_layout = state["layout"] == layout.sizes and \

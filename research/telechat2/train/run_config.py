@@ -14,6 +14,7 @@ import os
 import yaml
 
 from ..config import ConfigError, TeleChat2Config
+from ..lora_config import PET_CONFIG_DEFAULTS, PET_SOURCE, LoRASettings, model_layers
 from ..options import check_run_config_values
 from ..textio import read_yaml
 
@@ -174,6 +175,12 @@ USED = {
     "callbacks.CheckpointMonitor.save_checkpoint_steps": "train loop",
     "callbacks.CheckpointMonitor.keep_checkpoint_max": "checkpointing.save",
     "callbacks.CheckpointMonitor.prefix": "accepted: checkpoints are step_N folders (name kept for MindFormers yamls)",
+    # LoRA (model.model_config.pet_config, present or absent; lora_config.LoRASettings checks the values)
+    "model.model_config.pet_config.lora_rank": "parallel.lora.apply_lora (A [r, in], B [out, r])",
+    "model.model_config.pet_config.lora_alpha": "parallel.lora.apply_lora (scale alpha / r)",
+    "model.model_config.pet_config.lora_dropout": "parallel.lora.LoRA (dropout on the adapter's input, training)",
+    "model.model_config.pet_config.target_modules": "LoRASettings.selects (regex, in full, over layer names)",
+    "model.model_config.pet_config.exclude_layers": "LoRASettings.selects (regex of layers left out)",
 }
 
 ANY_PATH = object()       # ACCEPTED_VALUES: any value of the given type
@@ -227,7 +234,12 @@ ACCEPTED_VALUES = {
     "eval_dataset_task": (ANY_PATH, "read only with do_eval: True"),
     "metric": (ANY_PATH, "read only with do_eval: True"),
     "moe_config": ((None, {}), "mixture-of-experts models are not implemented"),
+    "model.model_config.pet_config.pet_type": (("lora",), "LoRA is the parameter-efficient method implemented"),
+    "model.model_config.pet_config.freeze_include": ((None, []), "only the adapters train: the base is frozen whole"),
+    "model.model_config.pet_config.freeze_exclude": ((None, []), "only the adapters train: no base parameter is "
+                                                     "left trainable"),
 }
+PET_PREFIX = "model.model_config.pet_config."
 
 LOSS_SCALE_DEFAULTS = {"type": "DynamicLossScaleUpdateCell", "loss_scale_value": 65536.0, "scale_factor": 2.0,
                        "scale_window": 1000}
@@ -381,8 +393,14 @@ def lookup(cfg: dict, dotted: str):
 
 def check_accepted_values(cfg: dict, source: str) -> None:
     """Refuse, by name, a MindFormers-runtime key set to a value this implementation does not have."""
+    pet = (cfg["model"].get("model_config") or {}).get("pet_config")
     for key, (allowed, why) in ACCEPTED_VALUES.items():
-        value = lookup(cfg, key)
+        if key.startswith(PET_PREFIX):              # LoRA keys: only when there is a pet_config
+            if not isinstance(pet, dict):
+                continue
+            value = pet.get(key[len(PET_PREFIX):], PET_CONFIG_DEFAULTS[key[len(PET_PREFIX):]])
+        else:
+            value = lookup(cfg, key)
         if allowed is ANY_PATH or any(value == a and type(value) is type(a) for a in allowed):
             continue
         shown = ", ".join(repr(a) for a in allowed)
@@ -461,13 +479,18 @@ def validate_run_config(cfg: dict, source: str) -> None:
     else:
         _need(isinstance(ss, (int, float)) and ss > 0, source, "runner_wrapper.scale_sense",
               f"must be a positive number or a DynamicLossScaleUpdateCell mapping, got {ss!r}")
-    model_config(cfg, source)           # validates the model block
+    model_config(cfg, source)           # validates the model block (and pet_config)
+    _need(not (cfg["model"].get("model_config") or {}).get("pet_config") or cfg["load_checkpoint"], source,
+          "load_checkpoint", f"{PET_SOURCE} trains LoRA adapters over a base model: set load_checkpoint "
+          "(--load-checkpoint BASE) to its weights")
 
 
 def model_config(cfg: dict, source: str = "run config") -> TeleChat2Config:
     """The TeleChat2Config of a run: preset <- model_config <- the AMP level's dtypes."""
     m = cfg["model"]
     mc = dict(m.get("model_config") or {})
+    pet = mc.pop("pet_config", None)
+    lora = LoRASettings.from_pet_config(pet, f"{source}: {PET_SOURCE}") if pet else None   # keys refused here
     base = {}
     if m.get("preset"):
         try:
@@ -479,6 +502,9 @@ def model_config(cfg: dict, source: str = "run config") -> TeleChat2Config:
         config = TeleChat2Config.from_model_config({**base, **mc})
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
+    if lora is not None and not any(lora.selects(n) for n in model_layers(config)):
+        raise ConfigError(f"{source}: {PET_SOURCE}.target_modules {lora.target_modules!r} matches no linear layer "
+                          f"(names: {', '.join(model_layers(config)[:3])}, ..., lm_head)")
     level, low = cfg["amp"]["level"], cfg["amp"]["dtype"]
     if level == "none":
         return config
