@@ -9,19 +9,21 @@ from .safetensors_io import CheckpointError
 from .sources import check_against_config, open_checkpoint, to_f32
 
 
-def load_weights(model, path: str, allow_pickle: bool = False) -> None:
+def load_weights(model, path: str, allow_pickle: bool = False, source=None) -> None:
     """Copy a checkpoint's weights (HF folder, MindSpore folder, or one file) into `model` by renaming.
 
     Every name and shape is checked against the model's config from the file headers before any data
     is read; errors name the tensor, the file and the expected/actual shapes. Files with a manifest are
     checked against it as they are read (refused, naming the file, if one does not match). The optimizer
     and step entries of a MindFormers training checkpoint are recognised and named in a one-line note.
+    A w8a16 release's int8 weights are copied as int8 into a model built with that `weight_quant`.
+    `source`: the already opened `open_checkpoint(path)`, if the caller has it.
     """
     import mindspore as ms
 
     from ..parallel.layers import shard_specs
 
-    source = open_checkpoint(path, allow_pickle=allow_pickle)
+    source = source or open_checkpoint(path, allow_pickle=allow_pickle)
     check_against_config(source, model.config)
     params = model.parameters_dict()
     specs = shard_specs(model)                      # under tensor parallel: read only this rank's block
@@ -36,6 +38,9 @@ def load_weights(model, path: str, allow_pickle: bool = False) -> None:
         if tuple(param.shape) != tuple(raw.shape):
             raise CheckpointError(f"{entry.origin}: tensor {entry.stored_name!r}: model parameter has shape "
                                   f"{list(param.shape)}, checkpoint block {list(raw.shape)}")
+        if entry.dtype == "I8":             # a w8a16 weight: kept int8 (the config check matched the dtypes)
+            param.set_data(ms.Tensor(np.ascontiguousarray(raw)))
+            continue
         value = np.ascontiguousarray(to_f32(raw, entry.dtype))
         param.set_data(ms.Tensor(value).astype(param.dtype))
     source.verify_reads()                   # a file that fails its manifest is refused before the weights are used

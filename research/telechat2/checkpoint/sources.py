@@ -21,7 +21,7 @@ from ..errors import TeleChat2Error
 from ..textio import read_json, read_yaml
 from .ckpt_io import CkptFile
 from .manifest import ManifestGuard, guard_for, resolve_run_checkpoint
-from .names import UnknownTensorName, expected_shapes, hf_to_ms, ms_to_hf
+from .names import SCALE, UnknownTensorName, expected_dtypes, expected_shapes, hf_to_ms, ms_to_hf
 from .safetensors_io import SAFETENSORS_DTYPES, CheckpointError, SafetensorsFile, bf16_bits_to_f32
 
 ROW_CHUNK_BYTES = 64 * 2**20     # reads and casts go through blocks of rows of about this size
@@ -56,6 +56,11 @@ class CheckpointSource:
     config: TeleChat2Config | None
     guard: ManifestGuard | None = None  # the manifest the files are checked against as they are read
     training_state: dict[str, TensorEntry] = field(default_factory=dict)   # MindFormers optimizer/step entries
+
+    @property
+    def weight_quant(self) -> str | None:
+        """"w8a16" when the tensors are a weight-only int8 release (int8 weights with scales), else None."""
+        return "w8a16" if any(n.endswith(SCALE) or e.dtype == "I8" for n, e in self.entries.items()) else None
 
     def verify_reads(self) -> None:
         """Refuse (naming the file) if any file read so far does not match its manifest; call after reading."""
@@ -286,6 +291,12 @@ def open_checkpoint(path: str, config: str | None = None, allow_pickle: bool = F
 
 def check_against_config(source: CheckpointSource, config: TeleChat2Config) -> None:
     """Every tensor present, none extra, every shape as the config says; errors name the tensor and file."""
+    if source.weight_quant != config.weight_quant:
+        if config.weight_quant:
+            raise CheckpointError(f"{source.path}: not a {config.weight_quant} (int8) checkpoint, but the config says "
+                                  f"weight_quant {config.weight_quant}; quantize it with `telechat2 convert quantize`")
+        raise CheckpointError(f"{source.path}: a {source.weight_quant} (int8 weights + scales) checkpoint, but the "
+                              "config is not quantized (its config.json has no quantization_config?)")
     want = expected_shapes(config)
     extra = [n for n in source.entries if n not in want]
     if extra:
@@ -302,8 +313,10 @@ def check_against_config(source: CheckpointSource, config: TeleChat2Config) -> N
         if e.shape != shape:
             raise CheckpointError(f"{e.origin}: tensor {e.stored_name!r}: shape {list(e.shape)} disagrees with the "
                                   f"config (expected {list(shape)})")
-        if e.dtype not in ("F32", "F16", "BF16"):
-            raise CheckpointError(f"{e.origin}: tensor {e.stored_name!r}: dtype {e.dtype} is not a float type")
+        allowed = expected_dtypes(config, name)
+        if e.dtype not in allowed:
+            what = "a float type" if len(allowed) > 1 else allowed[0]
+            raise CheckpointError(f"{e.origin}: tensor {e.stored_name!r}: dtype {e.dtype} is not {what}")
 
 
 def _rank_info(info_path: str, guard: ManifestGuard | None) -> dict:
