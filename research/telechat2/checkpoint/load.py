@@ -9,6 +9,20 @@ from .safetensors_io import CheckpointError
 from .sources import check_against_config, open_checkpoint, to_f32
 
 
+def as_parameter_tensor(raw: np.ndarray, stored: str, dtype):
+    """A MindSpore tensor of the stored values `raw` (safetensors dtype `stored`, BF16 as uint16 bits) in the
+    parameter dtype `dtype`, holding as little extra memory as possible: when the dtypes agree the block is copied
+    once out of the (memory-mapped) file and the tensor shares that copy (bf16 bits are reinterpreted, never
+    widened to fp32); otherwise through one fp32 array. A w8a16 weight stays int8."""
+    import mindspore as ms
+    same = {"I8": ms.int8, "F32": ms.float32, "F16": ms.float16, "BF16": ms.bfloat16}.get(stored)
+    if same == dtype:
+        block = ms.from_numpy(np.require(raw, None, ["C", "O"]))      # owned and contiguous (a mapping: copied)
+        return block.view(ms.bfloat16) if stored == "BF16" else block
+    value = np.require(to_f32(raw, stored), np.float32, ["C", "O"])    # not a view of the file
+    return ms.from_numpy(value).astype(dtype)
+
+
 def load_weights(model, path: str, allow_pickle: bool = False, source=None) -> None:
     """Copy a checkpoint's weights (HF folder, MindSpore folder, or one file) into `model` by renaming.
 
@@ -34,15 +48,15 @@ def load_weights(model, path: str, allow_pickle: bool = False, source=None) -> N
         if name not in params:              # another pipeline stage's layer
             continue
         param = params[name]
-        raw = entry.read_block(*specs[name]) if name in specs else entry.read_raw()
+        # this rank's block (or all rows): read by itself, not through a mapping of the file
+        raw = entry.read_block(*specs.get(name, (0, 0, entry.shape[0]))) if entry.shape else entry.read_raw()
         if tuple(param.shape) != tuple(raw.shape):
             raise CheckpointError(f"{entry.origin}: tensor {entry.stored_name!r}: model parameter has shape "
                                   f"{list(param.shape)}, checkpoint block {list(raw.shape)}")
-        if entry.dtype == "I8":             # a w8a16 weight: kept int8 (the config check matched the dtypes)
-            param.set_data(ms.Tensor(np.ascontiguousarray(raw)))
-            continue
-        value = np.ascontiguousarray(to_f32(raw, entry.dtype))
-        param.set_data(ms.Tensor(value).astype(param.dtype))
+        param.set_data(as_parameter_tensor(raw, entry.dtype, param.dtype))
+    for param in params.values():           # built under no_init_parameters and not in this stage's checkpoint
+        if param.has_init:
+            param.init_data()
     source.verify_reads()                   # a file that fails its manifest is refused before the weights are used
     note = source.training_state_note()
     if note:

@@ -42,7 +42,8 @@ class TensorEntry:
         return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(SAFETENSORS_DTYPES[self.dtype]).itemsize
 
     def read_block(self, axis: int, start: int, length: int) -> np.ndarray:
-        """full[..., start:start+length, ...] along `axis` (memory-mapped sources read only that part)."""
+        """full[..., start:start+length, ...] along `axis` (safetensors and rank folders read only that part, as
+        an owned array; other sources slice the memory-mapped or loaded tensor)."""
         if self.block_reader is not None:
             return self.block_reader(axis, start, length)
         return self.read_raw()[(slice(None),) * axis + (slice(start, start + length),)]
@@ -127,9 +128,9 @@ def _guarded(reader, guard: ManifestGuard | None, path: str, end: int | None):
     if guard is None:
         return reader
 
-    def read():
+    def read(*args):
         guard.touch(path, end)
-        return reader()
+        return reader(*args)
     return read
 
 
@@ -144,11 +145,13 @@ def _open_checked(cls, path: str, guard: ManifestGuard | None):
 
 
 def _file_entries(path: str, allow_pickle: bool, guard: ManifestGuard | None = None):
-    """[(stored name, dtype, shape, reader)] of one weights file; reads are checked by `guard` (if any)."""
+    """[(stored name, dtype, shape, reader[, block reader])] of one weights file; reads are checked by `guard`
+    (if any). Safetensors files also read blocks (`SafetensorsFile.read_block`: only the block, not mapped)."""
     if path.endswith(".safetensors"):
         f = _open_checked(SafetensorsFile, path, guard)
-        return [(n, f.dtype(n), f.shape(n), _guarded(lambda f=f, n=n: f.read_raw(n), guard, path,
-                                                       f.data_start + f.entries[n][3])) for n in f.keys()]
+        return [(n, f.dtype(n), f.shape(n), _guarded(lambda f=f, n=n: f.read_raw(n), guard, path, f.data_start + f.entries[n][3]),
+                 _guarded(lambda *block, f=f, n=n: f.read_block(n, *block), guard, path, f.data_start + f.entries[n][3]))
+                for n in f.keys()]
     if path.endswith(".ckpt"):
         f = _open_checked(CkptFile, path, guard)
         out = []
@@ -274,7 +277,7 @@ def open_checkpoint(path: str, config: str | None = None, allow_pickle: bool = F
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
     entries, training_state = {}, {}
-    for origin, stored, dtype, shape, reader in raw:
+    for origin, stored, dtype, shape, reader, *block_reader in raw:
         if kind == "mindspore" and is_training_state(stored):      # MindFormers optimizer/step entries
             training_state[stored] = TensorEntry(stored, stored, dtype, tuple(shape), origin, reader)
             continue
@@ -284,7 +287,7 @@ def open_checkpoint(path: str, config: str | None = None, allow_pickle: bool = F
             raise CheckpointError(f"{origin}: {e}") from None
         if name in entries:
             raise CheckpointError(f"{origin}: tensor {stored!r} also appears in {entries[name].origin}")
-        entries[name] = TensorEntry(name, stored, dtype, tuple(shape), origin, reader)
+        entries[name] = TensorEntry(name, stored, dtype, tuple(shape), origin, reader, *block_reader)
     cfg = _load_config(cfg_path, guard) if cfg_path else None
     return CheckpointSource(path, kind, entries, cfg, guard, training_state)
 
@@ -391,7 +394,7 @@ def _open_distributed(path: str, config: str | None, guard: ManifestGuard | None
                 lo, hi = max(start, st), min(start + length, st + ln)
                 if lo < hi:
                     touch(f, name)
-                    pieces.append(f.read_raw(name)[(slice(None),) * axis + (slice(lo - st, hi - st),)])
+                    pieces.append(f.read_block(name, axis, lo - st, hi - lo))
             return np.concatenate(pieces, axis=axis) if len(pieces) > 1 else pieces[0]
 
         def read_full(name=name, axis=axis, spans=spans):

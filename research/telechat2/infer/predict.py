@@ -66,7 +66,9 @@ def load_for_inference(cfg: dict, checkpoint: str | None):
     model_cfg = with_weight_quant(model_cfg, source)
     mesh = inference_mesh(cfg, layout)
     tokenizer = TeleChat2Tokenizer(vocab)
-    model = TeleChat2ForCausalLM(model_cfg, mesh)
+    from mindspore.nn.utils import no_init_parameters
+    with no_init_parameters():          # every parameter comes from the checkpoint: no random init to allocate
+        model = TeleChat2ForCausalLM(model_cfg, mesh)
     load_weights(model, path, source=source)
     return model, tokenizer, model_cfg
 
