@@ -2,8 +2,9 @@
 2 kv heads, each replicated on two ranks) gives the single-device greedy tokens for a batch of prompts of
 different lengths and the same sampled tokens for a fixed seed; `chat` under msrun answers piped stdin as on one
 device; `predict_35b.yaml` and `predict_115b.yaml` run in their own topology scaled down (tiny model with the
-size's features, tp 2, fp16); a w8a16 (int8) release gives under tp2 its own single-device greedy tokens, and
-predict's throughput report agrees with its results. Bad inference layouts are refused before any weight is read.
+size's features, tp 2, fp16), the 115B one from a w8a16 (int8) release, which gives under tp2 its own
+single-device greedy tokens; predict's throughput report agrees with its results. Bad inference layouts are
+refused before any weight is read.
 
 Cost: one msrun job per world size (all its calls in one process, tests/scenarios/predict_jobs.py) and one
 single-device process for the baselines, run side by side."""
@@ -46,7 +47,7 @@ TINY_115B = TINY_35B + ["model.model_config.n_kv_heads=2", "model.model_config.r
 
 
 def jobs(ckpts, inp, world, root):
-    """The calls of one process: world 1 (baselines), 2 (MHA tp2, 35B and 115B configs, w8a16, chat) or 4 (GQA tp4)."""
+    """The calls of one process: world 1 (baselines), 2 (MHA tp2, 35B and 115B (w8a16) configs, chat) or 4 (GQA tp4)."""
     ckpt_mha, ckpt_gqa = ckpts["mha"], ckpts["gqa"]
     def job(name, ckpt, over, kind="predict", config=PREDICT, **kw):
         kwargs = dict(checkpoint=ckpt, max_new_tokens=8, **kw)
@@ -59,8 +60,8 @@ def jobs(ckpts, inp, world, root):
     if world in (1, 2):
         out += [job("mha_greedy", ckpt_mha, tp(mha_tp)), job("mha_sampled", ckpt_mha, tp(mha_tp), **SAMPLE),
                 job("35b_greedy", ckpt_mha, TINY_35B + ([] if world == 2 else tp(1)), config=PREDICT_35B),
-                job("115b_greedy", ckpt_gqa, TINY_115B + tp(mha_tp), config=PREDICT_115B),
-                job("w8_greedy", ckpts["w8"], tp(mha_tp), output=str(root / f"w8_{world}.jsonl")),
+                job("115b_w8a16", ckpts["gqa_w8a16"], TINY_115B + tp(mha_tp), config=PREDICT_115B,
+                    output=str(root / f"w8_{world}.jsonl")),
                 job("chat", ckpt_mha, tp(mha_tp), kind="chat")]
     if world in (1, 4):
         out += [job("gqa_greedy", ckpt_gqa, tp(gqa_tp, 2)), job("gqa_sampled", ckpt_gqa, tp(gqa_tp, 2), **SAMPLE)]
@@ -75,8 +76,9 @@ def runs(tmp_path_factory):
         cfg = TeleChat2Config.from_preset("tiny", seq_length=256, base_seqlen=64, **({"n_kv_heads": kv} if kv else {}))
         sd = ref.random_state_dict(cfg.to_hf_dict(), seed=3, std=0.1)          # clear argmax margins
         ckpts[name] = write_hf_folder(str(root / name), cfg, sd)
-    ckpts["w8"] = str(root / "w8")
-    assert main(["convert", "quantize", "--checkpoint", ckpts["mha"], "--output", ckpts["w8"], "--method", "w8a16"]) == 0
+    ckpts["gqa_w8a16"] = str(root / "gqa_w8a16")
+    assert main(["convert", "quantize", "--checkpoint", ckpts["gqa"], "--output", ckpts["gqa_w8a16"],
+                 "--method", "w8a16"]) == 0
     inp = root / "in.jsonl"
     lines = [{"input": "你好"}, {"input": "Tell me a long story about a cat who lives on the moon, please."},
              {"system": "You are terse.", "dialog": [{"role": "user", "content": "2+2?"}]},
@@ -141,20 +143,14 @@ def test_predict_35b_config_in_its_own_topology(runs):
     assert answers(runs[2][0]["35b_greedy"]) == answers(runs[1][0]["35b_greedy"])
 
 
-def test_predict_115b_config_in_its_own_topology(runs):
-    """predict_115b.yaml with the 115B features (GQA, eps 1e-8), model_parallel 8 scaled down to 2 (one kv head
-    per rank)."""
-    assert answers(runs[2][0]["115b_greedy"]) == answers(runs[1][0]["115b_greedy"])
-    assert runs[2][1].count("DONE 115b_greedy") == 2
-
-
-def test_w8a16_release_under_tp2_equals_its_single_device_tokens(runs):
-    """The int8 release (each rank reads its blocks of the int8 weights and their scales) greedy-decodes under tp2
-    exactly as on one device."""
-    one, two = runs[1][0]["w8_greedy"], runs[2][0]["w8_greedy"]
+def test_predict_115b_config_in_its_own_topology_from_a_w8a16_release(runs):
+    """predict_115b.yaml with the 115B features (GQA, eps 1e-8), model_parallel 8 scaled down to 2 (one kv head per
+    rank), loading the int8 release of the GQA checkpoint: each rank reads its blocks of the int8 weights and their
+    scales, and greedy decoding equals the same release on one device."""
+    one, two = runs[1][0]["115b_w8a16"], runs[2][0]["115b_w8a16"]
     assert len(two) == 4 and all(r["completion_tokens"] >= 1 for r in two)
     assert answers(two) == answers(one)
-    assert runs[2][1].count("DONE w8_greedy") == 2
+    assert runs[2][1].count("DONE 115b_w8a16") == 2
 
 
 @pytest.mark.parametrize("world", [1, 2])
@@ -166,7 +162,7 @@ def test_throughput_report_beside_the_output(runs, world):
         report = json.load(fh)
     with open(root / f"w8_{world}.jsonl", encoding="utf-8") as fh:
         results = [json.loads(line) for line in fh]
-    assert results == runs[world][0]["w8_greedy"]
+    assert results == runs[world][0]["115b_w8a16"]
     assert report["model_parallel"] == world and report["weight_quant"] == "w8a16"
     [b] = report["batches"]                                     # 4 requests, batch_size 4
     assert b["requests"] == report["requests"] == len(results) == 4

@@ -105,7 +105,7 @@ def test_trained_tiny_model_perplexity_within_2_percent(tmp_path):
     q = str(tmp_path / "w8a16")
     assert main(["convert", "quantize", "--checkpoint", out, "--output", q, "--method", "w8a16"]) == 0
     cfg = load_run_config(PRETRAIN)
-    docs = tmp_path / "docs.jsonl"                  # a third of the bundled documents (the eval's cost is linear)
+    docs = tmp_path / "docs.jsonl"      # every third bundled document, all kinds (the eval's cost is linear)
     with open(PRETRAIN_DATA, encoding="utf-8") as fh:
         docs.write_text("".join(fh.readlines()[::3]), encoding="utf-8")
     base = run_eval(cfg, "perplexity", str(docs), checkpoint=out, batch_size=64)
