@@ -65,6 +65,20 @@ def test_int8_weights_take_half_the_bf16_bytes_plus_scales(releases):
     assert abs(files(releases["q"]) - total(out)) < 64 * 1024           # the files hold just that (and headers)
 
 
+def test_a_w8a16_release_converts_as_it_is(releases):
+    """hf2ms keeps the int8 weights and scales bit for bit (and the quantization in config.json)."""
+    ms_dir = str(releases["root"] / "w8a16_ms")
+    assert main(["convert", "hf2ms", "--hf-dir", releases["q"], "--output", ms_dir, "--dtype", "float32"]) == 0
+    a, b = open_checkpoint(releases["q"]), open_checkpoint(ms_dir)
+    assert b.kind == "mindspore" and b.weight_quant == "w8a16" and b.config.weight_quant == "w8a16"
+    for n, e in a.entries.items():
+        f = b.entries[n]
+        if e.dtype in ("I8", "F32"):
+            assert f.dtype == e.dtype and np.array_equal(np.asarray(e.read_raw()), np.asarray(f.read_raw())), n
+        else:
+            assert f.dtype == "F32"                     # --dtype casts the float tensors only
+
+
 def test_int8_model_equals_the_reference_with_dequantized_weights(releases):
     """predict's model: int8 Parameters kept in memory, the matmul dequantizes; logits against the torch reference
     run on q * scale (HF names: also checks the scale names)."""

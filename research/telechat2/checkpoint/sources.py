@@ -299,7 +299,8 @@ def check_against_config(source: CheckpointSource, config: TeleChat2Config) -> N
             raise CheckpointError(f"{source.path}: not a {config.weight_quant} (int8) checkpoint, but the config says "
                                   f"weight_quant {config.weight_quant}; quantize it with `telechat2 convert quantize`")
         raise CheckpointError(f"{source.path}: a {source.weight_quant} (int8 weights + scales) checkpoint, but the "
-                              "config is not quantized (its config.json has no quantization_config?)")
+                              "config is not quantized: it is for predict, chat and eval (which build int8 layers for "
+                              "it) and converts with its own config.json; train or fine-tune from the float checkpoint")
     want = expected_shapes(config)
     extra = [n for n in source.entries if n not in want]
     if extra:
