@@ -47,10 +47,23 @@ def test_rank_folders_read_block_spans_the_ranks(tmp_path):
         write(str(d / "model.safetensors"), {"lm_head.weight": np.ascontiguousarray(full[4 * r:4 * r + 4])})
         (d / "rank.json").write_text(json.dumps({"rank": r, "step": 1, "layout": {"dp": 1, "pp": 1, "cp": 1, "tp": 3},
                                                  "shards": {"lm_head.weight": [0, 4 * r, 4]}}))
-    e = open_checkpoint(str(tmp_path)).entries["lm_head.weight"]
-    assert np.array_equal(e.read_block(0, 0, 6), full[:6]) and np.array_equal(e.read_block(0, 6, 6), full[6:])
-    assert np.array_equal(e.read_block(1, 5, 5), full[:, 5:])
-    assert np.array_equal(e.read_raw(), full)
+    full_b = rng.standard_normal((10, 12)).astype(np.float32)                  # split by columns: 2 ranks of 6
+    for r in range(3):
+        d = tmp_path / f"rank_{r}"
+        write(str(d / "model.safetensors"), {"lm_head.weight": np.ascontiguousarray(full[4 * r:4 * r + 4]),
+                                             "model.norm_out.weight": np.ascontiguousarray(full_b[:, 4 * r:4 * r + 4])})
+        info = json.loads((d / "rank.json").read_text())
+        info["shards"]["model.norm_out.weight"] = [1, 4 * r, 4]
+        (d / "rank.json").write_text(json.dumps(info))
+    entries = open_checkpoint(str(tmp_path)).entries
+    for name, want in (("lm_head.weight", full), ("model.norm_out.weight", full_b)):
+        e = entries[name]
+        assert np.array_equal(e.read_raw(), want)
+        for axis in (0, 1):                         # along the ranks' split and across it
+            for start, length in ((0, want.shape[axis]), (0, 6), (6, want.shape[axis] - 6), (5, 3)):
+                got = e.read_block(axis, start, length)
+                assert np.array_equal(got, want[(slice(None),) * axis + (slice(start, start + length),)]), \
+                    (name, axis, start, length)
 
 
 def test_load_weights_keeps_bf16_bits_and_rounds_fp32_into_fp16(tmp_path):

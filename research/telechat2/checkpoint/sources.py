@@ -387,9 +387,10 @@ def _open_distributed(path: str, config: str | None, guard: ManifestGuard | None
         shape[axis] = pos
         spans = [(st, parts[st][1], parts[st][2]) for st in starts]
 
-        def read_block(ax, start, length, name=name, axis=axis, spans=spans, shape=tuple(shape)):
-            if ax != axis:
-                return read_full()[(slice(None),) * ax + (slice(start, start + length),)]
+        def read_block(ax, start, length, name=name, axis=axis, spans=spans):
+            if ax != axis:          # across the ranks' split: the same part of every rank's block, joined
+                pieces = [(touch(f, name), f.read_block(name, ax, start, length))[1] for _, _, f in spans]
+                return np.concatenate(pieces, axis=axis)
             pieces = []
             for st, ln, f in spans:
                 lo, hi = max(start, st), min(start + length, st + ln)
