@@ -21,6 +21,7 @@ from telechat2.cli import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAIN = os.path.join(REPO, "configs", "cpu", "pretrain_tiny.yaml")
+PREDICT = os.path.join(REPO, "configs", "cpu", "predict_tiny.yaml")
 PRETRAIN_DATA = os.path.join(REPO, "configs", "cpu", "data", "pretrain.jsonl")
 
 
@@ -145,5 +146,11 @@ def test_bad_quantize_inputs_refused(releases, capsys):
         err = capsys.readouterr().err
         assert needle in err and err.count("\n") == 1, (args, err)
     assert not os.path.exists(root / "again") and os.path.exists(os.path.join(root, "fp32", "config.json"))
+    predict = ["predict", "--config", PREDICT, "--checkpoint", bf16, "--prompt", "hi"]
+    for value, needle in (("w8a16", "is not a w8a16 release; make one with `telechat2 convert quantize`"),
+                          ("w4a16", "weight_quant: unknown method 'w4a16'")):
+        assert main(predict + ["--set", f"model.model_config.weight_quant={value}"]) == 1
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1, err
     with open(os.path.join(q, "config.json"), encoding="utf-8") as fh:
         assert json.load(fh)["quantization_config"]["quant_method"] == "rtn"
