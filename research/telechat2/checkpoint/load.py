@@ -11,9 +11,9 @@ from .sources import check_against_config, open_checkpoint, to_f32
 
 def as_parameter_tensor(raw: np.ndarray, stored: str, dtype):
     """A MindSpore tensor of the stored values `raw` (safetensors dtype `stored`, BF16 as uint16 bits) in the
-    parameter dtype `dtype`, holding as little extra memory as possible: when the dtypes agree the block is copied
-    once out of the (memory-mapped) file and the tensor shares that copy (bf16 bits are reinterpreted, never
-    widened to fp32); otherwise through one fp32 array. A w8a16 weight stays int8."""
+    parameter dtype `dtype`, holding as little extra memory as possible: when the dtypes agree the tensor shares
+    `raw` (copied first only if it is a view, e.g. of a mapped file; bf16 bits are reinterpreted, never widened
+    to fp32); otherwise it goes through one fp32 array. A w8a16 weight stays int8."""
     import mindspore as ms
     same = {"I8": ms.int8, "F32": ms.float32, "F16": ms.float16, "BF16": ms.bfloat16}.get(stored)
     if same == dtype:
