@@ -1,8 +1,10 @@
 """Tensor-parallel generation under msrun equals one device: `predict` at model_parallel 2 (MHA) and 4 (GQA with
 2 kv heads, each replicated on two ranks) gives the single-device greedy tokens for a batch of prompts of
 different lengths and the same sampled tokens for a fixed seed; `chat` under msrun answers piped stdin as on one
-device; `predict_35b.yaml` runs in its own topology scaled down (tiny model, tp 2, fp16). Bad inference
-layouts are refused before any weight is read.
+device; `predict_35b.yaml` and `predict_115b.yaml` run in their own topology scaled down (tiny model with the
+size's features, tp 2, fp16), the 115B one from a w8a16 (int8) release, which gives under tp2 its own
+single-device greedy tokens; predict's throughput report agrees with its results. Bad inference layouts are
+refused before any weight is read.
 
 Cost: one msrun job per world size (all its calls in one process, tests/scenarios/predict_jobs.py) and one
 single-device process for the baselines, run side by side."""
@@ -23,6 +25,7 @@ from telechat2.cli import main
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREDICT = os.path.join(REPO, "configs", "cpu", "predict_tiny.yaml")
 PREDICT_35B = os.path.join(REPO, "configs", "ascend", "predict_35b.yaml")
+PREDICT_115B = os.path.join(REPO, "configs", "ascend", "predict_115b.yaml")
 TOKENIZER = os.path.join(REPO, "configs", "cpu", "tokenizer", "tokenizer.model")
 DRIVER = os.path.join(REPO, "tests", "scenarios", "predict_jobs.py")
 CHAT_STDIN = "你好\n1+1等于几?\n/reset\nhello\n"
@@ -39,10 +42,13 @@ TINY_35B = ["model.preset=tiny", "model.model_config.seq_length=256", "model.mod
             "context.device_target=CPU", "context.max_device_memory=1GB", "model.model_config.compute_dtype=float16",
             "model.model_config.param_init_type=float16", "model.model_config.res_dtype=float16",
             f"processor.tokenizer.vocab_file={TOKENIZER}"]
+# predict_115b.yaml scaled down the same way, with the 115B features (GQA: 2 kv heads, eps 1e-8); model_parallel 8 -> 2
+TINY_115B = TINY_35B + ["model.model_config.n_kv_heads=2", "model.model_config.rms_norm_eps=1.0e-8"]
 
 
-def jobs(ckpt_mha, ckpt_gqa, inp, world):
-    """The calls of one process: world 1 (baselines), 2 (MHA tp2, 35B config, chat) or 4 (GQA tp4)."""
+def jobs(ckpts, inp, world, root):
+    """The calls of one process: world 1 (baselines), 2 (MHA tp2, 35B and 115B (w8a16) configs, chat) or 4 (GQA tp4)."""
+    ckpt_mha, ckpt_gqa = ckpts["mha"], ckpts["gqa"]
     def job(name, ckpt, over, kind="predict", config=PREDICT, **kw):
         kwargs = dict(checkpoint=ckpt, max_new_tokens=8, **kw)
         if kind == "predict":
@@ -54,6 +60,8 @@ def jobs(ckpt_mha, ckpt_gqa, inp, world):
     if world in (1, 2):
         out += [job("mha_greedy", ckpt_mha, tp(mha_tp)), job("mha_sampled", ckpt_mha, tp(mha_tp), **SAMPLE),
                 job("35b_greedy", ckpt_mha, TINY_35B + ([] if world == 2 else tp(1)), config=PREDICT_35B),
+                job("115b_w8a16", ckpts["gqa_w8a16"], TINY_115B + tp(mha_tp), config=PREDICT_115B,
+                    output=str(root / f"w8_{world}.jsonl")),
                 job("chat", ckpt_mha, tp(mha_tp), kind="chat")]
     if world in (1, 4):
         out += [job("gqa_greedy", ckpt_gqa, tp(gqa_tp, 2)), job("gqa_sampled", ckpt_gqa, tp(gqa_tp, 2), **SAMPLE)]
@@ -68,6 +76,9 @@ def runs(tmp_path_factory):
         cfg = TeleChat2Config.from_preset("tiny", seq_length=256, base_seqlen=64, **({"n_kv_heads": kv} if kv else {}))
         sd = ref.random_state_dict(cfg.to_hf_dict(), seed=3, std=0.1)          # clear argmax margins
         ckpts[name] = write_hf_folder(str(root / name), cfg, sd)
+    ckpts["gqa_w8a16"] = str(root / "gqa_w8a16")
+    assert main(["convert", "quantize", "--checkpoint", ckpts["gqa"], "--output", ckpts["gqa_w8a16"],
+                 "--method", "w8a16"]) == 0
     inp = root / "in.jsonl"
     lines = [{"input": "你好"}, {"input": "Tell me a long story about a cat who lives on the moon, please."},
              {"system": "You are terse.", "dialog": [{"role": "user", "content": "2+2?"}]},
@@ -78,7 +89,7 @@ def runs(tmp_path_factory):
         out = root / f"out{world}"
         out.mkdir()
         spec = root / f"jobs{world}.json"
-        spec.write_text(json.dumps(jobs(ckpts["mha"], ckpts["gqa"], str(inp), world)))
+        spec.write_text(json.dumps(jobs(ckpts, str(inp), world, root)))
         if world == 1:
             r = subprocess.run([sys.executable, DRIVER, str(spec), str(out)], capture_output=True, text=True,
                                input=CHAT_STDIN, cwd=str(root), timeout=600)
@@ -100,6 +111,7 @@ def runs(tmp_path_factory):
 
     with ThreadPoolExecutor(3) as pool:
         results = dict(zip((1, 2, 4), pool.map(launch, (1, 2, 4))))
+    results["root"] = root
     return results
 
 
@@ -129,6 +141,45 @@ def test_sampling_differs_from_greedy(runs):
 def test_predict_35b_config_in_its_own_topology(runs):
     """predict_35b.yaml as shipped (model_parallel 2, use_parallel, flash attention falling back on CPU)."""
     assert answers(runs[2][0]["35b_greedy"]) == answers(runs[1][0]["35b_greedy"])
+
+
+def test_predict_115b_config_in_its_own_topology_from_a_w8a16_release(runs):
+    """predict_115b.yaml with the 115B features (GQA, eps 1e-8), model_parallel 8 scaled down to 2 (one kv head per
+    rank), loading the int8 release of the GQA checkpoint: each rank reads its blocks of the int8 weights and their
+    scales, and greedy decoding equals the same release on one device."""
+    one, two = runs[1][0]["115b_w8a16"], runs[2][0]["115b_w8a16"]
+    assert len(two) == 4 and all(r["completion_tokens"] >= 1 for r in two)
+    assert answers(two) == answers(one)
+    assert runs[2][1].count("DONE 115b_w8a16") == 2
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_throughput_report_beside_the_output(runs, world):
+    """OUT.throughput.json: per batch the aggregate tokens/s, each request's tokens/s and the time to first token,
+    consistent with the results written to OUT.jsonl (rank 0 writes both)."""
+    root = runs["root"]
+    with open(root / f"w8_{world}.throughput.json", encoding="utf-8") as fh:
+        report = json.load(fh)
+    with open(root / f"w8_{world}.jsonl", encoding="utf-8") as fh:
+        results = [json.loads(line) for line in fh]
+    assert results == runs[world][0]["115b_w8a16"]
+    assert report["model_parallel"] == world and report["weight_quant"] == "w8a16"
+    [b] = report["batches"]                                     # 4 requests, batch_size 4
+    assert b["requests"] == report["requests"] == len(results) == 4
+    assert b["completion_tokens"] == report["completion_tokens"] == sum(r["completion_tokens"] for r in results)
+    assert b["prompt_tokens"] == sum(r["prompt_tokens"] for r in results)
+    assert b["tokens_per_s"] == pytest.approx(b["completion_tokens"] / b["total_s"])
+    assert report["tokens_per_s"] == pytest.approx(report["completion_tokens"] / report["total_s"])
+    assert 0 < b["prefill_s"] <= b["time_to_first_token_s"] <= b["total_s"] and b["includes_compilation"]
+    for r, p in zip(results, b["per_request"]):
+        assert p["line"] == r["line"] and p["completion_tokens"] == r["completion_tokens"]
+        assert b["time_to_first_token_s"] <= p["total_s"] <= b["total_s"]
+        assert p["tokens_per_s"] == pytest.approx(p["completion_tokens"] / p["total_s"]) == r["tokens_per_s"]
+        assert r["time_to_first_token_s"] == b["time_to_first_token_s"]
+    assert b["tokens_per_s_per_request"] == pytest.approx(sum(p["tokens_per_s"] for p in b["per_request"]) / 4)
+    shown = (f"predict batch 0: 4 request(s), {b['completion_tokens']} new tokens in {b['total_s']:.2f} s: "
+             f"{b['tokens_per_s']:.1f} tokens/s aggregate")
+    assert shown in runs[world][1]                               # the stderr line shows the same numbers
 
 
 def test_chat_under_msrun_answers_piped_stdin_as_one_device(runs):

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from .errors import TeleChat2Error
 
 DTYPES = ("float32", "float16", "bfloat16")
+WEIGHT_QUANT = (None, "w8a16")
 
 
 class ConfigError(TeleChat2Error):
@@ -51,6 +52,9 @@ class TeleChat2Config:
     # training: the lm_head + loss over this many positions at a time (0: the whole sequence at once); only one
     # chunk's fp32 logits exist at a time, the backward recomputes them (the same loss and gradients)
     loss_chunk_tokens: int = 0
+    # weight-only quantization of the decoder linears (None, or "w8a16": int8 weights with one fp32 scale per
+    # output channel, checkpoint/quantize.py); taken from the checkpoint by predict/chat/eval
+    weight_quant: str | None = None
     extra: dict = field(default_factory=dict, repr=False, compare=False)  # unknown HF fields, kept for round trips
 
     def __post_init__(self):
@@ -95,6 +99,8 @@ class TeleChat2Config:
                     "softmax_compute_type", "rotary_dtype", "res_dtype"):
             need(getattr(self, key) in DTYPES, key,
                  f"unknown dtype {getattr(self, key)!r}; expected one of {', '.join(DTYPES)}")
+        need(self.weight_quant in WEIGHT_QUANT, "weight_quant",
+             f"unknown method {self.weight_quant!r}; expected one of {', '.join(map(str, WEIGHT_QUANT))}")
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             tid = getattr(self, key)
             need(0 <= tid < self.vocab_size, key, f"{tid} is outside the vocabulary [0, {self.vocab_size})")
@@ -136,7 +142,9 @@ class TeleChat2Config:
         missing = [k for k in ("hidden_size", "n_layer", "n_head", "ffn_hidden_size", "vocab_size") if k not in d]
         if missing:
             raise ConfigError(f"HF config is missing required field(s): {', '.join(missing)}")
-        extra = {k: v for k, v in d.items() if k not in HF_FIELDS and k != "base"}
+        if d.get("quantization_config") is not None:
+            known["weight_quant"] = weight_quant_of(d["quantization_config"])
+        extra = {k: v for k, v in d.items() if k not in HF_FIELDS and k not in ("base", "quantization_config")}
         return cls(**{**known, "extra": extra, **overrides})
 
     @classmethod
@@ -172,6 +180,8 @@ class TeleChat2Config:
         for hf_key, ours in HF_FIELDS.items():
             d[hf_key] = getattr(self, ours)
         d["num_key_value_heads"] = self.kv_heads
+        if self.weight_quant:
+            d["quantization_config"] = quantization_config(self.weight_quant)
         return d
 
     def save_hf_config(self, path: str) -> None:
@@ -209,6 +219,22 @@ class TeleChat2Config:
         d = dataclasses.asdict(self)
         d.pop("extra")
         return {"type": "TeleChat2Config", **d}
+
+
+def quantization_config(method: str) -> dict:
+    """The `quantization_config` of a quantized release's config.json (MindFormers' RTN spelling)."""
+    assert method == "w8a16", method
+    return {"quant_method": "rtn", "weight_dtype": "int8", "activation_dtype": None, "kvcache_dtype": None,
+            "granularity": "per_channel", "symmetric": True, "modules_to_not_convert": ["lm_head"]}
+
+
+def weight_quant_of(qc) -> str:
+    """The weight_quant of a config.json's `quantization_config`; anything but what we write is refused."""
+    if (isinstance(qc, dict) and qc.get("quant_method") == "rtn" and qc.get("weight_dtype") == "int8"
+            and qc.get("activation_dtype") in (None, "None") and qc.get("granularity", "per_channel") == "per_channel"):
+        return "w8a16"
+    raise ConfigError(f"quantization_config {qc!r}: only weight-only int8 round-to-nearest per output channel "
+                      "(quant_method rtn, weight_dtype int8, written by `telechat2 convert quantize`) is supported")
 
 
 def _did_you_mean(key: str, candidates) -> str:

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import sys
+import time
 
 from telechat2.infer.distributed import is_lead
 from telechat2.infer.predict import chat, predict
@@ -15,6 +16,7 @@ from telechat2.train.run_config import load_run_config
 
 jobs, out = json.load(open(sys.argv[1], encoding="utf-8")), sys.argv[2]
 for job in jobs:
+    start = time.perf_counter()
     cfg = load_run_config(job["config"], job["overrides"])
     if job["kind"] == "predict":
         result = predict(cfg, **job["kwargs"])
@@ -25,4 +27,4 @@ for job in jobs:
     if is_lead():
         with open(os.path.join(out, job["name"] + ".json"), "w", encoding="utf-8") as fh:
             json.dump(result, fh, ensure_ascii=False)
-    print("DONE", job["name"], flush=True)
+    print("DONE", job["name"], f"in {time.perf_counter() - start:.1f} s", flush=True)

@@ -1,4 +1,4 @@
-"""`telechat2 convert hf2ms | ms2hf | merge | merge-lora | export-lora | import-lora | verify`."""
+"""`telechat2 convert hf2ms | ms2hf | merge | merge-lora | export-lora | import-lora | quantize | verify`."""
 from __future__ import annotations
 
 import os
@@ -102,6 +102,25 @@ def cmd_import_lora(args) -> int:
                                extra_inputs=[("--base", args.base)])
     print(f"wrote telechat2 adapter folder ({len(adapters.layers)} layers, target_modules "
           f"{adapters.settings.target_modules!r}) to {out}; use it with --adapter, or convert merge-lora")
+def cmd_quantize(args) -> int:
+    from .quantize import METHODS
+    if args.method not in METHODS:          # argparse's choices already refuse it; the library call too
+        raise CheckpointError(f"--method {args.method!r}: unknown; supported: {', '.join(METHODS)}")
+    src = _open(args.checkpoint, args)
+    if src.weight_quant or (src.config is not None and src.config.weight_quant):
+        raise CheckpointError(f"{args.checkpoint}: already quantized ({src.weight_quant or src.config.weight_quant}); "
+                              "quantize the float checkpoint it was made from")
+    config = _config_of(src)
+    out = write_checkpoint(src, config, args.output, target=src.kind, dtype=args.dtype,
+                           max_shard_bytes=parse_size(args.max_shard_size), force=args.force, quantize=args.method)
+    result = _open(out, args)
+    before = sum(e.nbytes for n, e in src.entries.items() if n in result.entries and result.entries[n].dtype == "I8")
+    after = sum(e.nbytes for e in result.entries.values() if e.dtype == "I8")
+    scales = sum(e.nbytes for n, e in result.entries.items() if n.endswith(".weight_scale"))
+    total_in, total_out = (sum(e.nbytes for e in s.entries.values()) for s in (src, result))
+    print(f"wrote {args.method} release ({'HF' if src.kind == 'hf' else 'MindSpore'} names) to {out}: quantized "
+          f"weights {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB int8 + {scales / 2**20:.2f} MiB scales; "
+          f"all tensors {total_in / 2**20:.1f} -> {total_out / 2**20:.1f} MiB")
     return 0
 
 
@@ -179,6 +198,14 @@ def add_convert_parser(sub) -> None:
     p.add_argument("--force", action="store_true", help="replace an output folder telechat2 wrote")
     p.add_argument("--no-verify", action="store_true", help="read files that do not match their manifest.json")
     p.set_defaults(func=cmd_import_lora)
+    p = csub.add_parser("quantize", help="weight-only int8 (w8a16: per output channel, symmetric, round to "
+                                         "nearest) release of a float checkpoint, for predict/chat/eval")
+    p.add_argument("--checkpoint", required=True, help="HF release, MindSpore folder/file or training output")
+    p.add_argument("--output", required=True, help="new folder (the input's naming: HF or MindSpore)")
+    p.add_argument("--method", choices=["w8a16"], default="w8a16",
+                   help="w8a16: int8 weights of the decoder linears + one fp32 scale per output channel")
+    common(p)
+    p.set_defaults(func=cmd_quantize)
 
     p = csub.add_parser("verify", help="compare two checkpoints of any supported format, tensor by tensor")
     p.add_argument("a")

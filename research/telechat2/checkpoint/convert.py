@@ -19,7 +19,7 @@ from ..config import TeleChat2Config
 from ..ownership import check_replaceable, refuse_overlap, write_marker
 from .manifest import write_manifest
 from .ckpt_io import write_ckpt_tensor
-from .names import expected_shapes, ms_to_hf
+from .names import SCALE, expected_shapes, is_quantized_weight, ms_to_hf
 from .safetensors_io import CheckpointError, f32_to_bf16_bits, write_safetensors
 from .sources import CheckpointSource, check_against_config, row_blocks, to_f32
 
@@ -79,23 +79,46 @@ def plan_shards(names, nbytes, max_shard_bytes):
     return shards + [current] if current else shards
 
 
+def output_tensors(source: CheckpointSource, config: TeleChat2Config, dtype: str | None, quantize: str | None):
+    """(output config, {name: (dtype, shape, chunks)}) in the canonical order: embedding, layers, head.
+
+    Float tensors are cast to `dtype` (None: kept); the int8 weights and fp32 scales of a w8a16 source are
+    copied as they are; with `quantize` the decoder linears' weights become int8 + scales (quantize.py)."""
+    from . import quantize as q
+    out_config = config.replace(weight_quant=quantize) if quantize else config
+    tensors = {}
+    for n in expected_shapes(out_config):
+        if quantize and n.endswith(SCALE):
+            e = source.entries[n[:-len(SCALE)] + ".weight"]
+            tensors[n] = ("F32", e.shape[:1], (lambda e=e: q.scale_blocks(e)))
+            continue
+        e = source.entries[n]
+        if quantize and is_quantized_weight(n):
+            tensors[n] = ("I8", e.shape, (lambda e=e: q.int8_blocks(e)))
+            continue
+        out = e.dtype if (not dtype or e.dtype == "I8" or n.endswith(SCALE)) else DTYPE_NAMES[dtype]
+        tensors[n] = (out, e.shape, (lambda e=e, out=out: cast_blocks(e.read_raw(), e.dtype, out)))
+    return out_config, tensors
+
+
 def write_checkpoint(source: CheckpointSource, config: TeleChat2Config, out_dir: str, *, target: str, dtype: str | None,
                      fmt: str = "safetensors", max_shard_bytes: int = 4 * 2**30, force: bool = False,
-                     single_file: str | None = None, progress: bool = True) -> str:
+                     single_file: str | None = None, progress: bool = True, quantize: str | None = None) -> str:
     """Write `source` as an HF release (target="hf") or a MindSpore checkpoint folder (target="mindspore").
 
-    dtype None keeps each tensor's stored dtype. With `single_file`, write exactly that one file instead of
-    a folder (MindFormers' converter scripts expect this). Returns the output path.
+    dtype None keeps each float tensor's stored dtype. With `single_file`, write exactly that one file instead
+    of a folder (MindFormers' converter scripts expect this). `quantize="w8a16"`: the decoder linears as int8
+    weights + per-row scales (checkpoint/quantize.py), `quantization_config` in config.json. Returns the path.
     """
     check_against_config(source, config)
     inputs = [("checkpoint", source.path)] + sorted({("checkpoint file", e.origin) for e in source.entries.values()})
     refuse_overlap(single_file or out_dir, inputs)      # the output must not be, hold or sit inside an input
     if target == "hf" and fmt != "safetensors":
         raise CheckpointError("HF releases are written as safetensors only")
-    out_dtype = {n: DTYPE_NAMES[dtype] if dtype else e.dtype for n, e in source.entries.items()}
-    order = list(expected_shapes(config))                       # canonical order: embedding, layers, head
-    itemsize = {"F32": 4, "F16": 2, "BF16": 2}
-    nbytes = {n: int(np.prod(source.entries[n].shape)) * itemsize[out_dtype[n]] for n in order}
+    config, tensors = output_tensors(source, config, dtype, quantize)
+    order = list(tensors)
+    itemsize = {"F32": 4, "F16": 2, "BF16": 2, "I8": 1}
+    nbytes = {n: int(np.prod(shape, dtype=np.int64)) * itemsize[dt] for n, (dt, shape, _) in tensors.items()}
     out_name = (lambda n: ms_to_hf(n)) if target == "hf" else (lambda n: n)
 
     final = single_file or out_dir
@@ -117,8 +140,7 @@ def write_checkpoint(source: CheckpointSource, config: TeleChat2Config, out_dir:
                    disable=not progress)
 
         def chunks(n):
-            e = source.entries[n]
-            for block in cast_blocks(e.read_raw(), e.dtype, out_dtype[n]):
+            for block in tensors[n][2]():
                 bar.update(block.nbytes)
                 yield block
 
@@ -126,13 +148,13 @@ def write_checkpoint(source: CheckpointSource, config: TeleChat2Config, out_dir:
         for fname, names in zip(files, shards):
             path = os.path.join(tmp_dir, fname)
             if fmt == "safetensors":
-                write_safetensors(path, [(out_name(n), out_dtype[n], source.entries[n].shape,
+                write_safetensors(path, [(out_name(n), tensors[n][0], tensors[n][1],
                                           (lambda n=n: chunks(n))) for n in names],
                                   metadata={"format": "pt" if target == "hf" else "ms"})
             else:
                 with open(path, "wb") as fh:
                     for n in names:
-                        write_ckpt_tensor(fh, out_name(n), out_dtype[n], source.entries[n].shape, chunks(n))
+                        write_ckpt_tensor(fh, out_name(n), tensors[n][0], tensors[n][1], chunks(n))
             weight_map.update({out_name(n): fname for n in names})
         bar.close()
         source.verify_reads()                   # every input file read matched its manifest (if it has one)

@@ -2,6 +2,13 @@
 
 The converter, the model loader and `convert verify` all go through it; the mapping is a pure rename
 (same rotate-half layout, same per-head K/V interleave in `key_value` / `wk_v`).
+
+Weight-only int8 releases (`telechat2 convert quantize --method w8a16`, config.json `quantization_config`):
+the weight of each decoder linear (`QUANTIZED_LINEARS`: wq, wk_v, wo, w1, w3, w2 / query, key_value, dense,
+gate_proj, up_proj, down_proj) is stored as I8 `[out, in]` under its usual name, and beside it
+`<name>.weight_scale`, F32 `[out]`, one scale per output channel (row), so that weight ~= int8 * scale[:, None].
+The embedding, the norms, the biases and `lm_head` keep their float dtype (MindFormers' RTN leaves `lm_head`
+unconverted too).
 """
 from __future__ import annotations
 
@@ -27,6 +34,23 @@ NAME_TABLE: list[tuple[str, str]] = [
 ]
 
 
+# the linears whose weights a w8a16 release stores as int8 + per-row scales (MindSpore names within a layer)
+QUANTIZED_LINEARS = ("attention.wq", "attention.wk_v", "attention.wo", "feed_forward.w1", "feed_forward.w3",
+                     "feed_forward.w2")
+SCALE = ".weight_scale"
+_QUANTIZED = re.compile(r"^model\.layers\.\d+\.(" + "|".join(map(re.escape, QUANTIZED_LINEARS)) + r")\.weight$")
+
+
+def is_quantized_weight(ms_name: str) -> bool:
+    """A weight that a w8a16 release stores as int8 (with `scale_name(ms_name)` beside it)."""
+    return bool(_QUANTIZED.match(ms_name))
+
+
+def scale_name(weight_name: str) -> str:
+    """`....wq.weight` -> `....wq.weight_scale` (either naming side)."""
+    return weight_name[:-len(".weight")] + SCALE
+
+
 class UnknownTensorName(KeyError):
     def __str__(self):
         return str(self.args[0])
@@ -41,6 +65,12 @@ _MS_TO_HF = [(_compile(ms), hf) for hf, ms in NAME_TABLE]
 
 
 def _translate(name: str, table, side: str) -> str:
+    if name.endswith(SCALE):                   # a w8a16 scale: named after its weight
+        weight = _translate(name[:-len(SCALE)] + ".weight", table, side)
+        if is_quantized_weight(weight if side == "HF" else name[:-len(SCALE)] + ".weight"):
+            return scale_name(weight)
+        raise UnknownTensorName(f"tensor {name!r} is not a TeleChat2 {side} parameter name (only the weights of "
+                                f"{', '.join(QUANTIZED_LINEARS)} have int8 scales)")
     for pattern, target in table:
         m = pattern.match(name)
         if m:
@@ -73,7 +103,8 @@ def adapter_layer(name: str) -> str | None:
 
 
 def expected_shapes(config: TeleChat2Config) -> dict[str, tuple[int, ...]]:
-    """MindSpore name -> full (unsharded) shape, for every parameter of a model with `config`."""
+    """MindSpore name -> full (unsharded) shape, for every parameter of a model with `config` (with
+    `weight_quant`, each quantized weight's scale follows it)."""
     H, F, V, hd = config.hidden_size, config.intermediate_size, config.vocab_size, config.head_dim
     per_layer = {
         "attention_norm.weight": (H,),
@@ -89,7 +120,21 @@ def expected_shapes(config: TeleChat2Config) -> dict[str, tuple[int, ...]]:
     }
     shapes = {"model.tok_embeddings.embedding_weight": (V, H)}
     for i in range(config.num_layers):
-        shapes.update({f"model.layers.{i}.{k}": v for k, v in per_layer.items()})
+        for k, v in per_layer.items():
+            name = f"model.layers.{i}.{k}"
+            shapes[name] = v
+            if config.weight_quant and is_quantized_weight(name):
+                shapes[scale_name(name)] = (v[0],)
     shapes["model.norm_out.weight"] = (H,)
     shapes["lm_head.weight"] = (V, H)
     return shapes
+
+
+def expected_dtypes(config: TeleChat2Config, name: str) -> tuple[str, ...]:
+    """The stored dtypes (safetensors names) allowed for tensor `name` of a model with `config`."""
+    if config.weight_quant:
+        if name.endswith(SCALE):
+            return ("F32",)
+        if is_quantized_weight(name):
+            return ("I8",)
+    return ("F32", "F16", "BF16")

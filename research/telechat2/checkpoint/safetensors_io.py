@@ -27,7 +27,9 @@ class CheckpointError(TeleChat2Error):
 
 
 def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
-    return (bits.astype(np.uint32) << 16).view(np.float32)
+    out = bits.astype(np.uint32)            # one fp32-sized array, shifted in place
+    out <<= 16
+    return out.view(np.float32)
 
 
 def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
@@ -104,11 +106,54 @@ class SafetensorsFile:
         return np.memmap(self.path, dtype=SAFETENSORS_DTYPES[dtype], mode="r", offset=self.data_start + begin,
                          shape=shape)
 
+    def read_block(self, name: str, axis: int, start: int, length: int) -> np.ndarray:
+        """full[..., start:start+length, ...] along `axis` as an owned array, read with plain file reads (no
+        mapping, so none of the file's pages count in this process's memory): a block of rows in one read
+        straight into the result; a block of columns through a buffer of about BLOCK_BUFFER_BYTES of whole rows."""
+        dtype, shape, begin, _ = self.entries[name]
+        np_dtype = np.dtype(SAFETENSORS_DTYPES[dtype])
+        if not 0 <= start <= start + length <= shape[axis]:
+            raise ValueError(f"{self.path}: tensor {name!r}: block {start}..{start + length} outside axis {axis} "
+                             f"of shape {list(shape)}")
+        out = np.empty(shape[:axis] + (length,) + shape[axis + 1:], np_dtype)
+        if out.size == 0:
+            return out
+        outer = int(np.prod(shape[:axis], dtype=np.int64))         # the tensor as [outer, shape[axis], inner]
+        inner = int(np.prod(shape[axis + 1:], dtype=np.int64)) * np_dtype.itemsize
+        row = shape[axis] * inner
+        base = self.data_start + begin
+        with open(self.path, "rb", buffering=0) as fh:
+            if outer == 1:
+                _read_exact(fh, base + start * inner, memoryview(out).cast("B"), self.path)
+                return out
+            dst = out.reshape(outer, length * inner // np_dtype.itemsize)
+            rows = max(1, min(outer, BLOCK_BUFFER_BYTES // row))
+            buf = np.empty((rows, row // np_dtype.itemsize), np_dtype)
+            lo, hi = start * inner // np_dtype.itemsize, (start + length) * inner // np_dtype.itemsize
+            for r in range(0, outer, rows):
+                n = min(rows, outer - r)
+                _read_exact(fh, base + r * row, memoryview(buf[:n]).cast("B"), self.path)
+                dst[r:r + n] = buf[:n, lo:hi]
+        return out
+
     def read_f32(self, name: str) -> np.ndarray:
         raw = self.read_raw(name)
         if self.dtype(name) == "BF16":
             return bf16_bits_to_f32(raw)
         return np.asarray(raw, dtype=np.float32)
+
+
+BLOCK_BUFFER_BYTES = 16 * 2**20      # read_block of columns: rows are read through a buffer of about this size
+
+
+def _read_exact(fh, offset: int, view: memoryview, path: str) -> None:
+    fh.seek(offset)
+    done = 0
+    while done < len(view):
+        n = fh.readinto(view[done:])
+        if not n:
+            raise CheckpointError(f"{path}: file ended at byte {offset + done} (truncated while reading?)")
+        done += n
 
 
 def write_safetensors(path: str, tensors, metadata: dict | None = None) -> dict:

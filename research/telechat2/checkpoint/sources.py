@@ -21,7 +21,7 @@ from ..errors import TeleChat2Error
 from ..textio import read_json, read_yaml
 from .ckpt_io import CkptFile
 from .manifest import ManifestGuard, guard_for, resolve_run_checkpoint
-from .names import UnknownTensorName, adapter_layer, expected_shapes, hf_to_ms, ms_to_hf
+from .names import SCALE, UnknownTensorName, adapter_layer, expected_dtypes, expected_shapes, hf_to_ms, ms_to_hf
 from .safetensors_io import SAFETENSORS_DTYPES, CheckpointError, SafetensorsFile, bf16_bits_to_f32
 
 ROW_CHUNK_BYTES = 64 * 2**20     # reads and casts go through blocks of rows of about this size
@@ -42,7 +42,8 @@ class TensorEntry:
         return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(SAFETENSORS_DTYPES[self.dtype]).itemsize
 
     def read_block(self, axis: int, start: int, length: int) -> np.ndarray:
-        """full[..., start:start+length, ...] along `axis` (memory-mapped sources read only that part)."""
+        """full[..., start:start+length, ...] along `axis` (safetensors and rank folders read only that part, as
+        an owned array; other sources slice the memory-mapped or loaded tensor)."""
         if self.block_reader is not None:
             return self.block_reader(axis, start, length)
         return self.read_raw()[(slice(None),) * axis + (slice(start, start + length),)]
@@ -57,6 +58,11 @@ class CheckpointSource:
     guard: ManifestGuard | None = None  # the manifest the files are checked against as they are read
     training_state: dict[str, TensorEntry] = field(default_factory=dict)   # MindFormers optimizer/step entries
     adapters: dict[str, TensorEntry] = field(default_factory=dict)   # LoRA tensors (`<layer>.lora.lora_a/b`)
+
+    @property
+    def weight_quant(self) -> str | None:
+        """"w8a16" when the tensors are a weight-only int8 release (int8 weights with scales), else None."""
+        return "w8a16" if any(n.endswith(SCALE) or e.dtype == "I8" for n, e in self.entries.items()) else None
 
     def verify_reads(self) -> None:
         """Refuse (naming the file) if any file read so far does not match its manifest; call after reading."""
@@ -123,9 +129,9 @@ def _guarded(reader, guard: ManifestGuard | None, path: str, end: int | None):
     if guard is None:
         return reader
 
-    def read():
+    def read(*args):
         guard.touch(path, end)
-        return reader()
+        return reader(*args)
     return read
 
 
@@ -140,11 +146,13 @@ def _open_checked(cls, path: str, guard: ManifestGuard | None):
 
 
 def _file_entries(path: str, allow_pickle: bool, guard: ManifestGuard | None = None):
-    """[(stored name, dtype, shape, reader)] of one weights file; reads are checked by `guard` (if any)."""
+    """[(stored name, dtype, shape, reader[, block reader])] of one weights file; reads are checked by `guard`
+    (if any). Safetensors files also read blocks (`SafetensorsFile.read_block`: only the block, not mapped)."""
     if path.endswith(".safetensors"):
         f = _open_checked(SafetensorsFile, path, guard)
-        return [(n, f.dtype(n), f.shape(n), _guarded(lambda f=f, n=n: f.read_raw(n), guard, path,
-                                                       f.data_start + f.entries[n][3])) for n in f.keys()]
+        return [(n, f.dtype(n), f.shape(n), _guarded(lambda f=f, n=n: f.read_raw(n), guard, path, f.data_start + f.entries[n][3]),
+                 _guarded(lambda *block, f=f, n=n: f.read_block(n, *block), guard, path, f.data_start + f.entries[n][3]))
+                for n in f.keys()]
     if path.endswith(".ckpt"):
         f = _open_checked(CkptFile, path, guard)
         out = []
@@ -270,7 +278,7 @@ def open_checkpoint(path: str, config: str | None = None, allow_pickle: bool = F
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
     entries, training_state, adapters = {}, {}, {}
-    for origin, stored, dtype, shape, reader in raw:
+    for origin, stored, dtype, shape, reader, *block_reader in raw:
         if kind == "mindspore" and is_training_state(stored):      # MindFormers optimizer/step entries
             training_state[stored] = TensorEntry(stored, stored, dtype, tuple(shape), origin, reader)
             continue
@@ -283,13 +291,20 @@ def open_checkpoint(path: str, config: str | None = None, allow_pickle: bool = F
             raise CheckpointError(f"{origin}: {e}") from None
         if name in entries:
             raise CheckpointError(f"{origin}: tensor {stored!r} also appears in {entries[name].origin}")
-        entries[name] = TensorEntry(name, stored, dtype, tuple(shape), origin, reader)
+        entries[name] = TensorEntry(name, stored, dtype, tuple(shape), origin, reader, *block_reader)
     cfg = _load_config(cfg_path, guard) if cfg_path else None
     return CheckpointSource(path, kind, entries, cfg, guard, training_state, adapters)
 
 
 def check_against_config(source: CheckpointSource, config: TeleChat2Config) -> None:
     """Every tensor present, none extra, every shape as the config says; errors name the tensor and file."""
+    if source.weight_quant != config.weight_quant:
+        if config.weight_quant:
+            raise CheckpointError(f"{source.path}: not a {config.weight_quant} (int8) checkpoint, but the config says "
+                                  f"weight_quant {config.weight_quant}; quantize it with `telechat2 convert quantize`")
+        raise CheckpointError(f"{source.path}: a {source.weight_quant} (int8 weights + scales) checkpoint, but the "
+                              "config is not quantized: it is for predict, chat and eval (which build int8 layers for "
+                              "it) and converts with its own config.json; train or fine-tune from the float checkpoint")
     want = expected_shapes(config)
     extra = [n for n in source.entries if n not in want]
     if extra:
@@ -311,8 +326,10 @@ def check_against_config(source: CheckpointSource, config: TeleChat2Config) -> N
         if e.shape != shape:
             raise CheckpointError(f"{e.origin}: tensor {e.stored_name!r}: shape {list(e.shape)} disagrees with the "
                                   f"config (expected {list(shape)})")
-        if e.dtype not in ("F32", "F16", "BF16"):
-            raise CheckpointError(f"{e.origin}: tensor {e.stored_name!r}: dtype {e.dtype} is not a float type")
+        allowed = expected_dtypes(config, name)
+        if e.dtype not in allowed:
+            what = "a float type" if len(allowed) > 1 else allowed[0]
+            raise CheckpointError(f"{e.origin}: tensor {e.stored_name!r}: dtype {e.dtype} is not {what}")
 
 
 def _rank_info(info_path: str, guard: ManifestGuard | None) -> dict:
@@ -381,15 +398,16 @@ def _open_distributed(path: str, config: str | None, guard: ManifestGuard | None
         shape[axis] = pos
         spans = [(st, parts[st][1], parts[st][2]) for st in starts]
 
-        def read_block(ax, start, length, name=name, axis=axis, spans=spans, shape=tuple(shape)):
-            if ax != axis:
-                return read_full()[(slice(None),) * ax + (slice(start, start + length),)]
+        def read_block(ax, start, length, name=name, axis=axis, spans=spans):
+            if ax != axis:          # across the ranks' split: the same part of every rank's block, joined
+                pieces = [(touch(f, name), f.read_block(name, ax, start, length))[1] for _, _, f in spans]
+                return np.concatenate(pieces, axis=axis)
             pieces = []
             for st, ln, f in spans:
                 lo, hi = max(start, st), min(start + length, st + ln)
                 if lo < hi:
                     touch(f, name)
-                    pieces.append(f.read_raw(name)[(slice(None),) * axis + (slice(lo - st, hi - st),)])
+                    pieces.append(f.read_block(name, axis, lo - st, hi - lo))
             return np.concatenate(pieces, axis=axis) if len(pieces) > 1 else pieces[0]
 
         def read_full(name=name, axis=axis, spans=spans):

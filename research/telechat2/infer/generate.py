@@ -81,6 +81,8 @@ class Generator:
         """Full sequences (prompt + new tokens, up to and including a stop token) as lists of ints.
 
         streamer(step, tokens) is called with the [B] new token ids of every step (finished rows repeat pad).
+        timings (a dict) receives prefill_s, first_token_s, total_s, row_s (per row: until its stop token) and
+        compiled (True when this call's shapes were compiled first, so its times include the compilation).
         Under tensor parallel (msrun) rank 0's prompts are broadcast first: every rank generates them, and the
         others may pass None.
         """
@@ -97,6 +99,7 @@ class Generator:
         B = len(prompts)
         P = _round_up(max(len(p) for p in prompts), self.bucket)
         L = _round_up(P + cfg.max_new_tokens, self.bucket)
+        fresh = (B, L) not in self._decoders                # this call compiles its graphs (timings include it)
         dec, run = self._decoder(B, L)
         for cache in (*dec.k_caches, *dec.v_caches):
             cache.set_data(ms.Tensor(np.zeros(cache.shape, np.float32)).astype(cache.dtype))
@@ -119,13 +122,17 @@ class Generator:
         seen = [np.asarray(p, np.int64) for p in prompts]
         done = np.zeros(B, bool)
         last_pos = positions[:, -1]
+        finish = np.full(B, np.nan)                         # seconds from the start until each row stopped
         for step in range(cfg.max_new_tokens):
             nxt = choose_next(logits, seen, cfg, rng)
             nxt = np.where(done, cfg.pad_token_id, nxt)
             for r in np.flatnonzero(~done):
                 seqs[r].append(int(nxt[r]))
                 seen[r] = np.append(seen[r], nxt[r])
-            done |= np.isin(nxt, list(stops))
+            newly = ~done & np.isin(nxt, list(stops))
+            done |= newly
+            if timings is not None:
+                finish[newly] = time.perf_counter() - t0
             if streamer is not None:
                 streamer(step, nxt.tolist())
             if timings is not None and step == 0:
@@ -141,6 +148,8 @@ class Generator:
             logits = run(Tensor(nxt[:, None].astype(np.int32)), *attn, Tensor(write)).asnumpy()
         if timings is not None:
             timings["total_s"] = time.perf_counter() - t0
+            timings["compiled"] = fresh and self.use_jit
+            timings["row_s"] = np.where(np.isnan(finish), timings["total_s"], finish).tolist()
         return seqs
 
 

@@ -46,8 +46,10 @@ def load_for_inference(cfg: dict, checkpoint: str | None, adapter: str | None = 
     Under msrun with model_parallel > 1 the model is built with the mesh and each rank reads only its block
     of every tensor (`load_weights` reads blocks from any checkpoint layout). `adapter`: a LoRA adapter (a LoRA
     run, an import-lora or a PEFT folder) attached, not merged, to the base `checkpoint`; its shapes are checked
-    before the base is read, its recorded base fingerprint after."""
+    before the base is read, its recorded base fingerprint after. A w8a16 checkpoint (`telechat2
+    convert quantize`) builds the model with int8 decoder linears (the returned config has its weight_quant)."""
     from ..checkpoint.load import load_weights
+    from ..checkpoint.sources import open_checkpoint
     from ..model import TeleChat2ForCausalLM
     from ..tokenizer import TeleChat2Tokenizer
     from ..train.run_config import model_config
@@ -69,14 +71,27 @@ def load_for_inference(cfg: dict, checkpoint: str | None, adapter: str | None = 
             raise PredictError(f"--adapter {adapter}: no such file or folder")
         adapters = open_adapter(adapter, model_cfg)
         check_adapter(adapters, model_cfg)
+    source = open_checkpoint(path)                       # headers only; a w8a16 release builds int8 linears
+    model_cfg = with_weight_quant(model_cfg, source)
     mesh = inference_mesh(cfg, layout)
     tokenizer = TeleChat2Tokenizer(vocab)
-    model = TeleChat2ForCausalLM(model_cfg, mesh)
-    load_weights(model, path, base_only=adapters is not None)
+    from mindspore.nn.utils import no_init_parameters
+    with no_init_parameters():          # every parameter comes from the checkpoint: no random init to allocate
+        model = TeleChat2ForCausalLM(model_cfg, mesh)
+    load_weights(model, path, base_only=adapters is not None, source=source)
     if adapters is not None:
         from ..checkpoint.adapters import use_adapter
         use_adapter(model, adapters, path)
     return model, tokenizer, model_cfg
+
+
+def with_weight_quant(model_cfg, source):
+    """The run's model config with the checkpoint's weight quantization (a w8a16 release describes itself);
+    a run config asking for a quantization the checkpoint does not have is refused."""
+    if model_cfg.weight_quant and model_cfg.weight_quant != source.weight_quant:
+        raise PredictError(f"model_config.weight_quant {model_cfg.weight_quant}: checkpoint {source.path} is not a "
+                           f"{model_cfg.weight_quant} release; make one with `telechat2 convert quantize`")
+    return model_cfg.replace(weight_quant=source.weight_quant)
 
 
 def conversation_of(obj) -> tuple[list[dict], list | None]:
@@ -182,20 +197,21 @@ def predict(cfg: dict, *, checkpoint=None, prompt=None, input_file=None, output=
         chunk = requests[start:start + bs]
         timings = {}
         seqs = model.generate([r["prompt_ids"] for r in chunk], timings=timings, **vars(gen))
-        new_tokens = 0
-        for r, seq in zip(chunk, seqs):
+        rows = []
+        for r, seq, row_s in zip(chunk, seqs, timings["row_s"]):
             new = seq[len(r["prompt_ids"]):]
-            new_tokens += len(new)
-            res = {"line": r["line"], **reply_of(tokenizer, new, gen), "prompt_tokens": len(r["prompt_ids"]),
-                   "completion_tokens": len(new), "time_to_first_token_s": timings["first_token_s"],
-                   "tokens_per_s": len(new) / timings["total_s"] if timings["total_s"] else 0.0,
-                   "batch": len(batches)}
-            results.append(res)
-        batches.append(batch_report(len(batches), len(chunk), new_tokens, timings))
+            rows.append({"line": r["line"], **reply_of(tokenizer, new, gen), "prompt_tokens": len(r["prompt_ids"]),
+                         "completion_tokens": len(new), "time_to_first_token_s": timings["first_token_s"],
+                         "total_s": row_s, "tokens_per_s": len(new) / row_s if row_s else 0.0,
+                         "batch": len(batches)})
+        results += rows
+        batches.append(batch_report(len(batches), rows, timings))
+    report = throughput_report(batches, mesh.tp, model_cfg.weight_quant)
     if mesh.rank == 0:
-        print_throughput(batches, mesh.tp)
+        print_throughput(report)
     if output and mesh.rank == 0:
         write_results(output, results)
+        write_text(throughput_path(output), json.dumps(report, indent=1) + "\n", "--output")
     return results
 
 
@@ -213,38 +229,66 @@ def prompt_requests(cfg, model_cfg, tokenizer, gen, prompt, input_file, refuse_o
     return requests
 
 
-def batch_report(index: int, requests: int, new_tokens: int, timings: dict) -> dict:
-    """Throughput of one generate call: aggregate tokens/s over its requests, time to first token."""
+def throughput_path(output: str) -> str:
+    """Where predict writes its throughput report: beside the results, `OUT.throughput.json` (OUT without its
+    extension)."""
+    return os.path.splitext(output)[0] + ".throughput.json"
+
+
+def batch_report(index: int, rows: list[dict], timings: dict) -> dict:
+    """Throughput of one generate call: aggregate tokens/s (all new tokens / the call's time), each request's
+    tokens/s (its new tokens / the time until it stopped), time to first token (prefill + first choice)."""
     total = timings["total_s"]
-    return {"batch": index, "requests": requests, "completion_tokens": new_tokens, "total_s": total,
-            "time_to_first_token_s": timings["first_token_s"],
-            "tokens_per_s": new_tokens / total if total else 0.0,
-            "tokens_per_s_per_request": new_tokens / requests / total if total else 0.0}
+    tokens = sum(r["completion_tokens"] for r in rows)
+    per_request = [{"line": r["line"], "completion_tokens": r["completion_tokens"], "total_s": r["total_s"],
+                    "tokens_per_s": r["tokens_per_s"]} for r in rows]
+    return {"batch": index, "requests": len(rows), "prompt_tokens": sum(r["prompt_tokens"] for r in rows),
+            "completion_tokens": tokens, "prefill_s": timings["prefill_s"],
+            "time_to_first_token_s": timings["first_token_s"], "total_s": total,
+            "includes_compilation": timings["compiled"],
+            "tokens_per_s": tokens / total if total else 0.0,
+            "tokens_per_s_per_request": sum(r["tokens_per_s"] for r in per_request) / len(rows),
+            "per_request": per_request}
 
 
-def print_throughput(batches: list[dict], tp: int) -> None:
+def throughput_report(batches: list[dict], tp: int, weight_quant: str | None) -> dict:
+    """The whole run: the batches and their totals (tokens/s = all new tokens / the summed generate time)."""
+    tokens, secs = sum(b["completion_tokens"] for b in batches), sum(b["total_s"] for b in batches)
+    return {"model_parallel": tp, "weight_quant": weight_quant, "requests": sum(b["requests"] for b in batches),
+            "completion_tokens": tokens, "total_s": secs, "tokens_per_s": tokens / secs if secs else 0.0,
+            "batches": batches}
+
+
+def print_throughput(report: dict) -> None:
     """One stderr line per batch and a total (stdout keeps the jsonl results)."""
+    batches = report["batches"]
     for b in batches:
+        rates = ", ".join(f"{r['tokens_per_s']:.1f}" for r in b["per_request"])
         print(f"[telechat2] predict batch {b['batch']}: {b['requests']} request(s), {b['completion_tokens']} new "
               f"tokens in {b['total_s']:.2f} s: {b['tokens_per_s']:.1f} tokens/s aggregate, "
-              f"{b['tokens_per_s_per_request']:.1f} tokens/s per request, time to first token "
-              f"{b['time_to_first_token_s']:.3f} s", file=sys.stderr)
-    tokens, secs = sum(b["completion_tokens"] for b in batches), sum(b["total_s"] for b in batches)
-    if len(batches) > 1 and secs:
-        print(f"[telechat2] predict total: {tokens} new tokens in {secs:.2f} s: {tokens / secs:.1f} tokens/s "
-              f"(model_parallel {tp})", file=sys.stderr)
+              f"{b['tokens_per_s_per_request']:.1f} tokens/s per request (mean; "
+              f"{rates}), time to first token "
+              f"{b['time_to_first_token_s']:.3f} s" + (" (includes graph compilation)" if b["includes_compilation"]
+                                                       else ""), file=sys.stderr)
+    if len(batches) > 1 and report["total_s"]:
+        print(f"[telechat2] predict total: {report['completion_tokens']} new tokens in {report['total_s']:.2f} s: "
+              f"{report['tokens_per_s']:.1f} tokens/s (model_parallel {report['model_parallel']})", file=sys.stderr)
 
 
 def write_results(output: str, results: list[dict]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".predict-", dir=os.path.dirname(os.path.abspath(output)))
+    write_text(output, "".join(json.dumps(res, ensure_ascii=False) + "\n" for res in results), "--output")
+
+
+def write_text(path: str, text: str, option: str) -> None:
+    """Write `path` atomically (a temporary file beside it, then renamed)."""
+    fd, tmp = tempfile.mkstemp(prefix=".predict-", dir=os.path.dirname(os.path.abspath(path)))
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for res in results:
-                fh.write(json.dumps(res, ensure_ascii=False) + "\n")
-        os.replace(tmp, output)
+            fh.write(text)
+        os.replace(tmp, path)
     except OSError as e:
         os.unlink(tmp) if os.path.exists(tmp) else None
-        raise PredictError(f"--output {output}: cannot write the results: {e.strerror or e}") from None
+        raise PredictError(f"{option} {path}: cannot write the results: {e.strerror or e}") from None
 
 
 def check_output(output: str | None, force: bool, inputs) -> None:
@@ -252,6 +296,8 @@ def check_output(output: str | None, force: bool, inputs) -> None:
     if not output:
         return
     check_output_file(output, force, inputs, folder_hint="; give a file name for the jsonl results")
+    check_output_file(throughput_path(output), force, inputs, folder_hint=" (predict writes its throughput "
+                      "report there, beside --output)")
 
 
 def check_context(cfg: dict, gen: GenerationConfig) -> None:

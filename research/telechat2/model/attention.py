@@ -78,7 +78,7 @@ class Attention(nn.Cell):
         self.head_dim = hd
         self.heads = config.num_heads // tp                     # query heads on this rank
         common = dict(mesh=mesh, init_std=config.initializer_range, param_dtype=ms_dtype(config.param_init_type),
-                      compute_dtype=ms_dtype(config.compute_dtype))
+                      compute_dtype=ms_dtype(config.compute_dtype), weight_quant=config.weight_quant)
         # rows of wk_v are [K_0; V_0; K_1; V_1; ...] (hd rows each), so a contiguous row split keeps whole kv heads
         first, self.kv_heads = kv_head_range(config.kv_heads, tp, mesh.tp_rank)   # kv heads on this rank
         kv_rows, self.kv_replicas = None, None

@@ -21,7 +21,7 @@ class MLP(nn.Cell):
         super().__init__()
         H, F = config.hidden_size, config.intermediate_size
         common = dict(mesh=mesh, init_std=config.initializer_range, param_dtype=ms_dtype(config.param_init_type),
-                      compute_dtype=ms_dtype(config.compute_dtype))
+                      compute_dtype=ms_dtype(config.compute_dtype), weight_quant=config.weight_quant)
         self.w1 = ColumnParallelLinear(H, F, bias=False, **common)   # gate
         self.w3 = ColumnParallelLinear(H, F, bias=False, **common)   # up
         self.w2 = RowParallelLinear(F, H, bias=True, **common)       # down

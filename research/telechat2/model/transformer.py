@@ -145,8 +145,10 @@ class TeleChat2ForCausalLM(nn.Cell):
     @classmethod
     def from_hf(cls, hf_dir: str, mesh: ParallelMesh | None = None, **config_overrides) -> "TeleChat2ForCausalLM":
         """Build from an HF release folder (config.json + safetensors shards + index) by pure renaming."""
+        from mindspore.nn.utils import no_init_parameters
         from ..checkpoint.load import load_weights
-        model = cls(TeleChat2Config.from_hf_config(hf_dir, **config_overrides), mesh)
+        with no_init_parameters():      # every parameter comes from the release: no random init to allocate
+            model = cls(TeleChat2Config.from_hf_config(hf_dir, **config_overrides), mesh)
         load_weights(model, hf_dir)
         return model
 

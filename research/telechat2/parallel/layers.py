@@ -10,16 +10,39 @@ constructor flags: a column-parallel linear (output split over tp) feeds a row-p
 
 At tp=1 no collective is built and each layer is the plain layer. `shard_spec` records, per parameter,
 which block of the full tensor this rank holds: {attr: (axis, start, length)} (absent: replicated).
+
+`weight_quant="w8a16"` (inference with a weight-only int8 release, checkpoint/names.py): the weight
+Parameter is int8 (kept so in memory) and `weight_scale` [out] fp32 holds one scale per output channel; the
+matmul dequantizes its weight, `W = int8 * scale[:, None]` in the compute dtype, then runs as above. The scale
+follows the rows: split with them in a column-parallel layer, whole in a row-parallel one (its columns are
+split, each output channel's scale is needed on every rank).
 """
 from __future__ import annotations
 
 import mindspore as ms
 from mindspore import Parameter, nn, ops
-from mindspore.common.initializer import Normal, Zero, initializer
+from mindspore.common.initializer import Normal, One, Zero, initializer
 
 from .mappings import (CopyToTensorParallel, GatherFromSequenceParallel, GatherFromTensorParallel,
                        ReduceFromTensorParallel, ReduceScatterToSequenceParallel, tp_collective)
 from .mesh import ParallelMesh
+
+
+def _weight_params(rows: int, cols: int, init_std, param_dtype, weight_quant):
+    """(weight, weight_scale or None): float [rows, cols], or int8 [rows, cols] and fp32 scales [rows]."""
+    if weight_quant is None:
+        return Parameter(initializer(Normal(init_std), (rows, cols), param_dtype), name="weight"), None
+    if weight_quant != "w8a16":
+        raise ValueError(f"unknown weight_quant {weight_quant!r} (expected None or 'w8a16')")
+    return (Parameter(initializer(Zero(), (rows, cols), ms.int8), name="weight", requires_grad=False),
+            Parameter(initializer(One(), (rows,), ms.float32), name="weight_scale", requires_grad=False))
+
+
+def _dequantized(weight, scale, compute_dtype):
+    """The weight in the compute dtype: a float weight cast, an int8 weight times its per-row scales."""
+    if scale is None:
+        return weight.astype(compute_dtype)
+    return weight.astype(compute_dtype) * scale.astype(compute_dtype).expand_dims(-1)
 
 
 def _divide(n: int, parts: int, what: str) -> int:
@@ -46,18 +69,19 @@ class ColumnParallelLinear(nn.Cell):
     """
 
     def __init__(self, in_features, out_features, *, bias, mesh: ParallelMesh, init_std=0.02,
-                 param_dtype=ms.float32, compute_dtype=ms.float32, gather_output=False, rows=None):
+                 param_dtype=ms.float32, compute_dtype=ms.float32, gather_output=False, rows=None, weight_quant=None):
         super().__init__()
         if rows is None:
             n = _divide(out_features, mesh.tp, "out_features")
             rows = (mesh.tp_rank * n, n)
         self.out_per_rank = rows[1]
         self.compute_dtype = compute_dtype
-        self.weight = Parameter(initializer(Normal(init_std), (rows[1], in_features), param_dtype), name="weight")
+        self.weight, self.weight_scale = _weight_params(rows[1], in_features, init_std, param_dtype, weight_quant)
         self.bias = Parameter(initializer(Zero(), (rows[1],), param_dtype), name="bias") if bias else None
         self.shard_spec = {}
         if rows != (0, out_features):
-            self.shard_spec = {"weight": (0, *rows), **({"bias": (0, *rows)} if bias else {})}
+            self.shard_spec = {"weight": (0, *rows), **({"bias": (0, *rows)} if bias else {}),
+                               **({"weight_scale": (0, *rows)} if weight_quant else {})}
         self.lora = None                       # a LoRA sub-cell (parallel/lora.py::apply_lora)
         self.input_comm = self.output_comm = None
         if mesh.tp > 1:
@@ -71,7 +95,7 @@ class ColumnParallelLinear(nn.Cell):
         x_in = x
         if self.input_comm is not None:
             x = self.input_comm(x)
-        w = self.weight.astype(self.compute_dtype)
+        w = _dequantized(self.weight, self.weight_scale, self.compute_dtype)
         b = None if self.bias is None else self.bias.astype(self.compute_dtype)
         y = linear(x.astype(self.compute_dtype), w, b)
         if self.lora is not None:              # this rank's rows of the delta; the adapter runs the same input
@@ -86,11 +110,11 @@ class RowParallelLinear(nn.Cell):
     the sequence) before the bias, which every rank holds whole."""
 
     def __init__(self, in_features, out_features, *, bias, mesh: ParallelMesh, init_std=0.02,
-                 param_dtype=ms.float32, compute_dtype=ms.float32):
+                 param_dtype=ms.float32, compute_dtype=ms.float32, weight_quant=None):
         super().__init__()
         n = _divide(in_features, mesh.tp, "in_features")
         self.compute_dtype = compute_dtype
-        self.weight = Parameter(initializer(Normal(init_std), (out_features, n), param_dtype), name="weight")
+        self.weight, self.weight_scale = _weight_params(out_features, n, init_std, param_dtype, weight_quant)
         self.bias = Parameter(initializer(Zero(), (out_features,), param_dtype), name="bias") if bias else None
         self.shard_spec = {"weight": (1, mesh.tp_rank * n, n)} if mesh.tp > 1 else {}
         self.tp = mesh.tp
@@ -102,7 +126,8 @@ class RowParallelLinear(nn.Cell):
 
     def construct(self, x):
         # x: [b, s, in/tp] -> [b, s, out] (SP: [b, s/tp, out])
-        y = linear(x.astype(self.compute_dtype), self.weight.astype(self.compute_dtype))
+        w = _dequantized(self.weight, self.weight_scale, self.compute_dtype)
+        y = linear(x.astype(self.compute_dtype), w)
         if self.output_comm is not None:
             y = self.output_comm(y)
         if self.lora is not None:              # the adapter reduces its partial [b, s, r] activation itself
