@@ -102,6 +102,9 @@ def cmd_import_lora(args) -> int:
                                extra_inputs=[("--base", args.base)])
     print(f"wrote telechat2 adapter folder ({len(adapters.layers)} layers, target_modules "
           f"{adapters.settings.target_modules!r}) to {out}; use it with --adapter, or convert merge-lora")
+    return 0
+
+
 def cmd_quantize(args) -> int:
     from .quantize import METHODS
     if args.method not in METHODS:          # argparse's choices already refuse it; the library call too
@@ -198,6 +201,7 @@ def add_convert_parser(sub) -> None:
     p.add_argument("--force", action="store_true", help="replace an output folder telechat2 wrote")
     p.add_argument("--no-verify", action="store_true", help="read files that do not match their manifest.json")
     p.set_defaults(func=cmd_import_lora)
+
     p = csub.add_parser("quantize", help="weight-only int8 (w8a16: per output channel, symmetric, round to "
                                          "nearest) release of a float checkpoint, for predict/chat/eval")
     p.add_argument("--checkpoint", required=True, help="HF release, MindSpore folder/file or training output")
