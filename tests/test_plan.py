@@ -259,3 +259,23 @@ def test_pipeline_balance(capsys):
     assert code == 1 and "pp > 1" in err
     r = check_config(os.path.join(REPO, "configs", "ascend", "finetune_35b_o1.yaml"), 16)
     assert any(line.startswith("pipeline balance") and "offset: [" in line for line in r.summary)
+
+
+def test_inference_memory_is_what_generation_allocates():
+    """check-config's predict memory: the weights and KV cache of the inventory equal the bytes a model and the
+    decoder's cache really allocate (a w8a16 config: int8 weights)."""
+    from telechat2 import TeleChat2ForCausalLM
+    from telechat2.infer.generate import CachedDecoder, cache_length
+    from telechat2.train.memory import by_kind, inference_buffers
+    c = TeleChat2Config.from_preset("tiny", n_kv_heads=2)
+    model = TeleChat2ForCausalLM(c)
+    decoder = CachedDecoder(model, 3, cache_length(40, 20))
+    kinds = by_kind(inference_buffers(c, 1, 3, cache_length(40, 20)))
+    assert kinds["kv_cache"] == sum(p.nbytes for p in (*decoder.k_caches, *decoder.v_caches)) == \
+        2 * 2 * 3 * 96 * 16 * 4 * 2                       # layers x (k, v) x batch x L x hd x fp32 x kv heads
+    assert kinds["weights"] == sum(p.nbytes for p in model.get_parameters())
+    int8 = by_kind(inference_buffers(c.replace(weight_quant="w8a16"), 1, 3, 96))["weights"]
+    linears = [p for p in model.get_parameters() if p.name.rsplit(".", 2)[-2] in ("wq", "wk_v", "wo", "w1", "w2", "w3")
+               and p.name.endswith(".weight")]
+    # each decoder linear weight: fp32 -> int8 (3 bytes saved per element) plus one fp32 scale per output row
+    assert kinds["weights"] - int8 == sum(3 * p.size - 4 * p.shape[0] for p in linears)

@@ -30,19 +30,31 @@ from .distributed import share_prompts
 from .sampling import GenerationConfig, choose_next
 
 
+def kv_cache_buffers(config, tp: int, batch: int, cache_len: int) -> list[tuple[str, tuple, object]]:
+    """(name, shape, dtype) of the KV cache one rank allocates: per layer K and V [B, kv heads/tp, L, hd] in the
+    compute dtype (replicated kv heads when tp exceeds them). The memory inventory reads the same list."""
+    shape = (batch, kv_heads_per_rank(config.kv_heads, tp), cache_len, config.head_dim)
+    dtype = ms_dtype(config.compute_dtype)
+    return [(f"kv_cache.{kv}.{i}", shape, dtype) for i in range(config.num_layers) for kv in "kv"]
+
+
+def cache_length(prompt_len: int, max_new_tokens: int, bucket: int = 32) -> int:
+    """The cache length `generate` allocates for a prompt of `prompt_len` tokens: prompt and new tokens, each
+    rounded up to the bucket."""
+    return _round_up(_round_up(prompt_len, bucket) + max_new_tokens, bucket)
+
+
 class CachedDecoder(nn.Cell):
     """The model plus KV-cache Parameters for one (batch, cache length); returns last-position logits."""
 
     def __init__(self, model, batch: int, cache_len: int):
         super().__init__(auto_prefix=False)
-        c = model.config
         self.model = model
-        shape = (batch, kv_heads_per_rank(c.kv_heads, model.mesh.tp), cache_len, c.head_dim)   # [B, nkv/tp, L, hd]
-        dtype = ms_dtype(c.compute_dtype)
-        self.k_caches = ParameterTuple([Parameter(initializer(Zero(), shape, dtype), name=f"kv_cache.k.{i}",
-                                                  requires_grad=False) for i in range(c.num_layers)])
-        self.v_caches = ParameterTuple([Parameter(initializer(Zero(), shape, dtype), name=f"kv_cache.v.{i}",
-                                                  requires_grad=False) for i in range(c.num_layers)])
+        caches = {name: Parameter(initializer(Zero(), shape, dtype), name=name, requires_grad=False)
+                  for name, shape, dtype in kv_cache_buffers(model.config, model.mesh.tp, batch, cache_len)}
+        n = model.config.num_layers
+        self.k_caches = ParameterTuple([caches[f"kv_cache.k.{i}"] for i in range(n)])
+        self.v_caches = ParameterTuple([caches[f"kv_cache.v.{i}"] for i in range(n)])
 
     def construct(self, input_ids, cos, sin, allowed, write_slot=None):
         hidden = self.model.forward(input_ids, cos, sin, allowed, self.k_caches, self.v_caches, write_slot)

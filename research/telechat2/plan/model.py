@@ -125,7 +125,7 @@ def training_memory(c: TeleChat2Config, plan: Plan, seq_length: int, *, shard_ac
     # the persistent buffers: the trainer's own inventory of its heaviest rank (train/memory.py)
     _, buffers = heaviest_rank(c, lay, accumulation=plan.micro_batches, shard_accumulation=shard_accumulation,
                                stage_offset=stage_offset)
-    mem = {k: float(v) for k, v in by_kind(buffers).items() if k != "step"}
+    mem = {k: float(v) for k, v in by_kind(buffers).items() if k not in ("step", "kv_cache")}
     tokens = plan.micro_batch_size * seq_length / lay.cp
     layers = math.ceil(c.num_layers / lay.pp)
     sp = lay.sequence_parallel and lay.tp > 1
@@ -145,13 +145,16 @@ def training_memory(c: TeleChat2Config, plan: Plan, seq_length: int, *, shard_ac
 
 
 def inference_memory(c: TeleChat2Config, tp: int, batch: int, context: int) -> dict[str, float]:
-    """Bytes per device for generation: weights in param dtype, the KV cache, one prefill's activations."""
-    pb, cb = DTYPE_BYTES[c.param_init_type], DTYPE_BYTES[c.compute_dtype]
-    kv_heads = c.kv_heads / min(tp, c.kv_heads)
+    """Bytes per device for generation: the weights and the KV cache from the inventory of what `predict`
+    allocates (train/memory.py, infer/generate.py: a cache of `context` tokens rounded up to the bucket), one
+    prefill's activations and its fp32 logits (estimates)."""
+    from ..infer.generate import cache_length
+    from ..train.memory import by_kind, inference_buffers
+    kinds = by_kind(inference_buffers(c, tp, batch, cache_length(context, 0)))
     tokens = batch * context
     return {
-        "weights": stage_params(c, tp, 1) * pb,
-        "kv_cache": c.num_layers * 2 * kv_heads * c.head_dim * tokens * cb,
+        "weights": float(kinds["weights"]),
+        "kv_cache": float(kinds["kv_cache"]),
         "activations": tokens * layer_activation_bytes(c, tp, False, "none"),
         "logits": tokens * c.vocab_size / tp * 4,
     }

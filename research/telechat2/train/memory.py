@@ -21,7 +21,7 @@ import functools
 import json
 from dataclasses import dataclass
 
-KINDS = ("weights", "master", "moments", "gradients", "step")
+KINDS = ("weights", "master", "moments", "gradients", "step", "kv_cache")
 DTYPE_BYTES = {"Float32": 4, "Float16": 2, "BFloat16": 2, "Int32": 4, "Int64": 8, "Int8": 1}
 
 
@@ -193,6 +193,17 @@ def heaviest_rank(config, layout, *, accumulation: int, shard_accumulation: bool
 @functools.lru_cache(maxsize=4096)
 def _total(buffers: tuple) -> int:
     return sum(b.nbytes for b in buffers)
+
+
+def inference_buffers(config, tp: int, batch: int, cache_len: int) -> list[Buffer]:
+    """The weights (rank 0 of a tp-only layout, in their stored dtypes: int8 for a w8a16 release) and the KV
+    cache a generating rank allocates, from the model built without allocating and `kv_cache_buffers`."""
+    from ..infer.generate import kv_cache_buffers
+    from ..parallel.mesh import Layout
+    model = _cached_model(_config_key(config), Layout(tp=tp), 0, None)
+    out = [Buffer("weights", p.name, tuple(p.shape), str(p.dtype)) for p in model.get_parameters()]
+    return out + [Buffer("kv_cache", name, tuple(shape), str(dtype))
+                  for name, shape, dtype in kv_cache_buffers(config, tp, batch, cache_len)]
 
 
 def run_inventory(cfg: dict, rank: int) -> list[Buffer]:
