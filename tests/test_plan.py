@@ -279,3 +279,20 @@ def test_inference_memory_is_what_generation_allocates():
                and p.name.endswith(".weight")]
     # each decoder linear weight: fp32 -> int8 (3 bytes saved per element) plus one fp32 scale per output row
     assert kinds["weights"] - int8 == sum(3 * p.size - 4 * p.shape[0] for p in linears)
+
+
+@pytest.mark.parametrize("model, layout", [
+    ("7b", Layout(dp=8, optimizer_shard=True)), ("7b", Layout(dp=4, tp=2)),
+    ("115b", Layout(dp=8, tp=8, pp=8, sequence_parallel=True, micro_batch_num=8, optimizer_shard=True)),
+])
+def test_search_formula_equals_the_trainer_inventory(model, layout):
+    """The search ranks by `persistent_formula`; check-config and --layout use the inventory: they agree (up to the
+    buckets' padding and the kv-head / replicated-norm rounding of the formula)."""
+    from telechat2.plan.model import persistent_formula, training_memory
+    for amp in ("O1", "O2"):
+        c = planning_config(model, 8192, amp)
+        plan = Plan(layout, "full")
+        exact = training_memory(c, plan, 8192)
+        formula = persistent_formula(c, plan)
+        for kind, value in formula.items():
+            assert exact[kind] == pytest.approx(value, rel=2e-3, abs=1e6), (amp, kind)

@@ -116,16 +116,31 @@ def inflight_micro_batches(plan: Plan) -> float:
 
 # ---- memory -----------------------------------------------------------------------------------------
 
+def persistent_formula(c: TeleChat2Config, plan: Plan, shard_accumulation: bool = False) -> dict[str, float]:
+    """The inventory's totals by formula (the search ranks thousands of layouts; tests/test_plan.py checks this
+    against the inventory): P parameters of the heaviest stage, shards = dp with the distributed optimizer."""
+    lay = plan.layout
+    P = stage_params(c, lay.tp, lay.pp)
+    pb = DTYPE_BYTES[c.param_init_type]
+    shards = lay.dp if lay.optimizer_shard and lay.dp > 1 else 1
+    per_parameter = plan.micro_batches > 1 and not shard_accumulation
+    return {"weights": P * pb, "master": 4 * P / shards if pb != 4 else 0.0, "moments": 8 * P / shards,
+            "gradients": 4 * P if per_parameter else 4 * P / shards}
+
+
 def training_memory(c: TeleChat2Config, plan: Plan, seq_length: int, *, shard_accumulation: bool = False,
-                    stage_offset=None) -> dict[str, float]:
+                    stage_offset=None, exact: bool = True) -> dict[str, float]:
     """Bytes per device by part, for the heaviest stage (Ascend: flash attention as configured)."""
-    from ..train.memory import by_kind, heaviest_rank
     lay = plan.layout
     cb = DTYPE_BYTES[c.compute_dtype]
-    # the persistent buffers: the trainer's own inventory of its heaviest rank (train/memory.py)
-    _, buffers = heaviest_rank(c, lay, accumulation=plan.micro_batches, shard_accumulation=shard_accumulation,
-                               stage_offset=stage_offset)
-    mem = {k: float(v) for k, v in by_kind(buffers).items() if k not in ("step", "kv_cache")}
+    if exact:
+        # the persistent buffers: the trainer's own inventory of its heaviest rank (train/memory.py)
+        from ..train.memory import by_kind, heaviest_rank
+        _, buffers = heaviest_rank(c, lay, accumulation=plan.micro_batches, shard_accumulation=shard_accumulation,
+                                   stage_offset=stage_offset)
+        mem = {k: float(v) for k, v in by_kind(buffers).items() if k not in ("step", "kv_cache")}
+    else:
+        mem = persistent_formula(c, plan, shard_accumulation)
     tokens = plan.micro_batch_size * seq_length / lay.cp
     layers = math.ceil(c.num_layers / lay.pp)
     sp = lay.sequence_parallel and lay.tp > 1
@@ -288,10 +303,12 @@ class Estimate:
 
 
 def estimate(c: TeleChat2Config, plan: Plan, seq_length: int, hw: Hardware, *, shard_accumulation: bool = False,
-             stage_offset=None) -> Estimate:
-    """Memory and step time of one (already validated) training plan."""
+             stage_offset=None, exact: bool = True) -> Estimate:
+    """Memory and step time of one (already validated) training plan (`exact`: the persistent memory from the
+    trainer's inventory; else by `persistent_formula`, for the search)."""
     time = training_time(c, plan, seq_length, hw)
     tokens = plan.global_batch * seq_length
-    memory = training_memory(c, plan, seq_length, shard_accumulation=shard_accumulation, stage_offset=stage_offset)
+    memory = training_memory(c, plan, seq_length, shard_accumulation=shard_accumulation, stage_offset=stage_offset,
+                             exact=exact)
     return Estimate(plan, memory, hw.budget_gb, time, tokens,
                     flops_per_token(c, seq_length) * tokens / plan.layout.world, hw.peak_tflops)

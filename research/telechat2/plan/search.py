@@ -66,8 +66,10 @@ def rank(estimates: list[Estimate]) -> list[Estimate]:
 
 def search(c: TeleChat2Config, devices: int, seq_length: int, hw: Hardware, *, global_batch: int,
            micro_batch_size: int = 1) -> list[Estimate]:
-    """All valid plans, estimated and ranked (non-fitting ones last, marked fits=False)."""
-    return rank([estimate(c, p, seq_length, hw)
+    """All valid plans, estimated and ranked (non-fitting ones last, marked fits=False); the persistent memory
+    by formula (`persistent_formula`, checked against the trainer's inventory in tests/test_plan.py), the ranked
+    layouts shown with the inventory's numbers (`plan --layout`, check-config)."""
+    return rank([estimate(c, p, seq_length, hw, exact=False)
                  for p in candidates(c, devices, seq_length, global_batch, micro_batch_size)])
 
 
