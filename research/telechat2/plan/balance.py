@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 
 from ..config import TeleChat2Config
+from ..perf import flops_per_token
 from .hardware import GB, Hardware
 from .model import DTYPE_BYTES, Plan, inflight_micro_batches, layer_activation_bytes
 
@@ -38,8 +39,8 @@ def _stage_costs(c: TeleChat2Config, plan: Plan, seq_length: int, hw: Hardware):
     rate = hw.peak_tflops * 1e12 * hw.efficiency
     tokens = plan.micro_batch_size * seq_length / lay.cp
     h, v = c.hidden_size, c.vocab_size
-    per_layer_params = (c.num_heads * c.head_dim * h + 2 * c.kv_heads * c.head_dim * h + h * h + 3 * h * c.intermediate_size)
-    layer_flops = 3 * (2 * per_layer_params + 4 * seq_length * c.num_heads * c.head_dim) / lay.tp
+    # one layer's share of the trainer's FLOP count (perf.py), the head's matmul taken out
+    layer_flops = (flops_per_token(c, seq_length) - 3 * 2 * h * v) / c.num_layers / lay.tp
     full = plan.recompute == "full"
     t_layer = tokens * layer_flops * (4 / 3 if full else 1) / rate
     head_flops = 3 * 2 * h * v / lay.tp + (2 * h * v / lay.tp if c.loss_chunk_tokens else 0)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 
 from ..errors import TeleChat2Error
 from ..parallel.mesh import Layout, LayoutError
-from ..train.run_config import load_run_config, model_config
+from ..train.run_config import load_run_config, micro_batches_per_step, model_config
 from .hardware import ATLAS_800T_A2, GB, HOST_GRAPH, HOST_PYNATIVE, MIB, Hardware
 from .model import Estimate, Plan, estimate, host_training_memory, inference_memory, validate_plan
 
@@ -104,10 +104,8 @@ def _params(n: int) -> str:
 
 def training_plan(cfg: dict, layout: Layout) -> Plan:
     """The plan of a training config: its layout with every micro-batch of a step (pipeline x accumulation)."""
-    rc = cfg["runner_config"]
-    as_written = Plan(layout, recompute_mode(cfg), micro_batch_size=rc["batch_size"])
-    micro = (layout.micro_batch_num if layout.pp > 1 else 1) * rc["gradient_accumulation_steps"]
-    return replace(as_written, layout=replace(layout, micro_batch_num=micro))
+    as_written = Plan(layout, recompute_mode(cfg), micro_batch_size=cfg["runner_config"]["batch_size"])
+    return replace(as_written, layout=replace(layout, micro_batch_num=micro_batches_per_step(cfg, layout)))
 
 
 def training_memory_of(cfg: dict, mc, plan: Plan, hbm_gb=None, peak_tflops=None):

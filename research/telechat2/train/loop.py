@@ -37,7 +37,7 @@ from .checkpointing import fault_point
 from .optim import AdamW, LossScaler, lr_at
 from .output_dir import claim_for_run
 from .report import append_history, log_line, read_history, write_rank_memory, write_report
-from .run_config import callback, model_config, save_resolved
+from .run_config import callback, micro_batches_per_step, model_config, save_resolved
 
 
 class TrainError(TeleChat2Error):
@@ -173,7 +173,7 @@ def set_up(cfg: dict, resume: bool, progress: bool, force: bool = False) -> Run:
                        epochs=rc["epochs"])
     columns = list(probe.columns or ["input_ids"])
     check_columns(cfg, data_dir, columns, layout)
-    accum = rc["gradient_accumulation_steps"] * (layout.micro_batch_num if layout.pp > 1 else 1)
+    accum = micro_batches_per_step(cfg, layout)
     global_batch = rc["batch_size"] * mesh.dp * accum
     total_steps = len(probe) // accum
     if rc["max_steps"] > 0:

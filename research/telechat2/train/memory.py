@@ -98,17 +98,10 @@ def allocated_buffers(model, optimizer, train_step) -> list[Buffer]:
 
 def by_kind(buffers) -> dict[str, int]:
     """{kind: bytes}, every kind present (0 when absent)."""
-    if isinstance(buffers, tuple):
-        return dict(_by_kind_cached(buffers))
     totals = dict.fromkeys(KINDS, 0)
     for b in buffers:
         totals[b.kind] += b.nbytes
     return totals
-
-
-@functools.lru_cache(maxsize=4096)
-def _by_kind_cached(buffers: tuple) -> tuple:
-    return tuple(by_kind(list(buffers)).items())
 
 
 def weights_by_dtype(buffers) -> dict[str, int]:
@@ -133,16 +126,10 @@ def _stage_inventory(config, layout, rank, stage_offset, optimizer_shard: bool, 
     return _cached_inventory(model, shards, per_parameter, weight_decay, stage_offset)
 
 
-_CONFIG_KEYS: dict[int, tuple] = {}
-
-
 def _config_key(config) -> str:
-    known = _CONFIG_KEYS.get(id(config))
-    if known is None or known[0] is not config:
-        fields = config.to_model_config()
-        fields.pop("type", None)
-        known = _CONFIG_KEYS[id(config)] = (config, json.dumps(fields, sort_keys=True))
-    return known[1]
+    fields = config.to_model_config()
+    fields.pop("type", None)
+    return json.dumps(fields, sort_keys=True)
 
 
 @functools.lru_cache(maxsize=512)
@@ -181,18 +168,12 @@ def heaviest_rank(config, layout, *, accumulation: int, shard_accumulation: bool
         kinds.setdefault((stage == 0, stage == layout.pp - 1, len(layers)), stage)
     best = None
     for stage in sorted(kinds.values()):
-        rank = layout.rank_of(dp=0, tp=0, pp=stage, cp=0)
-        buffers = _stage_inventory(config, layout, rank, offset, bool(layout.optimizer_shard), int(accumulation),
-                                   bool(shard_accumulation), float(weight_decay))
-        total = _total(buffers)
+        buffers = stage_inventory(config, layout, stage, accumulation=accumulation,
+                                  shard_accumulation=shard_accumulation, weight_decay=weight_decay, stage_offset=offset)
+        total = sum(b.nbytes for b in buffers)
         if best is None or total > best[0]:
-            best = (total, rank, buffers)
+            best = (total, layout.rank_of(dp=0, tp=0, pp=stage, cp=0), buffers)
     return best[1], best[2]
-
-
-@functools.lru_cache(maxsize=4096)
-def _total(buffers: tuple) -> int:
-    return sum(b.nbytes for b in buffers)
 
 
 def inference_buffers(config, tp: int, batch: int, cache_len: int) -> list[Buffer]:
@@ -209,10 +190,9 @@ def inference_buffers(config, tp: int, batch: int, cache_len: int) -> list[Buffe
 def run_inventory(cfg: dict, rank: int) -> list[Buffer]:
     """The persistent buffers of rank `rank` of a resolved run config (what check-config reports)."""
     from ..parallel.mesh import Layout
-    from .run_config import model_config
+    from .run_config import micro_batches_per_step, model_config
     layout = Layout.from_run_config(cfg)
-    rc = cfg["runner_config"]
-    accumulation = rc["gradient_accumulation_steps"] * (layout.micro_batch_num if layout.pp > 1 else 1)
+    accumulation = micro_batches_per_step(cfg, layout)
     offset = (cfg["model"].get("model_config") or {}).get("offset")
     offset = tuple(offset) if isinstance(offset, list) else offset
     return list(_stage_inventory(model_config(cfg), layout, rank, offset, bool(layout.optimizer_shard), accumulation,

@@ -517,6 +517,11 @@ def model_config(cfg: dict, source: str = "run config") -> TeleChat2Config:
                           rotary_dtype=fp32)
 
 
+def micro_batches_per_step(cfg: dict, layout) -> int:
+    """Micro-batches per optimizer step on one data-parallel rank: accumulation steps x pipeline micro-batches."""
+    return cfg["runner_config"]["gradient_accumulation_steps"] * (layout.micro_batch_num if layout.pp > 1 else 1)
+
+
 def save_resolved(cfg: dict, path: str) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as fh:
