@@ -4,7 +4,7 @@ workers) against one device, same model, same release. Target: every rank <= 0.6
 The bench writes a bf16 HF release of random weights (default hidden 2048, 24 layers, ffn 5632, vocab 32768:
 1.37 B parameters, 2.7 GB) in 2 shards, then in fresh processes builds `TeleChat2ForCausalLM` with the predict
 configs' dtypes (bf16 parameters) and calls `load_weights` (what predict/chat do), on one device and under msrun
-at model_parallel 2; each process reports its peak RSS (ru_maxrss: anonymous memory plus the mapped file pages it
+at model_parallel 2; each process reports its peak RSS (VmHWM: anonymous memory plus the mapped file pages it
 touched) after importing MindSpore, after building the model, and after loading. About 400 MB of every process
 is the interpreter and MindSpore before any model exists, so the ratio of whole peaks approaches 0.5 only for large
 models; the ratio of what loading adds (peak - after import) is printed too.
@@ -30,9 +30,10 @@ from telechat2.checkpoint.names import expected_shapes, ms_to_hf
 from telechat2.checkpoint.safetensors_io import f32_to_bf16_bits, write_safetensors
 
 LOAD = textwrap.dedent("""
-    import json, os, resource, sys
+    import json, os, sys
+    from telechat2.train.runtime import peak_host_memory_mb
     def peak():
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return peak_host_memory_mb() * 2 ** 20
     import mindspore as ms
     from telechat2 import TeleChat2Config, TeleChat2ForCausalLM
     from telechat2.checkpoint.load import load_weights

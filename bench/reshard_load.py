@@ -58,7 +58,8 @@ def write_distributed(folder, cfg, tp):
 
 
 LOAD = textwrap.dedent("""
-    import resource, sys, numpy as np
+    import sys, numpy as np
+    from telechat2.train.runtime import peak_host_memory_mb
     from telechat2.checkpoint.sources import open_checkpoint
     sys.path.insert(0, sys.argv[3])
     from reshard_load import split_axis
@@ -78,7 +79,7 @@ LOAD = textwrap.dedent("""
         else:
             held[name] = np.ascontiguousarray(e.read_block(ax, rank * n, n))
     share = sum(a.nbytes for a in held.values())
-    print(share, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    print(share, int(peak_host_memory_mb() * 2 ** 20))
 """)
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import socket
 import subprocess
 import sys
@@ -37,7 +36,8 @@ def rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024          # Linux: KiB
+    from telechat2.train.runtime import peak_host_memory_mb
+    return int(peak_host_memory_mb() * 2 ** 20)
 
 
 # ------------------------------------------------------------------------------------------------ workers

@@ -19,7 +19,6 @@ import functools
 import hashlib
 import json
 import os
-import resource
 import sys
 import time
 import warnings
@@ -38,6 +37,7 @@ from .optim import AdamW, LossScaler, lr_at
 from .output_dir import claim_for_run
 from .report import append_history, log_line, read_history, write_rank_memory, write_report
 from .run_config import callback, micro_batches_per_step, model_config, save_resolved
+from .runtime import peak_host_memory_mb
 
 
 class TrainError(TeleChat2Error):
@@ -417,7 +417,7 @@ class Logger:
                 "devices": run.layout.world, "layout": run.layout.describe(), "global_batch": run.global_batch,
                 "seq_length": self.seq,
                 "amp": amp["level"] if amp["level"] in ("none", "O0") else f"{amp['level']} {amp['dtype']}",
-                "peak_host_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "peak_host_memory_mb": peak_host_memory_mb(),
                 "peak_tflops_per_device": self.peak,
                 "peak_source": "configured" if cfg["report"]["peak_tflops"] else "measured MindSpore fp32 GEMM"}
         if run.rank0:
@@ -464,6 +464,6 @@ def train(cfg: dict, *, resume: bool = False, progress: bool = True, force: bool
     logger.finish(done.history)
     allocated = memory.allocated_buffers(model, optimizer, stepper.train_step)
     write_rank_memory(run.out, run.mesh.rank, memory.by_kind(allocated), memory.weights_by_dtype(allocated),
-                      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+                      peak_host_memory_mb())
     barrier(run.mesh)
     return run.out

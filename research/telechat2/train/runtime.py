@@ -10,11 +10,26 @@ level), `max_call_depth`, `save_graphs`/`save_graphs_path`, and the dataset engi
 from __future__ import annotations
 
 import os
+import resource
 
 from ..parallel.mesh import LayoutError
 
 LAUNCH_HINT = ("launch one worker per device with msrun, e.g. `run_scripts/msrun_launcher.sh \"python -m telechat2 "
                "train --config CONFIG\" {n}` (or run_scripts/pretrain.sh / finetune.sh CONFIG {n})")
+
+
+def peak_host_memory_mb() -> float:
+    """This process's peak resident memory in MiB: VmHWM, the high-water mark of its own address space.
+    Not getrusage's ru_maxrss: Linux carries the parent's high-water mark across fork/vfork + exec into it,
+    so a run started from a large process (a test runner at 1.7 GB) would report the parent's size."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024      # no procfs: the inherited-floor figure
 
 
 def launched_workers() -> int:
