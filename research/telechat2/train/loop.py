@@ -37,7 +37,7 @@ from .optim import AdamW, LossScaler, lr_at
 from .output_dir import claim_for_run
 from .report import append_history, log_line, read_history, write_rank_memory, write_report
 from .run_config import callback, micro_batches_per_step, model_config, save_resolved
-from .runtime import peak_host_memory_mb
+from .runtime import host_memory_mb, peak_host_memory_mb
 
 
 class TrainError(TeleChat2Error):
@@ -431,8 +431,10 @@ def train(cfg: dict, *, resume: bool = False, progress: bool = True, force: bool
     from ..parallel.mesh import barrier
 
     run = set_up(cfg, resume, progress, force)
+    host_mb = {"before_model": host_memory_mb()}       # the interpreter, MindSpore and the data loader
     model, optimizer, scaler = build(run)
     done = restore(run, model, optimizer, scaler)
+    host_mb["peak_through_restore"] = peak_host_memory_mb()
     stepper, logger = Stepper(run, model, optimizer), Logger(run)
     batches = iter(run.loader(offset=done.consumed))
     save_every = callback(cfg, "CheckpointMonitor")["save_checkpoint_steps"]
@@ -463,7 +465,7 @@ def train(cfg: dict, *, resume: bool = False, progress: bool = True, force: bool
     bar.close()
     logger.finish(done.history)
     allocated = memory.allocated_buffers(model, optimizer, stepper.train_step)
-    write_rank_memory(run.out, run.mesh.rank, memory.by_kind(allocated), memory.weights_by_dtype(allocated),
-                      peak_host_memory_mb())
+    host_mb["peak"] = peak_host_memory_mb()
+    write_rank_memory(run.out, run.mesh.rank, memory.by_kind(allocated), memory.weights_by_dtype(allocated), host_mb)
     barrier(run.mesh)
     return run.out

@@ -69,15 +69,16 @@ def summarize(steps: list[dict], skip_first: int = 1) -> dict:
     }
 
 
-def write_rank_memory(run_dir: str, rank: int, allocated: dict, weights_by_dtype: dict, peak_rss_mb: float) -> str:
+def write_rank_memory(run_dir: str, rank: int, allocated: dict, weights_by_dtype: dict, host_mb: dict) -> str:
     """report/memory_rank_R.json: the bytes this rank allocated for its persistent buffers, by kind
-    (train/memory.py), and its peak resident memory. Every rank writes its own."""
+    (train/memory.py), and its resident memory in MiB (`host_mb`: before the model was built, the peak up
+    to the end of the checkpoint restore, the peak of the run). Every rank writes its own."""
     out = os.path.join(run_dir, "report")
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, f"memory_rank_{rank}.json")
     with open(path + ".tmp", "w", encoding="utf-8") as fh:
         json.dump({"rank": rank, "allocated_bytes": allocated, "weights_by_dtype": weights_by_dtype,
-                   "persistent_bytes": sum(allocated.values()), "peak_rss_mb": peak_rss_mb}, fh, indent=1)
+                   "persistent_bytes": sum(allocated.values()), "host_memory_mb": host_mb}, fh, indent=1)
     os.replace(path + ".tmp", path)
     return path
 
