@@ -22,6 +22,7 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "cpu", "pretrain_tiny.yaml")
+ENTRY = os.path.join(REPO, "run_scripts", "telechat2_entry.py")      # msrun runs a script, not -m
 MIB = 2 ** 20
 
 
@@ -41,7 +42,7 @@ def train(workers, out, sets, resume=False):
         msrun = os.path.join(os.path.dirname(sys.executable), "msrun")
         logs = out + "_logs"
         r = subprocess.run([msrun, f"--worker_num={workers}", f"--local_worker_num={workers}", f"--master_port={free_port()}",
-                            f"--log_dir={logs}", "--join=True", "--cluster_time_out=600", *cmd[1:]],
+                            f"--log_dir={logs}", "--join=True", "--cluster_time_out=600", ENTRY, *cmd[2:]],
                            capture_output=True, text=True,
                            env={**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]})
         log = open(os.path.join(logs, "worker_0.log"), errors="replace").read() if os.path.exists(logs) else r.stderr
