@@ -1,0 +1,149 @@
+"""Mixture-of-experts FFN (TeleChat2-39B-A12B): an fp32 top-k router and E stacked SwiGLU experts.
+
+The sub-cell `DecoderLayer.feed_forward` is when `config.num_experts > 0` (the layer itself is the same).
+Parameter names and layouts are MindFormers' research/telechat2 ones (checkpoint/names.py):
+
+    feed_forward.router.dense.weight   [E, H]         fp32 routing logits = x W^T, no bias
+    feed_forward.ffn.w1.weight         [E, F, H]      gate, no bias
+    feed_forward.ffn.w3.weight         [E, F, H]      up, no bias
+    feed_forward.ffn.w2.weight         [E, H, F]      down
+    feed_forward.ffn.w2.bias           [1, E, 1, H]   down bias (MindFormers' expert-linear bias shape)
+
+Routing of the T = B*S tokens of one forward (all fp32):
+    probs = softmax(x W_r^T)                 [T, E]
+    top-k of probs, weights renormalised to sum 1 per token
+    aux = E * sum_e f_e * P_e                f_e = (assignments to e) / (T*k), P_e = mean_t probs[t, e]
+Capacity: dropless (capacity_factor 0) gives every expert C = T slots (a token chooses an expert at most
+once). Otherwise C = min(T, ceil(capacity_factor * T * k / E)); slots are filled in token order (row-major over
+[B, S]: sample 0 first), and an expert's assignments beyond C are dropped (that token gets no output from that
+expert; its other experts' weights are not renormalised; the residual carries it).
+
+The CPU formulation (tested against tests/reference/moe_torch.py): a one-hot dispatch tensor D [T, E, C]
+(D[t, e, c] = 1 when token t holds slot c of expert e) gathers the expert inputs with one matmul,
+X_e = D^T x ([E, C, H]); the experts run as batched matmuls over the stacked weights; the combine is one matmul
+with D weighted by the routing weights, y = (D * w) Y. Multiplying by exact 0/1 is exact, so it equals the
+per-token loop of the reference to rounding of the expert matmuls. It costs T*E*C for D (dropless: T^2 E), fine
+for the CPU tests and small batches; large token counts want a capacity factor (or Ascend's grouped matmul, not
+implemented here).
+"""
+from __future__ import annotations
+
+import math
+
+import mindspore as ms
+from mindspore import Parameter, nn, ops
+from mindspore.common.initializer import Normal, Zero, initializer
+
+from ..config import TeleChat2Config
+from ..dtypes import ms_dtype
+from ..parallel import ParallelMesh
+from ..parallel.layers import linear
+from .mlp import SwiGLU
+
+_bmm_nt = ops.BatchMatMul(transpose_b=True)
+
+
+def expert_capacity(tokens: int, config: TeleChat2Config) -> int:
+    """Slots per expert for a forward of `tokens` tokens (dropless: all of them)."""
+    if not config.capacity_factor:
+        return tokens
+    return max(1, min(tokens, math.ceil(config.capacity_factor * tokens * config.moe_top_k / config.num_experts)))
+
+
+class ExpertLinear(nn.Cell):
+    """E linears at once: x [E, C, in] -> [E, C, out] with weight [E, out, in] (+ bias [1, E, 1, out])."""
+
+    def __init__(self, experts, in_features, out_features, *, bias, init_std, param_dtype, compute_dtype):
+        super().__init__()
+        self.compute_dtype = compute_dtype
+        self.weight = Parameter(initializer(Normal(init_std), (experts, out_features, in_features), param_dtype),
+                                name="weight")
+        self.bias = Parameter(initializer(Zero(), (1, experts, 1, out_features), param_dtype), name="bias") \
+            if bias else None
+
+    def construct(self, x):
+        y = _bmm_nt(x.astype(self.compute_dtype), self.weight.astype(self.compute_dtype))
+        if self.bias is not None:
+            b = self.bias.astype(self.compute_dtype).reshape(self.bias.shape[1], 1, self.bias.shape[3])
+            y = y + ops.broadcast_to(b, y.shape)
+        return y
+
+
+class Experts(nn.Cell):
+    """The stacked SwiGLU experts: w2(silu(w1 x) * w3 x) + b2 per expert, [E, C, H] -> [E, C, H]."""
+
+    def __init__(self, config: TeleChat2Config):
+        super().__init__()
+        E, H, F = config.num_experts, config.hidden_size, config.intermediate_size
+        common = dict(init_std=config.initializer_range, param_dtype=ms_dtype(config.param_init_type),
+                      compute_dtype=ms_dtype(config.compute_dtype))
+        self.w1 = ExpertLinear(E, H, F, bias=False, **common)     # gate
+        self.w3 = ExpertLinear(E, H, F, bias=False, **common)     # up
+        self.w2 = ExpertLinear(E, F, H, bias=True, **common)      # down
+        self.act = SwiGLU()
+
+    def construct(self, x):
+        return self.w2(self.act(self.w1(x), self.w3(x)))
+
+
+class RouterDense(nn.Cell):
+    def __init__(self, config: TeleChat2Config):
+        super().__init__()
+        self.weight = Parameter(initializer(Normal(config.initializer_range),
+                                            (config.num_experts, config.hidden_size),
+                                            ms_dtype(config.param_init_type)), name="weight")
+
+
+class Router(nn.Cell):
+    """fp32 logits, softmax, top-k, renormalised weights; returns (gate [T, E], selected [T, E] 0/1, aux)."""
+
+    def __init__(self, config: TeleChat2Config):
+        super().__init__()
+        self.dense = RouterDense(config)
+        self.experts, self.top_k = config.num_experts, config.moe_top_k
+
+    def construct(self, x):
+        # x: [T, H]
+        probs = ops.softmax(linear(x.astype(ms.float32), self.dense.weight.astype(ms.float32)), -1)   # [T, E]
+        top_p, top_i = ops.topk(probs, self.top_k)                                                  # [T, k]
+        weights = top_p / top_p.sum(-1, keepdims=True)
+        onehot = ops.one_hot(top_i, self.experts, ms.Tensor(1.0, ms.float32), ms.Tensor(0.0, ms.float32))
+        selected = ops.stop_gradient(onehot.sum(1))                                                 # [T, E]
+        gate = (onehot * weights.expand_dims(-1)).sum(1)                                            # [T, E]
+        share = selected.mean(0) / self.top_k                   # f_e: share of the assignments (no gradient)
+        aux = self.experts * (share * probs.mean(0)).sum()
+        return gate, selected, aux
+
+
+class MoE(nn.Cell):
+    """The MoE FFN of a decoder layer: [B, S, H] -> ([B, S, H], aux loss of this layer, fp32 scalar)."""
+
+    def __init__(self, config: TeleChat2Config, mesh: ParallelMesh):
+        super().__init__()
+        if mesh.tp > 1 or mesh.layout.pp > 1 or mesh.layout.cp > 1:
+            raise ValueError("num_experts > 0 is implemented for data parallel only (model_parallel, "
+                             "pipeline_stage and context_parallel must be 1)")
+        self.config = config
+        self.compute_dtype = ms_dtype(config.compute_dtype)
+        self.router = Router(config)
+        self.ffn = Experts(config)
+
+    def construct(self, x):
+        shape = x.shape
+        H, E = shape[-1], self.config.num_experts
+        xt = x.reshape(-1, H)                                                   # [T, H]
+        T = xt.shape[0]
+        C = expert_capacity(T, self.config)
+        gate, selected, aux = self.router(xt)
+        slot = ops.cumsum(selected, 0) - selected              # this token's place in the expert's queue
+        kept = selected * (slot < C).astype(ms.float32)
+        slot = ops.minimum(slot, C - 1).astype(ms.int32)
+        dispatch = ops.one_hot(slot, C, ms.Tensor(1.0, ms.float32), ms.Tensor(0.0, ms.float32)) \
+            * kept.expand_dims(-1)                                              # [T, E, C]
+        dispatch = ops.stop_gradient(dispatch)
+        combine = (dispatch * gate.expand_dims(-1)).reshape(T, E * C).astype(self.compute_dtype)
+        d = dispatch.reshape(T, E * C).astype(self.compute_dtype)
+        expert_in = ops.matmul(d.transpose(1, 0), xt.astype(self.compute_dtype)).reshape(E, C, H)
+        expert_out = self.ffn(expert_in).reshape(E * C, H)                      # [E*C, H]
+        y = ops.matmul(combine, expert_out.astype(self.compute_dtype))          # [T, H]
+        return y.reshape(shape), aux
