@@ -1,11 +1,15 @@
 """The MoE model (issue 18) equals the independent torch reference (tests/reference/moe_torch.py): logits,
 the router aux loss and gradients, dropless and with a capacity factor that drops tokens."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 
 import mindspore as ms
-from helpers import write_hf_folder
+from helpers import REPO, write_hf_folder
 from reference import moe_torch
 from reference import telechat2_torch as ref
 from telechat2 import TeleChat2Config, TeleChat2ForCausalLM
@@ -118,3 +122,59 @@ def test_dense_model_has_no_aux_loss(tmp_path):
     assert float(model.aux_loss(ids).asnumpy()) == 0.0
     ce, aux = model.loss_parts(ms.Tensor(ids[:, :-1]), ms.Tensor(ids[:, 1:]))
     assert float(aux.asnumpy()) == 0.0
+
+
+def test_generation_with_kv_cache_equals_reference_recompute(tmp_path):
+    """Greedy decoding of the (dropless) MoE model with the KV cache and left padding gives the tokens of the
+    torch reference re-running the whole sequence for every token (routing is per token when dropless)."""
+    cfg = TeleChat2Config.from_preset("tiny-moe", vocab_size=512)
+    sd = ref.random_state_dict(cfg.to_hf_dict(), seed=6, std=0.1)       # std 0.1: clear argmax margins
+    model = TeleChat2ForCausalLM.from_hf(write_hf_folder(str(tmp_path), cfg, sd))
+    rs = np.random.RandomState(3)
+    prompts = [[int(t) for t in rs.randint(13, 500, n)] for n in (7, 12)]
+    out = model.generate(prompts, max_new_tokens=12, eos_token_id=-1)
+    for p, o in zip(prompts, out):
+        seq = list(p)
+        with torch.no_grad():
+            for _ in range(12):
+                seq.append(int(ref.forward(sd, cfg.to_hf_dict(), torch.tensor([seq]))[0, -1].argmax()))
+        assert o == seq
+
+
+PRETRAIN = os.path.join(REPO, "configs", "cpu", "pretrain_tiny.yaml")
+
+
+@pytest.mark.parametrize("sets,needle", [
+    (["moe_config.num_experts_chosen=5"],
+     "moe_config.num_experts_chosen (model_config.moe_top_k): must be an integer in [1, num_experts=4], got 5"),
+    (["moe_config.capacity_factor=-1"], "moe_config.capacity_factor (model_config.capacity_factor): must be 0"),
+    (["moe_config.aux_loss_factors=[0.01, 0.02]"], "moe_config.aux_loss_factors: expected one factor"),
+    (["parallel_config.expert_parallel=2"], "parallel_config.expert_parallel: 2 is not supported here"),
+    (["moe_config.ep_extend_tp=True"], "moe_config.ep_extend_tp: True is not supported here"),
+    (["moe_config.comm_chunks=2"], "moe_config.comm_chunks: 2 is not supported here"),
+    (["parallel_config.model_parallel=2"], "parallel_config.model_parallel: 2: a mixture-of-experts model"),
+])
+def test_bad_moe_run_config_is_refused_by_name(sets, needle):
+    from telechat2.config import ConfigError
+    from telechat2.train.run_config import load_run_config, model_config
+    with pytest.raises(ConfigError) as e:
+        load_run_config(PRETRAIN, ["model.preset=tiny-moe", *sets])
+    assert needle in str(e.value), str(e.value)
+    cfg = model_config(load_run_config(PRETRAIN, ["model.preset=tiny", "moe_config.expert_num=8",
+                                                  "moe_config.num_experts_chosen=2", "moe_config.capacity_factor=1.2",
+                                                  "moe_config.aux_loss_factors=[0.02]"]))
+    assert (cfg.num_experts, cfg.moe_top_k, cfg.capacity_factor, cfg.aux_loss_coef) == (8, 2, 1.2, 0.02)
+
+
+def test_bad_moe_config_on_the_command_line_is_one_line():
+    r = subprocess.run([sys.executable, "-m", "telechat2", "train", "--config", PRETRAIN, "--set", "model.preset=tiny-moe",
+                        "--set", "moe_config.num_experts_chosen=9"], capture_output=True, text=True)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "moe_config.num_experts_chosen (model_config.moe_top_k): must be an integer in [1, num_experts=4]" in r.stderr
+
+
+def test_planner_refuses_moe_by_name():
+    from telechat2.config import ConfigError
+    from telechat2.plan.search import planning_config
+    with pytest.raises(ConfigError, match="--model 39b-a12b: the planner does not model mixture-of-experts"):
+        planning_config("39b-a12b", 8192)

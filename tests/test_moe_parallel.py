@@ -1,0 +1,60 @@
+"""The MoE model under data parallel trains like one device (msrun, 2 local CPU workers).
+
+The router aux loss is computed per forward (the tokens of one micro-batch on one rank), so the baseline must
+group the tokens the same way: dp2 with one sample per rank against one device with one sample per micro-batch
+and two micro-batches per step (the same global batch of 2, the same label-token normalisation)."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from dist_util import REPO, gathered_weights, logged_losses, msrun, report_losses, worker_log
+from helpers import preprocess_bundled, write_hf_folder
+from reference import telechat2_torch as ref
+from telechat2 import TeleChat2Config
+
+PRETRAIN = os.path.join(REPO, "configs", "cpu", "pretrain_tiny.yaml")
+STEPS = 5
+
+
+def _args(out, data, init, *sets):
+    args = ["train", "--config", PRETRAIN, "--no-progress", "--set", f"output_dir={out}", "--train-dataset", data,
+            "--load-checkpoint", init, "--set", "model.preset=tiny-moe", "--set", f"runner_config.max_steps={STEPS}",
+            "--set", "runner_config.batch_size=1", "--set", "callbacks.CheckpointMonitor.save_checkpoint_steps=100",
+            "--set", "lr_schedule.learning_rate=1.0e-3", "--set", "lr_schedule.lr_end=1.0e-4"]
+    for s in sets:
+        args += ["--set", s]
+    return args
+
+
+def _aux(report_dir):
+    import json
+    with open(os.path.join(report_dir, "report", "report.json")) as fh:
+        return [s["aux_loss"] for s in json.load(fh)["steps"]]
+
+
+def test_moe_dp2_matches_single_device(tmp_path):
+    data = preprocess_bundled("pretrain", str(tmp_path / "data"))
+    cfg = TeleChat2Config.from_preset("tiny-moe")
+    init = write_hf_folder(str(tmp_path / "init"), cfg, ref.random_state_dict(cfg.to_hf_dict(), seed=5))
+    base = str(tmp_path / "single")
+    r = subprocess.run([sys.executable, "-m", "telechat2", *_args(base, data, init,
+                                                                  "runner_config.gradient_accumulation_steps=2")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out, logs = str(tmp_path / "dp2"), str(tmp_path / "logs")
+    d = msrun(2, _args(out, data, init, "parallel_config.data_parallel=2"), logs)
+    assert d.returncode == 0, worker_log(logs, 0)[-4000:]
+    want, got = report_losses(base), report_losses(out)
+    assert len(got) == STEPS and np.allclose(got, want, rtol=0, atol=1e-5), (got, want)
+    aux_want, aux_got = _aux(base), _aux(out)
+    assert all(a > 0 for a in aux_want) and np.allclose(aux_got, aux_want, rtol=0, atol=1e-6), (aux_got, aux_want)
+    assert "aux_loss: " in r.stdout
+    for rank in range(2):
+        assert np.allclose(logged_losses(worker_log(logs, rank)), logged_losses(r.stdout), atol=2e-6)
+    a = gathered_weights(os.path.join(base, "checkpoint", f"step_{STEPS:08d}"))
+    b = gathered_weights(os.path.join(out, "checkpoint", f"step_{STEPS:08d}"))
+    assert set(a) == set(b) and "model.layers.1.feed_forward.ffn.w2.bias" in a
+    worst = max(float(np.abs(a[k] - b[k]).max()) for k in a)
+    assert worst <= 1e-5, worst
