@@ -149,10 +149,22 @@ PRETRAIN = os.path.join(REPO, "configs", "cpu", "pretrain_tiny.yaml")
      "moe_config.num_experts_chosen (model_config.moe_top_k): must be an integer in [1, num_experts=4], got 5"),
     (["moe_config.capacity_factor=-1"], "moe_config.capacity_factor (model_config.capacity_factor): must be 0"),
     (["moe_config.aux_loss_factors=[0.01, 0.02]"], "moe_config.aux_loss_factors: expected one factor"),
-    (["parallel_config.expert_parallel=2"], "parallel_config.expert_parallel: 2 is not supported here"),
-    (["moe_config.ep_extend_tp=True"], "moe_config.ep_extend_tp: True is not supported here"),
+    (["parallel_config.expert_parallel=2"],
+     "parallel_config.expert_parallel: 2: expert parallel over data-parallel ranks (all-to-all dispatch) is not"),
+    (["moe_config.ep_extend_tp=True", "parallel_config.expert_parallel=2"],
+     "parallel_config.expert_parallel: 2: with moe_config.ep_extend_tp the expert domain is the tensor-parallel "
+     "group, so expert_parallel must equal model_parallel=1"),
     (["moe_config.comm_chunks=2"], "moe_config.comm_chunks: 2 is not supported here"),
-    (["parallel_config.model_parallel=2"], "parallel_config.model_parallel: 2: a mixture-of-experts model"),
+    (["parallel_config.model_parallel=2"],
+     "parallel_config.model_parallel: 2: a mixture-of-experts model under tensor parallel splits its experts"),
+    (["parallel_config.model_parallel=4", "parallel_config.expert_parallel=4", "moe_config.ep_extend_tp=True",
+      "moe_config.expert_num=6"], "parallel_config.expert_parallel: 4 does not divide the 6 experts"),
+    (["parallel_config.model_parallel=2", "parallel_config.expert_parallel=2", "moe_config.ep_extend_tp=True",
+      "parallel_config.use_seq_parallel=True"], "parallel_config.use_seq_parallel: sequence parallel with a mixture"),
+    (["parallel_config.pipeline_stage=2"], "parallel_config.pipeline_stage: 2: a mixture-of-experts model"),
+    (["moe_config.ep_extend_tp=2"], "moe_config.ep_extend_tp: must be True or False, got 2"),
+    (["model.preset=tiny", "parallel_config.expert_parallel=2"],
+     "parallel_config.expert_parallel: expert parallel needs a mixture-of-experts model"),
 ])
 def test_bad_moe_run_config_is_refused_by_name(sets, needle):
     from telechat2.config import ConfigError

@@ -25,6 +25,17 @@ with D weighted by the routing weights, y = (D * w) Y. Multiplying by exact 0/1 
 per-token loop of the reference to rounding of the expert matmuls. It costs T*E*C for D (dropless: T^2 E), fine
 for the CPU tests and small batches; large token counts want a capacity factor (or Ascend's grouped matmul, not
 implemented here).
+
+Experts over the tensor-parallel group (MindFormers' `moe_config.ep_extend_tp`: the expert domain is the tp
+group). Under tp without sequence parallel every tp rank holds the same tokens, so no all-to-all is needed:
+each rank holds E/tp experts (a contiguous block of the stacked axis), routes all tokens with the replicated
+router, runs its experts on their slots and combines with its experts' weights; the partial outputs are summed
+over tp, as after a row-parallel linear. Communication contract:
+
+    x [T, H] -> copy_to_tp (identity; all-reduce of dx) -> D_local^T x -> E/tp experts -> (D * gate)_local
+      -> reduce_from_tp (all-reduce; identity) -> y [T, H]
+    gate [T, E] -> copy_to_tp: each rank's gate gradient covers its experts' columns only; summed, the
+      replicated router gets its whole gradient on every rank (the aux loss is computed whole on every rank)
 """
 from __future__ import annotations
 
@@ -53,9 +64,12 @@ def expert_capacity(tokens: int, config: TeleChat2Config) -> int:
 class ExpertLinear(nn.Cell):
     """E linears at once: x [E, C, in] -> [E, C, out] with weight [E, out, in] (+ bias [1, E, 1, out])."""
 
-    def __init__(self, experts, in_features, out_features, *, bias, init_std, param_dtype, compute_dtype):
+    def __init__(self, experts, in_features, out_features, *, bias, init_std, param_dtype, compute_dtype,
+                 block=None):
         super().__init__()
         self.compute_dtype = compute_dtype
+        # block = (first expert, experts held) of the stacked tensor when the experts are split over ranks
+        self.shard_spec = {} if block is None else {"weight": (0, *block), **({"bias": (1, *block)} if bias else {})}
         self.weight = Parameter(initializer(Normal(init_std), (experts, out_features, in_features), param_dtype),
                                 name="weight")
         self.bias = Parameter(initializer(Zero(), (1, experts, 1, out_features), param_dtype), name="bias") \
@@ -72,11 +86,11 @@ class ExpertLinear(nn.Cell):
 class Experts(nn.Cell):
     """The stacked SwiGLU experts: w2(silu(w1 x) * w3 x) + b2 per expert, [E, C, H] -> [E, C, H]."""
 
-    def __init__(self, config: TeleChat2Config):
+    def __init__(self, config: TeleChat2Config, block=None):
         super().__init__()
-        E, H, F = config.num_experts, config.hidden_size, config.intermediate_size
+        E, H, F = config.num_experts if block is None else block[1], config.hidden_size, config.intermediate_size
         common = dict(init_std=config.initializer_range, param_dtype=ms_dtype(config.param_init_type),
-                      compute_dtype=ms_dtype(config.compute_dtype))
+                      compute_dtype=ms_dtype(config.compute_dtype), block=block)
         self.w1 = ExpertLinear(E, H, F, bias=False, **common)     # gate
         self.w3 = ExpertLinear(E, H, F, bias=False, **common)     # up
         self.w2 = ExpertLinear(E, F, H, bias=True, **common)      # down
@@ -120,17 +134,27 @@ class MoE(nn.Cell):
 
     def __init__(self, config: TeleChat2Config, mesh: ParallelMesh):
         super().__init__()
-        if mesh.tp > 1 or mesh.layout.pp > 1 or mesh.layout.cp > 1:
-            raise ValueError("num_experts > 0 is implemented for data parallel only (model_parallel, "
-                             "pipeline_stage and context_parallel must be 1)")
+        if mesh.layout.pp > 1 or mesh.layout.cp > 1 or mesh.sequence_parallel:
+            raise ValueError("num_experts > 0 is implemented with data parallel and tensor parallel without "
+                             "sequence parallel (pipeline_stage, context_parallel 1, use_seq_parallel False)")
+        if config.num_experts % mesh.tp:
+            raise ValueError(f"num_experts={config.num_experts} is not divisible by the tensor-parallel size {mesh.tp}")
         self.config = config
         self.compute_dtype = ms_dtype(config.compute_dtype)
         self.router = Router(config)
-        self.ffn = Experts(config)
+        self.local = config.num_experts // mesh.tp                  # experts on this rank
+        self.first = mesh.tp_rank * self.local
+        self.ffn = Experts(config, (self.first, self.local) if mesh.tp > 1 else None)
+        self.tp_edges = mesh.tp > 1
+        if self.tp_edges:
+            from ..parallel.mappings import CopyToTensorParallel, ReduceFromTensorParallel, tp_collective
+            self.copy_input = tp_collective(CopyToTensorParallel, mesh)
+            self.copy_gate = tp_collective(CopyToTensorParallel, mesh)
+            self.reduce_output = tp_collective(ReduceFromTensorParallel, mesh)
 
     def construct(self, x):
         shape = x.shape
-        H, E = shape[-1], self.config.num_experts
+        H, E = shape[-1], self.local                                # E: the experts held here (all at tp=1)
         xt = x.reshape(-1, H)                                                   # [T, H]
         T = xt.shape[0]
         C = expert_capacity(T, self.config)
@@ -139,11 +163,16 @@ class MoE(nn.Cell):
         kept = selected * (slot < C).astype(ms.float32)
         slot = ops.minimum(slot, C - 1).astype(ms.int32)
         dispatch = ops.one_hot(slot, C, ms.Tensor(1.0, ms.float32), ms.Tensor(0.0, ms.float32)) \
-            * kept.expand_dims(-1)                                              # [T, E, C]
+            * kept.expand_dims(-1)                                              # [T, E_all, C]
         dispatch = ops.stop_gradient(dispatch)
+        if self.tp_edges:                                      # this rank's experts only
+            xt, gate = self.copy_input(xt), self.copy_gate(gate)
+            dispatch, gate = dispatch[:, self.first:self.first + E], gate[:, self.first:self.first + E]
         combine = (dispatch * gate.expand_dims(-1)).reshape(T, E * C).astype(self.compute_dtype)
         d = dispatch.reshape(T, E * C).astype(self.compute_dtype)
         expert_in = ops.matmul(d.transpose(1, 0), xt.astype(self.compute_dtype)).reshape(E, C, H)
         expert_out = self.ffn(expert_in).reshape(E * C, H)                      # [E*C, H]
-        y = ops.matmul(combine, expert_out.astype(self.compute_dtype))          # [T, H]
+        y = ops.matmul(combine, expert_out.astype(self.compute_dtype))          # [T, H] (partial under tp)
+        if self.tp_edges:
+            y = self.reduce_output(y)
         return y.reshape(shape), aux

@@ -196,6 +196,8 @@ USED = {
     "moe_config.expert_num": "model_config (num_experts)", "moe_config.num_experts_chosen": "model_config (moe_top_k)",
     "moe_config.capacity_factor": "model_config (capacity_factor)", "moe_config.aux_loss_coef": "model_config (aux_loss_coef)",
     "moe_config.aux_loss_factors": "model_config (aux_loss_coef = the one factor)",
+    "parallel_config.expert_parallel": "check_moe_layout (1, or = model_parallel with moe_config.ep_extend_tp)",
+    "moe_config.ep_extend_tp": "check_moe_layout (the experts split over the tp group: model/moe.py)",
     "callbacks.MFLossMonitor.per_print_times": "train loop (a log line every N steps and at the end)",
     "callbacks.CheckpointMonitor.save_checkpoint_steps": "train loop",
     "callbacks.CheckpointMonitor.keep_checkpoint_max": "checkpointing.save",
@@ -258,20 +260,17 @@ ACCEPTED_VALUES = {
     "eval_dataset": (ANY_PATH, "read only with do_eval: True"),
     "eval_dataset_task": (ANY_PATH, "read only with do_eval: True"),
     "metric": (ANY_PATH, "read only with do_eval: True"),
-    "parallel_config.expert_parallel": ((1,), "expert parallel is not implemented yet: experts are replicated on "
-                                        "every data-parallel rank"),
     "moe_config.aux_loss_types": ((None, ["expert"]), "the one aux loss is Switch's expert load balance"),
     "moe_config.routing_policy": ((None, "TopkRouterV2"), "softmax, top-k, weights renormalised (model/moe.py)"),
     "moe_config.router_dense_type": ((None, "float32"), "the router is computed in fp32"),
     "moe_config.shared_expert_num": ((None, 0), "no shared experts (39B-A12B has none)"),
     "moe_config.enable_sdrop": ((None, False), "assignments beyond capacity are dropped in token order"),
     "moe_config.use_fused_ops_topkrouter": ((None, True, False), "the router is written with primitives"),
-    "moe_config.group_wise_a2a": ((None, False), "expert parallel (all-to-all) is not implemented"),
+    "moe_config.group_wise_a2a": ((None, False), "no all-to-all: experts are split over the tp group only"),
     "moe_config.comp_comm_parallel": ((None, False), "no dispatch/compute overlap is implemented"),
     "moe_config.comp_comm_parallel_degree": (ANY_PATH, "read only with comp_comm_parallel: True"),
     "moe_config.balance_via_topk_bias": ((None, False), "load balance comes from the aux loss only"),
     "moe_config.topk_bias_update_rate": (ANY_PATH, "read only with balance_via_topk_bias: True"),
-    "moe_config.ep_extend_tp": ((None, False), "expert parallel is not implemented"),
     "moe_config.comm_chunks": ((None, 1), "chunked dispatch/combine is not implemented"),
     "model.model_config.pet_config.pet_type": (("lora",), "LoRA is the parameter-efficient method implemented"),
     "model.model_config.pet_config.freeze_include": ((None, []), "only the adapters train: the base is frozen whole"),
@@ -520,7 +519,7 @@ def validate_run_config(cfg: dict, source: str) -> None:
     else:
         _need(isinstance(ss, (int, float)) and ss > 0, source, "runner_wrapper.scale_sense",
               f"must be a positive number or a DynamicLossScaleUpdateCell mapping, got {ss!r}")
-    check_moe_layout(model_config(cfg, source), pc, source)   # validates the model block (and pet_config)
+    check_moe_layout(model_config(cfg, source), cfg, source)   # validates the model block (and pet_config)
     _need(not (cfg["model"].get("model_config") or {}).get("pet_config") or cfg["load_checkpoint"], source,
           "load_checkpoint", f"{PET_SOURCE} trains LoRA adapters over a base model: set load_checkpoint "
           "(--load-checkpoint BASE) to its weights")
@@ -583,13 +582,37 @@ def _with_moe_config(config: TeleChat2Config, moe: dict, source: str) -> TeleCha
         raise ConfigError(f"{source}: {msg}") from None
 
 
-def check_moe_layout(config: TeleChat2Config, pc: dict, source: str) -> None:
-    """A MoE model runs with data parallel only (tp, pp and cp are refused by name)."""
+def check_moe_layout(config: TeleChat2Config, cfg: dict, source: str) -> None:
+    """The layouts a MoE model runs with: data parallel, and tensor parallel without sequence parallel with the
+    experts split over the tp group (moe_config.ep_extend_tp, expert_parallel = model_parallel). Expert parallel
+    over data-parallel ranks (all-to-all) is not implemented; everything else is refused by name."""
+    pc, moe = cfg["parallel_config"], cfg.get("moe_config") or {}
+    ep, tp, extend = pc["expert_parallel"], pc["model_parallel"], moe.get("ep_extend_tp")
+    _need(isinstance(ep, int) and not isinstance(ep, bool) and ep >= 1, source, "parallel_config.expert_parallel",
+          f"must be an integer >= 1, got {ep!r}")
+    _need(extend in (None, True, False), source, "moe_config.ep_extend_tp", f"must be True or False, got {extend!r}")
     if not config.num_experts:
+        _need(ep == 1 and not extend, source, "parallel_config.expert_parallel" if ep != 1 else "moe_config.ep_extend_tp",
+              "expert parallel needs a mixture-of-experts model (model_config.num_experts / moe_config.expert_num)")
         return
-    for key in ("model_parallel", "pipeline_stage", "context_parallel"):
+    for key in ("pipeline_stage", "context_parallel"):
         _need(pc[key] == 1, source, f"parallel_config.{key}", f"{pc[key]}: a mixture-of-experts model "
-              f"(num_experts={config.num_experts}) is implemented with data parallel only; set {key}: 1")
+              f"(num_experts={config.num_experts}) is implemented with data and tensor parallel only; set {key}: 1")
+    if extend:
+        _need(ep == tp, source, "parallel_config.expert_parallel", f"{ep}: with moe_config.ep_extend_tp the expert "
+              f"domain is the tensor-parallel group, so expert_parallel must equal model_parallel={tp}")
+    else:
+        _need(ep == 1, source, "parallel_config.expert_parallel", f"{ep}: expert parallel over data-parallel ranks "
+              "(all-to-all dispatch) is not implemented; the experts can be split over the tensor-parallel group "
+              "with moe_config.ep_extend_tp: True and expert_parallel = model_parallel")
+        _need(tp == 1, source, "parallel_config.model_parallel", f"{tp}: a mixture-of-experts model under tensor "
+              "parallel splits its experts over the tp group: set moe_config.ep_extend_tp: True and "
+              f"parallel_config.expert_parallel: {tp}")
+    if tp > 1:
+        _need(not pc["use_seq_parallel"], source, "parallel_config.use_seq_parallel",
+              "sequence parallel with a mixture-of-experts model is not implemented")
+        _need(config.num_experts % tp == 0, source, "parallel_config.expert_parallel",
+              f"{ep} does not divide the {config.num_experts} experts (model_config.num_experts / moe_config.expert_num)")
 
 
 def micro_batches_per_step(cfg: dict, layout) -> int:
