@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import numpy as np
+from safetensors.numpy import load_file
 
 from dist_util import REPO, gathered_weights, logged_losses, msrun, report_losses, worker_log
 from helpers import preprocess_bundled, write_hf_folder
@@ -65,3 +66,14 @@ def test_moe_dp2_tp2_experts_over_tp_match_single_device(tmp_path):
     assert shards["model.layers.0.feed_forward.ffn.w2.bias"] == [1, 2, 2]
     worst = max(float(np.abs(a[k] - b[k]).max()) for k in a)
     assert worst <= 1e-5, worst
+    # the rank folders export to an HF release with one tensor per expert
+    hf_out = str(tmp_path / "hf_out")
+    c = subprocess.run([sys.executable, "-m", "telechat2", "convert", "ms2hf", "--checkpoint",
+                        os.path.join(out, "checkpoint", f"step_{STEPS:08d}"), "--output", hf_out],
+                       capture_output=True, text=True)
+    assert c.returncode == 0, c.stderr[-2000:]
+    hf = load_file(os.path.join(hf_out, "model.safetensors"))
+    assert np.array_equal(hf["transformer.h.0.mlp.local_experts.3.down_proj.weight"],
+                          b["model.layers.0.feed_forward.ffn.w2.weight"][3])
+    assert np.array_equal(hf["transformer.h.1.mlp.local_experts.2.down_proj.bias"],
+                          b["model.layers.1.feed_forward.ffn.w2.bias"][0, 2, 0])

@@ -1,6 +1,6 @@
 """Mixture-of-experts FFN (TeleChat2-39B-A12B): an fp32 top-k router and E stacked SwiGLU experts.
 
-The sub-cell `DecoderLayer.feed_forward` is when `config.num_experts > 0` (the layer itself is the same).
+`MoE` is the sub-cell `DecoderLayer.feed_forward` when `config.num_experts > 0` (the layer itself is the same).
 Parameter names and layouts are MindFormers' research/telechat2 ones (checkpoint/names.py):
 
     feed_forward.router.dense.weight   [E, H]         fp32 routing logits = x W^T, no bias
