@@ -102,6 +102,28 @@ def test_training_loss_and_gradients_equal_reference(release):
         assert scale > 0 and np.abs(g.asnumpy() - want[n]).max() <= 1e-4 * max(1.0, scale), n
 
 
+def test_comm_chunks_equal_the_unchunked_path(release):
+    """moe_comm_chunks 3 (uneven chunks of 14, 14, 12 tokens): logits, aux loss and gradients equal the unchunked
+    model's, and the reference's (also under jit)."""
+    cfg, sd, hf_dir = release
+    whole = TeleChat2ForCausalLM.from_hf(hf_dir)
+    chunked = TeleChat2ForCausalLM.from_hf(hf_dir, moe_comm_chunks=3)
+    ids = _ids(cfg, 2, 21, seed=4)
+    inputs, targets = ms.Tensor(ids[:, :-1]), ms.Tensor(ids[:, 1:])
+    want, aux = _reference(cfg, sd, ids[:, :-1])
+    out = chunked(ids[:, :-1]).asnumpy()
+    assert np.abs(out - want).max() <= TOL and np.abs(out - whole(ids[:, :-1]).asnumpy()).max() <= 1e-6
+    assert np.abs(ms.jit(chunked.construct)(inputs).asnumpy() - out).max() <= 1e-6
+    grads = []
+    for model in (whole, chunked):
+        params = [p for p in model.trainable_params() if "layers.1.feed_forward" in p.name or "layers.0.attention.wq" in p.name]
+        value, g = ms.value_and_grad(lambda x, t: model.next_token_loss(x, t), None, params)(inputs, targets)
+        grads.append((float(value.asnumpy()), [x.asnumpy() for x in g]))
+    assert abs(grads[0][0] - grads[1][0]) <= 1e-6
+    assert all(np.abs(a - b).max() <= 1e-6 for a, b in zip(grads[0][1], grads[1][1]))
+    assert abs(float(chunked.aux_loss(ids[:, :-1]).asnumpy()) - cfg.aux_loss_coef * sum(aux)) <= 1e-6
+
+
 def test_negative_control_experts_swapped(release, tmp_path):
     """Loading experts 0 and 1 of every layer swapped breaks parity: the stacking order is checked."""
     cfg, sd, _ = release
@@ -154,7 +176,9 @@ PRETRAIN = os.path.join(REPO, "configs", "cpu", "pretrain_tiny.yaml")
     (["moe_config.ep_extend_tp=True", "parallel_config.expert_parallel=2"],
      "parallel_config.expert_parallel: 2: with moe_config.ep_extend_tp the expert domain is the tensor-parallel "
      "group, so expert_parallel must equal model_parallel=1"),
-    (["moe_config.comm_chunks=2"], "moe_config.comm_chunks: 2 is not supported here"),
+    (["moe_config.comm_chunks=2", "moe_config.capacity_factor=1.2"],
+     "moe_config.comm_chunks (model_config.moe_comm_chunks): 2 chunks need dropless routing"),
+    (["moe_config.comm_chunks=0"], "moe_config.comm_chunks (model_config.moe_comm_chunks): must be an integer >= 1"),
     (["parallel_config.model_parallel=2"],
      "parallel_config.model_parallel: 2: a mixture-of-experts model under tensor parallel splits its experts"),
     (["parallel_config.model_parallel=4", "parallel_config.expert_parallel=4", "moe_config.ep_extend_tp=True",

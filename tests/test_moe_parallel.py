@@ -1,6 +1,8 @@
 """The MoE model under data parallel x tensor parallel with the experts split over the tp group
 (`moe_config.ep_extend_tp`, expert_parallel 2) trains like one device (msrun, 4 local CPU workers): losses, aux
-losses and final weights (the expert blocks gathered from the ranks' checkpoint blocks).
+losses and final weights (the expert blocks gathered from the ranks' checkpoint blocks); the parallel run also
+takes its tokens through dispatch -> experts -> combine in 2 chunks (moe_config.comm_chunks), the baseline
+unchunked.
 
 The router aux loss is computed per forward (the tokens of one micro-batch on one rank), so the baseline must
 group the tokens the same way: dp2 with one sample per rank against one device with one sample per micro-batch
@@ -48,7 +50,8 @@ def test_moe_dp2_tp2_experts_over_tp_match_single_device(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     out, logs = str(tmp_path / "dp2_tp2_ep2"), str(tmp_path / "logs")
     d = msrun(4, _args(out, data, init, "parallel_config.data_parallel=2", "parallel_config.model_parallel=2",
-                       "parallel_config.expert_parallel=2", "moe_config.ep_extend_tp=True"), logs)
+                       "parallel_config.expert_parallel=2", "moe_config.ep_extend_tp=True",
+                       "moe_config.comm_chunks=2"), logs)
     assert d.returncode == 0, worker_log(logs, 0)[-4000:]
     want, got = report_losses(base), report_losses(out)
     assert len(got) == STEPS and np.allclose(got, want, rtol=0, atol=1e-5), (got, want)

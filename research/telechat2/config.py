@@ -65,6 +65,8 @@ class TeleChat2Config:
     moe_top_k: int = 2
     capacity_factor: float = 0.0
     aux_loss_coef: float = 0.01
+    # dispatch -> experts -> combine in this many consecutive chunks of the tokens (dropless only; model/moe.py)
+    moe_comm_chunks: int = 1
     extra: dict = field(default_factory=dict, repr=False, compare=False)  # unknown HF fields, kept for round trips
 
     def __post_init__(self):
@@ -117,6 +119,9 @@ class TeleChat2Config:
         need(isinstance(self.num_experts, int) and not isinstance(self.num_experts, bool) and self.num_experts >= 0
              and self.num_experts != 1, "num_experts",
              f"must be 0 (dense MLP) or an integer >= 2, got {self.num_experts!r}")
+        need(isinstance(self.moe_comm_chunks, int) and not isinstance(self.moe_comm_chunks, bool)
+             and self.moe_comm_chunks >= 1 and (self.num_experts or self.moe_comm_chunks == 1), "moe_comm_chunks",
+             f"must be an integer >= 1 (and 1 for a dense model), got {self.moe_comm_chunks!r}")
         if self.num_experts:
             need(isinstance(self.moe_top_k, int) and not isinstance(self.moe_top_k, bool)
                  and 1 <= self.moe_top_k <= self.num_experts, "moe_top_k",
@@ -128,6 +133,9 @@ class TeleChat2Config:
                  and math.isfinite(self.aux_loss_coef) and self.aux_loss_coef >= 0, "aux_loss_coef",
                  f"must be a finite number >= 0, got {self.aux_loss_coef!r}")
             need(self.weight_quant is None, "weight_quant", "w8a16 is not implemented for the expert weights")
+            need(self.moe_comm_chunks == 1 or not self.capacity_factor, "moe_comm_chunks",
+                 f"{self.moe_comm_chunks} chunks need dropless routing (capacity_factor 0, got "
+                 f"{self.capacity_factor}): with a capacity the dropped tokens would depend on the chunking")
 
     # ---- presets ----------------------------------------------------------------------------
     @classmethod

@@ -26,6 +26,14 @@ per-token loop of the reference to rounding of the expert matmuls. It costs T*E*
 for the CPU tests and small batches; large token counts want a capacity factor (or Ascend's grouped matmul, not
 implemented here).
 
+`moe_comm_chunks` N > 1 (MindFormers' moe_config.comm_chunks idea: chunks of a micro-batch taken through
+dispatch -> experts -> combine one after another, so that Ascend can overlap one chunk's communication with
+another's compute): the router and the aux loss see all tokens, then the tokens go through dispatch, experts
+and combine in N consecutive chunks, each filling its own C = chunk slots. Dropless only (with a capacity the
+drops would depend on the chunking): then every token gets the same experts and weights, so the output equals
+the unchunked path, and the dispatch costs T^2 E / N instead of T^2 E. Here the chunks run one after another
+(no overlap on CPU).
+
 Experts over the tensor-parallel group (MindFormers' `moe_config.ep_extend_tp`: the expert domain is the tp
 group). Under tp without sequence parallel every tp rank holds the same tokens, so no all-to-all is needed:
 each rank holds E/tp experts (a contiguous block of the stacked axis), routes all tokens with the replicated
@@ -154,11 +162,30 @@ class MoE(nn.Cell):
 
     def construct(self, x):
         shape = x.shape
-        H, E = shape[-1], self.local                                # E: the experts held here (all at tp=1)
-        xt = x.reshape(-1, H)                                                   # [T, H]
-        T = xt.shape[0]
-        C = expert_capacity(T, self.config)
-        gate, selected, aux = self.router(xt)
+        xt = x.reshape(-1, shape[-1])                                           # [T, H]
+        gate, selected, aux = self.router(xt)                  # over all tokens (the aux loss too)
+        if self.tp_edges:
+            xt, gate = self.copy_input(xt), self.copy_gate(gate)
+        chunks = self.config.moe_comm_chunks
+        if chunks == 1:
+            y = self.dispatch_ffn_combine(xt, gate, selected, expert_capacity(xt.shape[0], self.config))
+        else:                                                  # dropless: each chunk's tokens fill their own slots
+            T = xt.shape[0]
+            step = (T + chunks - 1) // chunks
+            parts = []
+            for start in range(0, T, step):
+                stop = min(start + step, T)
+                parts.append(self.dispatch_ffn_combine(xt[start:stop], gate[start:stop], selected[start:stop],
+                                                       stop - start))
+            y = ops.cat(parts, 0)
+        if self.tp_edges:
+            y = self.reduce_output(y)
+        return y.reshape(shape), aux
+
+    def dispatch_ffn_combine(self, xt, gate, selected, C):
+        """Tokens xt [T, H] with their routing (gate, selected [T, E_all]) through this rank's experts with C
+        slots each -> [T, H] (this rank's experts' part under tp)."""
+        T, H, E = xt.shape[0], xt.shape[1], self.local             # E: the experts held here (all at tp=1)
         slot = ops.cumsum(selected, 0) - selected              # this token's place in the expert's queue
         kept = selected * (slot < C).astype(ms.float32)
         slot = ops.minimum(slot, C - 1).astype(ms.int32)
@@ -166,13 +193,9 @@ class MoE(nn.Cell):
             * kept.expand_dims(-1)                                              # [T, E_all, C]
         dispatch = ops.stop_gradient(dispatch)
         if self.tp_edges:                                      # this rank's experts only
-            xt, gate = self.copy_input(xt), self.copy_gate(gate)
             dispatch, gate = dispatch[:, self.first:self.first + E], gate[:, self.first:self.first + E]
         combine = (dispatch * gate.expand_dims(-1)).reshape(T, E * C).astype(self.compute_dtype)
         d = dispatch.reshape(T, E * C).astype(self.compute_dtype)
         expert_in = ops.matmul(d.transpose(1, 0), xt.astype(self.compute_dtype)).reshape(E, C, H)
         expert_out = self.ffn(expert_in).reshape(E * C, H)                      # [E*C, H]
-        y = ops.matmul(combine, expert_out.astype(self.compute_dtype))          # [T, H] (partial under tp)
-        if self.tp_edges:
-            y = self.reduce_output(y)
-        return y.reshape(shape), aux
+        return ops.matmul(combine, expert_out.astype(self.compute_dtype))       # [T, H]

@@ -106,7 +106,7 @@ SCHEMA: dict = {
         "balance_via_topk_bias": None,
         "topk_bias_update_rate": None,
         "ep_extend_tp": None,
-        "comm_chunks": None,
+        "comm_chunks": None,            # -> model_config.moe_comm_chunks (dropless only)
     },
     "micro_batch_interleave_num": 1,
     "recompute_config": {
@@ -198,6 +198,7 @@ USED = {
     "moe_config.aux_loss_factors": "model_config (aux_loss_coef = the one factor)",
     "parallel_config.expert_parallel": "check_moe_layout (1, or = model_parallel with moe_config.ep_extend_tp)",
     "moe_config.ep_extend_tp": "check_moe_layout (the experts split over the tp group: model/moe.py)",
+    "moe_config.comm_chunks": "model_config (moe_comm_chunks: dispatch -> experts -> combine in chunks)",
     "callbacks.MFLossMonitor.per_print_times": "train loop (a log line every N steps and at the end)",
     "callbacks.CheckpointMonitor.save_checkpoint_steps": "train loop",
     "callbacks.CheckpointMonitor.keep_checkpoint_max": "checkpointing.save",
@@ -271,7 +272,6 @@ ACCEPTED_VALUES = {
     "moe_config.comp_comm_parallel_degree": (ANY_PATH, "read only with comp_comm_parallel: True"),
     "moe_config.balance_via_topk_bias": ((None, False), "load balance comes from the aux loss only"),
     "moe_config.topk_bias_update_rate": (ANY_PATH, "read only with balance_via_topk_bias: True"),
-    "moe_config.comm_chunks": ((None, 1), "chunked dispatch/combine is not implemented"),
     "model.model_config.pet_config.pet_type": (("lora",), "LoRA is the parameter-efficient method implemented"),
     "model.model_config.pet_config.freeze_include": ((None, []), "only the adapters train: the base is frozen whole"),
     "model.model_config.pet_config.freeze_exclude": ((None, []), "only the adapters train: no base parameter is "
@@ -559,7 +559,7 @@ def model_config(cfg: dict, source: str = "run config") -> TeleChat2Config:
 
 
 MOE_KEYS = {"expert_num": "num_experts", "num_experts_chosen": "moe_top_k", "capacity_factor": "capacity_factor",
-            "aux_loss_coef": "aux_loss_coef"}
+            "aux_loss_coef": "aux_loss_coef", "comm_chunks": "moe_comm_chunks"}
 
 
 def _with_moe_config(config: TeleChat2Config, moe: dict, source: str) -> TeleChat2Config:
