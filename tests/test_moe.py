@@ -48,7 +48,7 @@ def test_dropless_logits_and_aux_equal_reference(release, seq):
     assert all(1.0 <= a <= cfg.num_experts for a in aux)      # E * sum f P: 1 when balanced, E when collapsed
 
 
-@pytest.mark.parametrize("factor", [0.5, 1.0])
+@pytest.mark.parametrize("factor", [0.5])
 def test_capacity_factor_drops_tokens_like_reference(release, factor):
     cfg, sd, hf_dir = release
     model = TeleChat2ForCausalLM.from_hf(hf_dir, capacity_factor=factor)
