@@ -318,9 +318,9 @@ class Stepper:
             ts, add_grads = self.train_step, compile_(self.train_step.add_grads) if graph else None
 
             def accumulate(*args):
-                loss, grads = ts.grad_fn(*args)
+                (loss, aux), grads = ts.grad_fn(*args)
                 (add_grads or ts.add_grads)(grads)
-                return loss
+                return loss, aux
             self.accumulate = accumulate
         self.apply = compile_(self.train_step.apply) if graph else self.train_step.apply
         self.pipeline = None
@@ -348,22 +348,26 @@ class Stepper:
             attn = tuple(self.model.attention_inputs(inputs.shape[1], positions, segments))
         return MicroBatch(ms.Tensor(inputs.astype(np.int32)), ms.Tensor(targets.astype(np.int32)), attn)
 
-    def __call__(self, micro: list[MicroBatch], lr: float, scale: float) -> tuple[float, float, bool]:
-        """(global per-token loss, gradient norm, finite) of one optimizer step."""
+    def __call__(self, micro: list[MicroBatch], lr: float, scale: float) -> tuple[float, float, float, bool]:
+        """(global per-token loss, its MoE aux-loss part (0 for a dense model), gradient norm, finite) of one
+        optimizer step."""
         import mindspore as ms
         from ..model.loss import label_count
         ts, ignore = self.train_step, self.run.model_cfg.ignore_token_id
         count = ts.data_sum(ops_sum([label_count(mb.targets, ignore) for mb in micro]))      # the global batch
         loss_weight = ms.Tensor(scale, ms.float32) / ms.ops.maximum(count, 1.0)
+        aux = 0.0
         if self.pipeline is None:
-            losses = [self.accumulate(mb.inputs, mb.targets, *mb.attn, loss_weight) for mb in micro]
-            loss = ops_sum(losses)
+            parts = [self.accumulate(mb.inputs, mb.targets, *mb.attn, loss_weight) for mb in micro]
+            loss = ops_sum([p[0] for p in parts])
+            if self.run.model_cfg.num_experts:
+                aux = float(ts.data_sum(ops_sum([p[1] for p in parts])).asnumpy()) / scale
         else:
             loss = ts.reducer.pipeline_sum(self.pipeline.run(micro, loss_weight, self.act_like))
         loss = float(ts.data_sum(loss).asnumpy()) / scale
         norm, finite = self.apply(ms.Tensor(lr, ms.float32), ms.Tensor(1.0 / scale, ms.float32))
         finite = bool(finite.asnumpy())
-        return loss, (float(norm.asnumpy()) if finite else float("inf")), finite
+        return loss, aux, (float(norm.asnumpy()) if finite else float("inf")), finite
 
 
 def ops_sum(values):
@@ -393,10 +397,11 @@ class Logger:
         self.flops_per_step = flops_per_token(run.model_cfg, self.seq) * run.global_batch * self.seq
         self.peak = float(cfg["report"]["peak_tflops"]) or measured_gemm_tflops()
 
-    def record(self, step, dt, lr, loss, norm, finite, loss_scale) -> dict:
+    def record(self, step, dt, lr, loss, norm, finite, loss_scale, aux_loss=None) -> dict:
         devices = self.run.layout.world
         sps = self.run.global_batch / devices / dt
-        return {"step": step, "loss": loss, "lr": lr, "loss_scale": loss_scale, "overflow": not finite,
+        moe = {"aux_loss": aux_loss} if self.run.model_cfg.num_experts else {}
+        return {"step": step, "loss": loss, **moe, "lr": lr, "loss_scale": loss_scale, "overflow": not finite,
                 "global_norm": norm, "step_time_s": dt, "samples_per_s_per_device": sps,
                 "tokens_per_s_per_device": sps * self.seq, "mfu": self.flops_per_step / devices / dt / 1e12 / self.peak}
 
@@ -407,7 +412,8 @@ class Logger:
                         lr=r["lr"], overflow=r["overflow"], loss_scale=r["loss_scale"], global_norm=r["global_norm"],
                         tflops_per_device=self.flops_per_step / run.layout.world / r["step_time_s"] / 1e12,
                         samples_per_s_per_device=r["samples_per_s_per_device"],
-                        tokens_per_s_per_device=r["tokens_per_s_per_device"], mfu=r["mfu"])
+                        tokens_per_s_per_device=r["tokens_per_s_per_device"], mfu=r["mfu"],
+                        aux_loss=r.get("aux_loss"))
 
     def finish(self, history: list) -> None:
         run, cfg = self.run, self.run.cfg
@@ -446,10 +452,10 @@ def train(cfg: dict, *, resume: bool = False, progress: bool = True, force: bool
         lr = lr_at(done.step, cfg["lr_schedule"], run.total_steps)
         micro = [stepper.micro_batch(next(batches)) for _ in range(run.accum)]
         loss_scale = scaler.scale
-        loss, norm, finite = stepper(micro, lr, loss_scale)
+        loss, aux_loss, norm, finite = stepper(micro, lr, loss_scale)
         scaler.update(finite)
         done.step, done.consumed = done.step + 1, done.consumed + run.global_batch
-        record = logger.record(done.step, time.perf_counter() - t0, lr, loss, norm, finite, loss_scale)
+        record = logger.record(done.step, time.perf_counter() - t0, lr, loss, norm, finite, loss_scale, aux_loss)
         done.history.append(record)
         if run.rank0:
             append_history(run.out, record)

@@ -14,8 +14,10 @@ import numpy as np
 
 
 def log_line(*, epoch, epochs, step, total, loss, step_time_s, lr, overflow, loss_scale, global_norm,
-             tflops_per_device, samples_per_s_per_device, tokens_per_s_per_device, mfu) -> str:
-    return (f"{{ Epoch:[{epoch:3d}/{epochs:3d}], step:[{step:5d}/{total:5d}], loss: {loss:.6f}, "
+             tflops_per_device, samples_per_s_per_device, tokens_per_s_per_device, mfu, aux_loss=None) -> str:
+    """The MFLossMonitor line; a MoE model adds `aux_loss` (the router load-balancing part of `loss`)."""
+    aux = "" if aux_loss is None else f"aux_loss: {aux_loss:.6f}, "
+    return (f"{{ Epoch:[{epoch:3d}/{epochs:3d}], step:[{step:5d}/{total:5d}], loss: {loss:.6f}, {aux}"
             f"per_step_time: {step_time_s * 1000:.0f}ms, lr: {lr:.6e}, overflow cond: {overflow}, "
             f"loss_scale: {loss_scale:g}, global_norm: [{global_norm:.6f}], "
             f"train_throughput_per_npu: {tflops_per_device:.3f}T }} "

@@ -45,7 +45,8 @@ class TrainStep(nn.Cell):
         self.per_parameter = accumulation > 1 and not shard_accumulation
         self.grad_buffers = ParameterTuple([Parameter(initializer(Zero(), shape, dtype), name=name) for name, shape, dtype
                                             in gradient_buffers(optimizer.plan, accumulation, shard_accumulation)])
-        self.grad_fn = ms.value_and_grad(self.scaled_loss, None, self.params)
+        # the loss and, beside it (no gradient of its own), the MoE aux-loss part it contains
+        self.grad_fn = ms.value_and_grad(self.scaled_loss, None, self.params, has_aux=True)
         self.use_clip = use_clip
         self.max_grad_norm = float(max_grad_norm)
 
@@ -54,14 +55,16 @@ class TrainStep(nn.Cell):
         return self.reducer.data_sum(x)
 
     def scaled_loss(self, input_ids, targets, cos, sin, allowed, loss_weight):
-        return self.model.next_token_loss(input_ids, targets, cos, sin, allowed, loss_weight)
+        """(weighted loss = CE part + MoE aux part, the aux part alone); see TeleChat2ForCausalLM.loss_parts."""
+        ce, aux = self.model.loss_parts(input_ids, targets, cos, sin, allowed, loss_weight)
+        return ce + aux, ops.stop_gradient(aux)
 
     def accumulate(self, input_ids, targets, cos, sin, allowed, loss_weight):
-        """One micro-batch; returns its weighted loss (cos, sin, allowed: packed documents' attention inputs,
-        or None)."""
-        loss, grads = self.grad_fn(input_ids, targets, cos, sin, allowed, loss_weight)
+        """One micro-batch; returns (its weighted loss, the MoE aux-loss part of it; 0 for a dense model)
+        (cos, sin, allowed: packed documents' attention inputs, or None)."""
+        (loss, aux), grads = self.grad_fn(input_ids, targets, cos, sin, allowed, loss_weight)
         self.add_grads(grads)
-        return loss
+        return loss, aux
 
     def add_grads(self, grads):
         parts = grads if self.per_parameter else self.reducer.to_shards(grads)
