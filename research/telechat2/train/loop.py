@@ -312,8 +312,10 @@ class Stepper:
         # stays eager (the optimizer step is still compiled)
         jit_model = graph and layout.cp == 1
         compile_ = functools.partial(ms.jit, jit_level=jit_level)
+        self.fused = None
         if jit_model:
             self.accumulate = compile_(self.train_step.accumulate)
+            self.fused = compile_(self.train_step.step)      # the last micro-batch and the update: one graph
         else:                                   # eager forward/backward, compiled gradient reduction
             ts, add_grads = self.train_step, compile_(self.train_step.add_grads) if graph else None
 
@@ -356,18 +358,26 @@ class Stepper:
         ts, ignore = self.train_step, self.run.model_cfg.ignore_token_id
         count = ts.data_sum(ops_sum([label_count(mb.targets, ignore) for mb in micro]))      # the global batch
         loss_weight = ms.Tensor(scale, ms.float32) / ms.ops.maximum(count, 1.0)
-        aux = 0.0
-        if self.pipeline is None:
-            parts = [self.accumulate(mb.inputs, mb.targets, *mb.attn, loss_weight) for mb in micro]
-            loss = ops_sum([p[0] for p in parts])
-            if self.run.model_cfg.num_experts:
-                aux = float(ts.data_sum(ops_sum([p[1] for p in parts])).asnumpy()) / scale
+        lr, grad_mult = ms.Tensor(lr, ms.float32), ms.Tensor(1.0 / scale, ms.float32)
+        if self.fused is not None:
+            prior = ms.ops.zeros(2, ms.float32)
+            for mb in micro[:-1]:
+                prior = prior + ms.ops.stack(self.accumulate(mb.inputs, mb.targets, *mb.attn, loss_weight))
+            last = micro[-1]
+            loss, aux, norm, finite = self.fused(last.inputs, last.targets, *last.attn, loss_weight, lr, grad_mult,
+                                                 prior).asnumpy().tolist()          # the step's one fetch
         else:
-            loss = ts.reducer.pipeline_sum(self.pipeline.run(micro, loss_weight, self.act_like))
-        loss = float(ts.data_sum(loss).asnumpy()) / scale
-        norm, finite = self.apply(ms.Tensor(lr, ms.float32), ms.Tensor(1.0 / scale, ms.float32))
-        finite = bool(finite.asnumpy())
-        return loss, aux, (float(norm.asnumpy()) if finite else float("inf")), finite
+            if self.pipeline is None:
+                parts = [self.accumulate(mb.inputs, mb.targets, *mb.attn, loss_weight) for mb in micro]
+                losses = ms.ops.stack([ops_sum([p[0] for p in parts]), ops_sum([p[1] for p in parts])])
+            else:
+                loss = ts.reducer.pipeline_sum(self.pipeline.run(micro, loss_weight, self.act_like))
+                losses = ms.ops.stack([loss, ms.ops.zeros((), ms.float32)])
+            norm, finite = self.apply(lr, grad_mult)
+            loss, aux, norm, finite = ms.ops.concat([ts.data_sum(losses), ms.ops.stack(
+                [norm, finite.astype(ms.float32)])]).asnumpy().tolist()
+        finite = bool(finite)
+        return loss / scale, aux / scale, (norm if finite else float("inf")), finite
 
 
 def ops_sum(values):
