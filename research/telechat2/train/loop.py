@@ -315,7 +315,8 @@ class Stepper:
         self.fused = None
         if jit_model:
             self.accumulate = compile_(self.train_step.accumulate)
-            self.fused = compile_(self.train_step.step)      # the last micro-batch and the update: one graph
+            if run.accum == 1:          # the micro-batch and the update: one graph (more micro-batches keep
+                self.fused = compile_(self.train_step.step)   # accumulate + apply: one forward/backward compile)
         else:                                   # eager forward/backward, compiled gradient reduction
             ts, add_grads = self.train_step, compile_(self.train_step.add_grads) if graph else None
 
@@ -359,13 +360,10 @@ class Stepper:
         count = ts.data_sum(ops_sum([label_count(mb.targets, ignore) for mb in micro]))      # the global batch
         loss_weight = ms.Tensor(scale, ms.float32) / ms.ops.maximum(count, 1.0)
         lr, grad_mult = ms.Tensor(lr, ms.float32), ms.Tensor(1.0 / scale, ms.float32)
-        if self.fused is not None:
-            prior = ms.ops.zeros(2, ms.float32)
-            for mb in micro[:-1]:
-                prior = prior + ms.ops.stack(self.accumulate(mb.inputs, mb.targets, *mb.attn, loss_weight))
-            last = micro[-1]
-            loss, aux, norm, finite = self.fused(last.inputs, last.targets, *last.attn, loss_weight, lr, grad_mult,
-                                                 prior).asnumpy().tolist()          # the step's one fetch
+        if self.fused is not None:                     # one micro-batch: one graph, one fetch
+            mb, = micro
+            loss, aux, norm, finite = self.fused(mb.inputs, mb.targets, *mb.attn, loss_weight, lr,
+                                                 grad_mult).asnumpy().tolist()
         else:
             if self.pipeline is None:
                 parts = [self.accumulate(mb.inputs, mb.targets, *mb.attn, loss_weight) for mb in micro]

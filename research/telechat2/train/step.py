@@ -7,10 +7,10 @@ data-parallel and context-parallel ranks is the global mean, whatever the split.
 `accumulate` runs one micro-batch forward+backward and adds its gradients into the step's buffers; `apply`
 takes the reduced fp32 gradient shards (parallel/grads.py), measures the global norm, and unless they
 overflowed, takes one AdamW step with `grad_mult` (1 / loss scale) and clipping folded in; it then zeroes
-the buffers. An overflowed step leaves the weights and the optimizer state untouched. `step` is the last
-micro-batch's `accumulate` and `apply` compiled as one graph, which is how the trainer runs them when the
-forward/backward is compiled (one graph per step at one micro-batch; two graphs as separate calls cost about
-a third more CPU time on this machine, bench/train_step.py).
+the buffers. An overflowed step leaves the weights and the optimizer state untouched. `step` is
+`accumulate` and `apply` compiled as one graph: the trainer runs it when a step has one micro-batch and the forward/backward is compiled (two graphs as separate calls cost about a third more CPU
+time on this machine, bench/train_step.py). With several micro-batches it runs `accumulate` per micro-batch
+and `apply` once, so the forward/backward is compiled once.
 
 The gradient buffers (`gradient_buffers`, read by the memory inventory too):
   - one fp32 shard per bucket (1/dp of the bucket with the distributed optimizer, else the bucket): each
@@ -75,15 +75,13 @@ class TrainStep(nn.Cell):
             ops.assign_add(self.grad_buffers[i], parts[i].astype(ms.float32))
         return parts[0].sum()
 
-    def step(self, input_ids, targets, cos, sin, allowed, loss_weight, lr, grad_mult, prior):
-        """The step's last micro-batch and the update in one graph (no host round trip in between): its
-        forward/backward, the gradient reduction, norm, overflow check and AdamW. `prior`: the summed
-        [weighted loss, aux part] of the step's earlier micro-batches on this rank. Returns one fp32 vector
-        [global weighted loss, its aux part, gradient norm, finite], fetched once for the log line."""
+    def step(self, input_ids, targets, cos, sin, allowed, loss_weight, lr, grad_mult):
+        """A step of one micro-batch in one graph (no host round trip in between): its forward/backward, the
+        gradient reduction, norm, overflow check and AdamW. Returns one fp32 vector [global weighted loss, its
+        aux part, gradient norm, finite], fetched once for the log line."""
         loss, aux = self.accumulate(input_ids, targets, cos, sin, allowed, loss_weight)
         norm, finite = self.apply(lr, grad_mult)
-        losses = self.data_sum(prior + ops.stack([loss, aux]))
-        return ops.concat([losses, ops.stack([norm, finite.astype(ms.float32)])])
+        return ops.concat([self.data_sum(ops.stack([loss, aux])), ops.stack([norm, finite.astype(ms.float32)])])
 
     def apply(self, lr, grad_mult):
         """Returns (global gradient norm after unscaling, finite)."""
