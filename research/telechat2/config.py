@@ -55,6 +55,9 @@ class TeleChat2Config:
     # weight-only quantization of the decoder linears (None, or "w8a16": int8 weights with one fp32 scale per
     # output channel, checkpoint/quantize.py); taken from the checkpoint by predict/chat/eval
     weight_quant: str | None = None
+    # generation: compiled decoders kept per model, least recently used evicted first. Each one is a
+    # (batch, prompt bucket, cache bucket) shape with its own KV cache and two compiled graphs (prefill, decode)
+    decoder_cache_size: int = 4
     extra: dict = field(default_factory=dict, repr=False, compare=False)  # unknown HF fields, kept for round trips
 
     def __post_init__(self):
@@ -77,6 +80,9 @@ class TeleChat2Config:
         need(isinstance(self.loss_chunk_tokens, int) and not isinstance(self.loss_chunk_tokens, bool)
              and self.loss_chunk_tokens >= 0, "loss_chunk_tokens",
              f"must be an integer >= 0 (0: no chunking), got {self.loss_chunk_tokens!r}")
+        need(isinstance(self.decoder_cache_size, int) and not isinstance(self.decoder_cache_size, bool)
+             and self.decoder_cache_size >= 1, "decoder_cache_size",
+             f"must be an integer >= 1 (compiled decoders kept per model), got {self.decoder_cache_size!r}")
         for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
                     "seq_length", "base_seqlen"):
             v = getattr(self, key)

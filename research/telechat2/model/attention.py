@@ -19,16 +19,26 @@ def masked_fill_value(dtype) -> float:
 
 
 def dot_product_attention(q, k, v, allowed, softmax_dtype):
-    """softmax(q k^T / sqrt(hd), masked) v.
+    """softmax(q k^T / sqrt(hd), masked) v, with grouped kv heads read in place (no repeat).
 
-    q: [B, nh, Sq, hd]; k, v: [B, nh, Sk, hd]; allowed: bool, broadcastable to [B, nh, Sq, Sk].
-    Returns [B, nh, Sq, hd] in v's dtype.
+    q: [B, nh, Sq, hd]; k, v: [B, nkv, Sk, hd] with nh a multiple of nkv (query head j reads kv head
+    j // (nh/nkv)); allowed: bool, broadcastable to [B, 1, Sq, Sk]. Returns [B, nh, Sq, hd] in v's dtype.
     """
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    scores = ops.BatchMatMul(transpose_b=True)(q, k).astype(softmax_dtype) * scale
+    B, nh, S, hd = q.shape
+    nkv = k.shape[1]
+    rep = nh // nkv
+    scale = 1.0 / math.sqrt(hd)
+    if rep > 1:                 # the rep query heads of one kv head as rows of one matmul: [B, nkv, rep*Sq, hd]
+        q = q.reshape(B, nkv, rep * S, hd)
+    scores = ops.BatchMatMul(transpose_b=True)(q, k).astype(softmax_dtype) * scale     # [B, nkv, rep*Sq, Sk]
+    if rep > 1:
+        scores = scores.reshape(B, nkv, rep, S, -1)
+        allowed = allowed.expand_dims(2)                                                 # [B|1, 1, 1, Sq, Sk]
     scores = ops.select(allowed, scores, ops.full_like(scores, masked_fill_value(softmax_dtype)))
     probs = ops.softmax(scores, -1).astype(v.dtype)
-    return ops.BatchMatMul()(probs, v)
+    if rep > 1:
+        probs = probs.reshape(B, nkv, rep * S, -1)
+    return ops.BatchMatMul()(probs, v).reshape(B, nh, S, hd)
 
 
 def repeat_kv(x, n_rep: int):
@@ -39,16 +49,22 @@ def repeat_kv(x, n_rep: int):
     return ops.broadcast_to(x.expand_dims(2), (B, nkv, n_rep, S, hd)).reshape(B, nkv * n_rep, S, hd)
 
 
-def write_cache(cache, new, write_slot):
-    """Store `new` [B, nkv, T, hd] in the cache Parameter [B, nkv, L, hd]; return the updated cache."""
-    T, L = new.shape[2], cache.shape[2]
+def write_cache(cache, new, write_index):
+    """Store `new` [B, nkv, T, hd] in the cache Parameter [B, nkv, L, hd] in place; return the updated cache.
+
+    Prefill (write_index None): slots [0, T) get `new`, slots [T, L) are zeroed on the device (one assign per
+    call, so nothing of an earlier call survives and the host never re-zeroes). Decode (T == 1): write_index
+    int32 [B, nkv, 3] holds the (row, kv head, slot) of each of the B*nkv vectors; ScatterNdUpdate writes
+    those B*nkv*hd values and nothing else of the cache.
+    """
     new = new.astype(cache.dtype)
-    if write_slot is None:                      # prefill: slots [0, T)
-        full = new if T == L else ops.cat((new, cache[:, :, T:]), 2)
-    else:                                       # one decode token into the marked slot
-        full = ops.select(ops.broadcast_to(write_slot, cache.shape), ops.broadcast_to(new, cache.shape), cache)
-    ops.assign(cache, full)
-    return full
+    if write_index is None:
+        B, nkv, T, hd = new.shape
+        L = cache.shape[2]
+        full = new if T == L else ops.cat((new, ops.zeros((B, nkv, L - T, hd), cache.dtype)), 2)
+        ops.assign(cache, full)
+        return full
+    return ops.scatter_nd_update(cache, write_index, new.squeeze(2))                  # [B, nkv, L, hd]
 
 
 class CoreAttention(nn.Cell):
@@ -62,7 +78,7 @@ class CoreAttention(nn.Cell):
         self.use_flash_attention = use_flash_attention
 
     def construct(self, q, k, v, allowed):
-        # q: [B, nh, S, hd]; k, v: [B, nh, L, hd] (kv heads already repeated); allowed: [B|1, 1, S, L]
+        # q: [B, nh, S, hd]; k, v: [B, nkv, L, hd] (grouped kv heads, not repeated); allowed: [B|1, 1, S, L]
         if self.use_flash_attention:
             # Ascend FlashAttentionScore (BNSD layout); its mask marks the positions to DROP with 1
             drop = ops.logical_not(ops.broadcast_to(allowed, (q.shape[0], 1, q.shape[2], k.shape[2])))
@@ -101,7 +117,8 @@ class Attention(nn.Cell):
         # x: [B, S, H] (SP: [B, S/tp, H]); cos/sin: [B|1, 1, S, hd]; allowed: bool [B|1, 1, S, S] ([.., S, L] with
         # a cache); heads are this rank's: nh/tp query heads, n_kv/tp kv heads (or one replicated kv head)
         # k_cache/v_cache: Parameters [B, nkv, L, hd] (generation); the new keys/values are written into
-        # slots [0, S) (prefill, write_slot None) or into the slot marked by write_slot [1, 1, L, 1] (S == 1)
+        # slots [0, S) (prefill, write_slot None) or, in place, at the scatter indices write_slot int32
+        # [B, nkv, 3] = (row, kv head, slot) of the one decode token (S == 1; see write_cache)
         q = self.wq(x)                                                                     # [B, S, nh/tp*hd]
         B, S, _ = q.shape
         q = q.reshape(B, S, self.heads, self.head_dim).transpose(0, 2, 1, 3)               # [B, nh, S, hd]
@@ -114,6 +131,6 @@ class Attention(nn.Cell):
             return self.wo(ctx.transpose(0, 2, 1, 3).reshape(B, S, self.heads * self.head_dim))
         if k_cache is not None:
             k, v = write_cache(k_cache, k, write_slot), write_cache(v_cache, v, write_slot)  # [B, nkv, L, hd]
-        ctx = self.core(q, repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep), allowed)    # [B, nh, S, hd]
+        ctx = self.core(q, k, v, allowed)                                                  # [B, nh, S, hd]
         ctx = ctx.transpose(0, 2, 1, 3).reshape(B, S, self.heads * self.head_dim)          # heads head-major
         return self.wo(ctx)

@@ -56,7 +56,9 @@ def rope_spec(config) -> tuple:
 def rotary_tables(rope: tuple, total_len: int, num_tokens: int, positions=None, dtype=ms.float32):
     """cos, sin [B|1, 1, T, hd] at positions 0..T-1, or at `positions` ([B, T] Tensor or numpy, < total_len).
     rope: `rope_spec(config)`."""
-    table_cos, table_sin = rope_table_cache(total_len, *rope)                     # numpy [total_len, hd]
+    # every length up to training_seqlen has the same tables (alpha and mscale depend on max(L, training_seqlen)),
+    # so they share one cached table of training_seqlen rows: a decode step does not rebuild it per length
+    table_cos, table_sin = rope_table_cache(max(total_len, rope[2]), *rope)       # numpy [max(L, Ltrain), hd]
     if positions is None:
         return (Tensor(table_cos[:num_tokens], dtype).reshape(1, 1, num_tokens, -1),
                 Tensor(table_sin[:num_tokens], dtype).reshape(1, 1, num_tokens, -1))
