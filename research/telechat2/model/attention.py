@@ -121,10 +121,14 @@ class Attention(nn.Cell):
         # [B, nkv, 3] = (row, kv head, slot) of the one decode token (S == 1; see write_cache)
         q = self.wq(x)                                                                     # [B, S, nh/tp*hd]
         B, S, _ = q.shape
-        q = q.reshape(B, S, self.heads, self.head_dim).transpose(0, 2, 1, 3)               # [B, nh, S, hd]
         kv = self.wk_v(x).reshape(B, S, self.kv_heads, 2 * self.head_dim)
         k, v = ops.split(kv, self.head_dim, -1)
-        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)                            # [B, nkv, S, hd]
+        if S == 1:                              # a decode step: the transposes are reshapes (no kernel launch)
+            q = q.reshape(B, self.heads, 1, self.head_dim)
+            k, v = k.reshape(B, self.kv_heads, 1, self.head_dim), v.reshape(B, self.kv_heads, 1, self.head_dim)
+        else:
+            q = q.reshape(B, S, self.heads, self.head_dim).transpose(0, 2, 1, 3)           # [B, nh, S, hd]
+            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)                        # [B, nkv, S, hd]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if self.ring is not None:               # this rank's zigzag part; causal over the full sequence
             ctx = self.ring(q, k, v)
@@ -132,5 +136,6 @@ class Attention(nn.Cell):
         if k_cache is not None:
             k, v = write_cache(k_cache, k, write_slot), write_cache(v_cache, v, write_slot)  # [B, nkv, L, hd]
         ctx = self.core(q, k, v, allowed)                                                  # [B, nh, S, hd]
-        ctx = ctx.transpose(0, 2, 1, 3).reshape(B, S, self.heads * self.head_dim)          # heads head-major
+        ctx = ctx.reshape(B, 1, -1) if S == 1 else ctx.transpose(0, 2, 1, 3)                # heads head-major
+        ctx = ctx.reshape(B, S, self.heads * self.head_dim)
         return self.wo(ctx)
