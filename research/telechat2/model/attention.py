@@ -1,10 +1,13 @@
 """TeleChat2 self-attention: separate `wq`, fused per-head-interleaved `wk_v`, GQA, `wo` with bias."""
 from __future__ import annotations
 
+import functools
 import math
 
+import numpy as np
 import mindspore as ms
 from mindspore import nn, ops
+from mindspore.ops import flash_attention_score
 
 from ..config import TeleChat2Config
 from ..dtypes import ms_dtype
@@ -67,24 +70,70 @@ def write_cache(cache, new, write_index):
     return ops.scatter_nd_update(cache, write_index, new.squeeze(2))                  # [B, nkv, L, hd]
 
 
+# FlashAttentionScore's compressed causal mask for sparse_mode 2/3: always [2048, 2048], 1 = discard (k > q)
+FLASH_MASK_SIZE = 2048
+
+
+@functools.lru_cache(maxsize=1)
+def flash_causal_mask() -> ms.Tensor:
+    return ms.Tensor(np.triu(np.ones((FLASH_MASK_SIZE, FLASH_MASK_SIZE), np.uint8), 1))
+
+
 class CoreAttention(nn.Cell):
     """softmax(q k^T / sqrt(hd), masked) v on this rank's heads: the part selective recompute recomputes
-    (its [B, nh, S, S] scores and probabilities are the largest activations of a layer)."""
+    (its [B, nh, S, S] scores and probabilities are the largest activations of a layer).
 
-    def __init__(self, heads: int, head_dim: int, softmax_dtype, use_flash_attention: bool):
+    With `use_flash_attention` (Ascend) it calls FlashAttentionScore, choosing the call from `allowed`:
+    - None (a plain causal sequence: training, pipeline stages): BNSD, sparse_mode 2 (left-up causal) with the
+      compressed [2048, 2048] mask, so no [B, 1, S, S] mask exists and blocks above the diagonal are skipped;
+    - an int64 vector (packed documents, `attention_inputs`' `actual_seq_len`): TND over the B*S tokens with
+      actual_seq_qlen = actual_seq_kvlen = the cumulative document ends, sparse_mode 3 (causal inside each
+      document), next_tokens 0 as the TND layout requires;
+    - a bool mask [B|1, 1, S, L] (generation with padding and cache slots, padding masks): BNSD, sparse_mode 0
+      with the explicit mask (1 = discard); a fully masked query row (left padding) is given all keys.
+    Grouped kv heads go to the kernel as they are (N2 = nkv divides N1 = nh). The kernel takes fp16/bf16 only.
+    """
+
+    def __init__(self, heads: int, head_dim: int, softmax_dtype, use_flash_attention: bool, compute_dtype=None):
         super().__init__()
         self.heads, self.head_dim = heads, head_dim
         self.softmax_dtype = softmax_dtype
         self.use_flash_attention = use_flash_attention
+        if use_flash_attention and compute_dtype not in (ms.float16, ms.bfloat16):
+            from ..config import ConfigError
+            raise ConfigError(f"model_config.use_flash_attention: FlashAttentionScore takes float16 or bfloat16 "
+                              f"inputs; compute_dtype is {compute_dtype} (set compute_dtype, or an AMP level O1/O2)")
+        # one shared constant per process (4 MiB), never a per-layer or per-batch mask
+        self.causal_mask = flash_causal_mask() if use_flash_attention else None
 
     def construct(self, q, k, v, allowed):
         # q: [B, nh, S, hd]; k, v: [B, nkv, L, hd] (grouped kv heads, not repeated); allowed: [B|1, 1, S, L]
         if self.use_flash_attention:
-            # Ascend FlashAttentionScore (BNSD layout); its mask marks the positions to DROP with 1
-            drop = ops.logical_not(ops.broadcast_to(allowed, (q.shape[0], 1, q.shape[2], k.shape[2])))
-            return ops.flash_attention_score(q, k, v, self.heads, attn_mask=drop.astype(ms.uint8),
-                                             scalar_value=1.0 / math.sqrt(self.head_dim), input_layout="BNSD")
+            return self.flash(q, k, v, allowed)
         return dot_product_attention(q, k, v, allowed, self.softmax_dtype)
+
+    def flash(self, q, k, v, allowed):
+        scale = 1.0 / math.sqrt(self.head_dim)
+        if allowed is None:                                 # causal: the kernel skips the blocks above the diagonal
+            return flash_attention_score(q, k, v, self.heads, attn_mask=self.causal_mask, keep_prob=1.0,
+                                         scalar_value=scale, input_layout="BNSD", sparse_mode=2)
+        if allowed.dtype == ms.int64:                       # packed documents: cumulative ends over the B*S tokens
+            B, nh, S, hd = q.shape
+            nkv = k.shape[1]
+            tq = q.transpose(0, 2, 1, 3).reshape(B * S, nh, hd)                       # [T, N1, D]
+            tk = k.transpose(0, 2, 1, 3).reshape(B * S, nkv, hd)                      # [T, N2, D]
+            tv = v.transpose(0, 2, 1, 3).reshape(B * S, nkv, hd)
+            out = flash_attention_score(tq, tk, tv, self.heads, attn_mask=self.causal_mask,
+                                        actual_seq_qlen=allowed, actual_seq_kvlen=allowed, keep_prob=1.0,
+                                        scalar_value=scale, pre_tokens=2147483647, next_tokens=0,
+                                        input_layout="TND", sparse_mode=3)
+            return out.reshape(B, S, nh, hd).transpose(0, 2, 1, 3)
+        # a query with no allowed key (left padding) may see all keys instead: its output stays finite (no
+        # kernel-defined value for an empty row) and no real token ever reads it
+        allowed = ops.broadcast_to(allowed, (q.shape[0], 1, q.shape[2], k.shape[2]))
+        drop = ops.logical_and(ops.logical_not(allowed), ops.any(allowed, -1, keep_dims=True))
+        return flash_attention_score(q, k, v, self.heads, attn_mask=drop.astype(ms.uint8), keep_prob=1.0,
+                                     scalar_value=scale, input_layout="BNSD", sparse_mode=0)
 
 
 class Attention(nn.Cell):
@@ -104,7 +153,8 @@ class Attention(nn.Cell):
             self.kv_replicas = [mesh.layout.rank_of(**{**mesh.layout.coords(mesh.rank), "tp": first * per_kv + i})
                                 for i in range(per_kv)]
         self.n_rep = self.heads // self.kv_heads
-        self.core = CoreAttention(self.heads, hd, ms_dtype(config.softmax_compute_type), config.use_flash_attention)
+        self.core = CoreAttention(self.heads, hd, ms_dtype(config.softmax_compute_type), config.use_flash_attention,
+                                  ms_dtype(config.compute_dtype))
         self.wq = ColumnParallelLinear(H, config.num_heads * hd, bias=False, **common)
         self.wk_v = ColumnParallelLinear(H, 2 * config.kv_heads * hd, bias=False, rows=kv_rows, **common)
         self.wo = RowParallelLinear(config.num_heads * hd, H, bias=True, **common)
