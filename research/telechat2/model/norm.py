@@ -15,10 +15,13 @@ IMPLICIT_BROADCAST_MAX = 4096
 
 def broadcast_for_mul(t, shape):
     """`t` broadcast to `shape` for an elementwise op: explicit (BroadcastTo) unless the output is small."""
+    limit = IMPLICIT_BROADCAST_MAX          # (read before the loop: ms.jit's parser refuses a global after it)
     size = 1
     for d in shape:
-        size *= d
-    return t if size <= IMPLICIT_BROADCAST_MAX else ops.broadcast_to(t, shape)
+        size = size * d
+    if size <= limit:
+        return t
+    return ops.broadcast_to(t, shape)
 
 
 class RMSNorm(nn.Cell):
