@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -22,6 +23,43 @@ def test_published_counts_rounded():
     # as the model cards print them: 3.07B, 7.62B, 35.4B, 113.28B
     for name, digits, shown in [("3b", 2, 3.07), ("7b", 2, 7.62), ("35b", 1, 35.4), ("115b", 2, 113.28)]:
         assert round(TeleChat2Config.from_preset(name).num_parameters() / 1e9, digits) == shown
+
+
+def test_39b_a12b_total_and_active_counts_from_the_facts():
+    """Issue 18's facts, counted by hand: 30 layers, hidden 4096, MHA, vocab 131072 (untied), 16 experts of
+    SwiGLU 6144 (down with bias), router [16, 4096] without bias, top-4."""
+    H, L, V, F, E, k = 4096, 30, 131072, 6144, 16, 4
+    attention = 4 * H * H + H                   # query, key_value (2H), dense + bias
+    expert = 3 * H * F + H
+    common = 2 * V * H + L * (attention + 2 * H + E * H) + H      # embeddings, attention, norms, router, ln_f
+    cfg = TeleChat2Config.from_preset("39b-a12b")
+    assert cfg.num_parameters() == common + L * E * expert == 39_330_099_200
+    assert cfg.num_active_parameters() == common + L * k * expert == 12_149_534_720
+    parts = cfg.param_breakdown()
+    assert "mlp" not in parts and parts["experts"] == L * E * expert and parts["router"] == L * E * H
+    tiny = TeleChat2Config.from_preset("tiny-moe")
+    assert (tiny.num_experts, tiny.moe_top_k, tiny.hidden_size) == (4, 2, TeleChat2Config.from_preset("tiny").hidden_size)
+    dense = TeleChat2Config.from_preset("7b")
+    assert dense.num_active_parameters() == dense.num_parameters()
+
+
+def test_cli_info_prints_moe_counts():
+    out = subprocess.run([sys.executable, "-m", "telechat2", "info", "--preset", "39b-a12b"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "parameters: 39,330,099,200" in out and "active parameters per token: 12,149,534,720" in out
+    assert "16 experts of ffn 6144, top-4, dropless" in out
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (dict(num_experts=4, moe_top_k=5), "moe_top_k: must be an integer in [1, num_experts=4], got 5"),
+    (dict(num_experts=1), "num_experts: must be 0 (dense MLP) or an integer >= 2, got 1"),
+    (dict(num_experts=4, capacity_factor=-1.0), "capacity_factor: must be 0 (dropless) or a finite number > 0"),
+    (dict(num_experts=4, aux_loss_coef=float("nan")), "aux_loss_coef: must be a finite number >= 0"),
+])
+def test_moe_validation_names_the_key(overrides, needle):
+    base = dict(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=96)
+    with pytest.raises(ConfigError, match="model_config." + re.escape(needle)):
+        TeleChat2Config(**{**base, **overrides})
 
 
 def test_115b_is_gqa_and_32k_uses_large_theta():
@@ -108,5 +146,5 @@ def test_cli_info_bad_config_is_one_line_on_stderr(tmp_path):
 
 
 def test_presets_are_data():
-    assert set(PRESETS) >= {"tiny", "3b", "7b", "35b", "35b-32k", "115b"}
+    assert set(PRESETS) >= {"tiny", "3b", "7b", "35b", "35b-32k", "115b", "39b-a12b", "tiny-moe"}
     assert all(isinstance(v, dict) for v in PRESETS.values())

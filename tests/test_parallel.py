@@ -72,20 +72,17 @@ LAYOUTS = {
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout_matches_single_device(name, single, data, tmp_path):
+def test_layout_matches_single_device(name, single, two_worker_runs):
     workers, batch, kv, sets = LAYOUTS[name]
     init, base_out, base_stdout = single[kv]
-    out = str(tmp_path / "out")
-    logs = str(tmp_path / "logs")
-    r = msrun(workers, run_args(out, data, init, kv, batch, *sets), logs)
-    assert r.returncode == 0, worker_log(logs, 0)[-4000:]
+    out, logs = two_worker_runs[name]
     want = report_losses(base_out)
     got = report_losses(out)
     assert len(got) == STEPS
     assert np.allclose(got, want, rtol=0, atol=1e-5), (got, want)
     # every rank prints the global loss on its log line
     for rank in range(workers):
-        assert np.allclose(logged_losses(worker_log(logs, rank)), logged_losses(base_stdout), atol=2e-6)
+        assert np.allclose(logged_losses(logs[rank]), logged_losses(base_stdout), atol=2e-6)
     a = gathered_weights(os.path.join(base_out, "checkpoint", f"step_{STEPS:08d}"))
     b = gathered_weights(os.path.join(out, "checkpoint", f"step_{STEPS:08d}"))
     assert set(a) == set(b)
@@ -210,20 +207,45 @@ def single_3_layers(tmp_path_factory, data):
 
 
 @pytest.mark.parametrize("name", list(PIPELINE))
-def test_pipeline_matches_single_device(name, single, single_3_layers, data, tmp_path):
+def test_pipeline_matches_single_device(name, single, single_3_layers, two_worker_runs):
     """1F1B over 4 micro-batches of 1 sample == one device on the same 4 samples."""
     workers, batch, layers, sets = PIPELINE[name]
     init, base_out, base_stdout = single[4] if layers == 2 else single_3_layers
-    out, logs = str(tmp_path / "out"), str(tmp_path / "logs")
-    r = msrun(workers, run_args(out, data, init, 4, batch, f"model.model_config.num_layers={layers}", *sets), logs)
-    assert r.returncode == 0, worker_log(logs, 0)[-4000:]
+    out, logs = two_worker_runs[name]
     assert np.allclose(report_losses(out), report_losses(base_out), rtol=0, atol=1e-5)
     for rank in range(workers):        # the last stage's loss on every rank's log line
-        assert np.allclose(logged_losses(worker_log(logs, rank)), logged_losses(base_stdout), atol=2e-6)
+        assert np.allclose(logged_losses(logs[rank]), logged_losses(base_stdout), atol=2e-6)
     a = gathered_weights(os.path.join(base_out, "checkpoint", f"step_{STEPS:08d}"))
     b = gathered_weights(os.path.join(out, "checkpoint", f"step_{STEPS:08d}"))
     assert set(a) == set(b)
     assert max(float(np.abs(a[k] - b[k]).max()) for k in a) <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def two_worker_runs(single, single_3_layers, data, tmp_path_factory):
+    """Every 2-worker layout of LAYOUTS and PIPELINE, one msrun job (the driver trains them one after the
+    other in each worker): name -> (output dir, [that run's part of each rank's log])."""
+    import json
+    tmp = tmp_path_factory.mktemp("two_workers")
+    jobs, outs = [], {}
+    for name, (workers, batch, kv, sets) in LAYOUTS.items():
+        assert workers == 2, name
+        outs[name] = str(tmp / name)
+        jobs.append(_overrides(run_args(outs[name], data, single[kv][0], kv, batch, *sets)))
+    for name, (workers, batch, layers, sets) in PIPELINE.items():
+        assert workers == 2, name
+        init = single[4][0] if layers == 2 else single_3_layers[0]
+        outs[name] = str(tmp / name)
+        jobs.append(_overrides(run_args(outs[name], data, init, 4, batch,
+                                        f"model.model_config.num_layers={layers}", *sets)))
+    jobs_file = tmp / "jobs.json"
+    jobs_file.write_text(json.dumps([{"config": c, "overrides": o} for c, o in jobs]))
+    logs = str(tmp / "logs")
+    r = msrun(2, [str(jobs_file)], logs, script=DRIVER)
+    assert r.returncode == 0, worker_log(logs, 0)[-4000:]
+    parts = [worker_log(logs, rank).split("TRAINED ") for rank in range(2)]
+    assert all(len(p) == len(jobs) + 1 for p in parts), [len(p) for p in parts]
+    return {name: (outs[name], [p[k] for p in parts]) for k, name in enumerate(outs)}
 
 
 TEN = ["lr_schedule.total_steps=10", "callbacks.CheckpointMonitor.save_checkpoint_steps=5"]

@@ -214,7 +214,7 @@ def test_check_config_refuses_what_does_not_fit(capsys):
     assert code == 1 and "exceeds 32.00 GB" in err
 
 
-def test_cpu_memory_estimate_within_25_percent_of_a_real_run(tmp_path):
+def test_cpu_memory_estimate_within_20_percent_of_a_real_run(tmp_path):
     """The estimate (MindSpore runtime + graph compiler per layer + bytes per parameter + activations + logits)
     against the peak RSS `telechat2 train` measures for the tiny model (which the constants were not fitted on).
     The run is started from this process while it holds 1 GiB: the report must be the run's own peak (VmHWM),
@@ -230,7 +230,7 @@ def test_cpu_memory_estimate_within_25_percent_of_a_real_run(tmp_path):
         measured_mb = json.load(fh)["run"]["peak_host_memory_mb"]
     est = check_config(PRETRAIN_TINY, 1, overrides=sets)
     estimated_mb = sum(est.memory.values()) / 2 ** 20
-    assert abs(estimated_mb / measured_mb - 1) < 0.25, (estimated_mb, measured_mb, est.memory)
+    assert abs(estimated_mb / measured_mb - 1) < 0.20, (estimated_mb, measured_mb, est.memory)
 
 
 def test_pipeline_balance(capsys):

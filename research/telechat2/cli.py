@@ -26,14 +26,21 @@ def cmd_info(args) -> int:
     parts = cfg.param_breakdown()
     total = cfg.num_parameters()
     if args.format == "json":
-        print(json.dumps({"config": cfg.to_hf_dict(), "parameters": total, "breakdown": parts}, indent=2))
+        print(json.dumps({"config": cfg.to_hf_dict(), "parameters": total, "active_parameters":
+                          cfg.num_active_parameters(), "breakdown": parts}, indent=2))
         return 0
     name = args.config or f"preset {args.preset}"
     print(f"TeleChat2 ({name})")
     print(f"  layers {cfg.num_layers}, hidden {cfg.hidden_size}, heads {cfg.num_heads} "
           f"(kv heads {cfg.kv_heads}, head_dim {cfg.head_dim}), ffn {cfg.intermediate_size}, "
           f"vocab {cfg.vocab_size}, training_seqlen {cfg.seq_length}, rope theta {cfg.rope_theta:g}")
+    if cfg.num_experts:
+        print(f"  mixture of experts: {cfg.num_experts} experts of ffn {cfg.intermediate_size}, top-{cfg.moe_top_k}, "
+              + (f"capacity factor {cfg.capacity_factor:g}" if cfg.capacity_factor else "dropless"))
     print(f"  parameters: {total:,} ({total / 1e9:.2f}B)")
+    if cfg.num_experts:
+        active = cfg.num_active_parameters()
+        print(f"  active parameters per token: {active:,} ({active / 1e9:.2f}B)")
     for part, n in parts.items():
         print(f"    {part:<10} {n:>18,}  {100 * n / total:5.1f}%")
     return 0

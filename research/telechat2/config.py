@@ -58,6 +58,18 @@ class TeleChat2Config:
     # generation: compiled decoders kept per model, least recently used evicted first. Each one is a
     # (batch, prompt bucket, cache bucket) shape with its own KV cache and two compiled graphs (prefill, decode)
     decoder_cache_size: int = 4
+    # mixture of experts (39B-A12B): num_experts 0 is the dense SwiGLU MLP; otherwise every layer's FFN is
+    # `num_experts` SwiGLU experts of `intermediate_size` each, `moe_top_k` chosen per token by an fp32 router
+    # (softmax, top-k, weights renormalised to 1). capacity_factor 0: dropless; > 0: each expert takes at most
+    # ceil(capacity_factor * tokens * top_k / experts) tokens of a forward, earlier tokens first, the rest of its
+    # assignments are dropped (the residual carries those tokens). aux_loss_coef: the Switch load-balancing loss
+    # coef * E * sum_e f_e * P_e per layer (f_e: share of the top-k assignments to e, P_e: mean router prob of e)
+    num_experts: int = 0
+    moe_top_k: int = 2
+    capacity_factor: float = 0.0
+    aux_loss_coef: float = 0.01
+    # dispatch -> experts -> combine in this many consecutive chunks of the tokens (dropless only; model/moe.py)
+    moe_comm_chunks: int = 1
     extra: dict = field(default_factory=dict, repr=False, compare=False)  # unknown HF fields, kept for round trips
 
     def __post_init__(self):
@@ -110,6 +122,26 @@ class TeleChat2Config:
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             tid = getattr(self, key)
             need(0 <= tid < self.vocab_size, key, f"{tid} is outside the vocabulary [0, {self.vocab_size})")
+        need(isinstance(self.num_experts, int) and not isinstance(self.num_experts, bool) and self.num_experts >= 0
+             and self.num_experts != 1, "num_experts",
+             f"must be 0 (dense MLP) or an integer >= 2, got {self.num_experts!r}")
+        need(isinstance(self.moe_comm_chunks, int) and not isinstance(self.moe_comm_chunks, bool)
+             and self.moe_comm_chunks >= 1 and (self.num_experts or self.moe_comm_chunks == 1), "moe_comm_chunks",
+             f"must be an integer >= 1 (and 1 for a dense model), got {self.moe_comm_chunks!r}")
+        if self.num_experts:
+            need(isinstance(self.moe_top_k, int) and not isinstance(self.moe_top_k, bool)
+                 and 1 <= self.moe_top_k <= self.num_experts, "moe_top_k",
+                 f"must be an integer in [1, num_experts={self.num_experts}], got {self.moe_top_k!r}")
+            need(isinstance(self.capacity_factor, (int, float)) and not isinstance(self.capacity_factor, bool)
+                 and math.isfinite(self.capacity_factor) and self.capacity_factor >= 0, "capacity_factor",
+                 f"must be 0 (dropless) or a finite number > 0, got {self.capacity_factor!r}")
+            need(isinstance(self.aux_loss_coef, (int, float)) and not isinstance(self.aux_loss_coef, bool)
+                 and math.isfinite(self.aux_loss_coef) and self.aux_loss_coef >= 0, "aux_loss_coef",
+                 f"must be a finite number >= 0, got {self.aux_loss_coef!r}")
+            need(self.weight_quant is None, "weight_quant", "w8a16 is not implemented for the expert weights")
+            need(self.moe_comm_chunks == 1 or not self.capacity_factor, "moe_comm_chunks",
+                 f"{self.moe_comm_chunks} chunks need dropless routing (capacity_factor 0, got "
+                 f"{self.capacity_factor}): with a capacity the dropped tokens would depend on the chunking")
 
     # ---- presets ----------------------------------------------------------------------------
     @classmethod
@@ -125,16 +157,27 @@ class TeleChat2Config:
     def param_breakdown(self) -> dict[str, int]:
         """Parameter counts per part (whole model, all layers)."""
         h, f, hd, L = self.hidden_size, self.intermediate_size, self.head_dim, self.num_layers
-        return {
+        parts = {
             "embedding": self.vocab_size * h,
             "attention": L * (h * self.num_heads * hd + h * 2 * self.kv_heads * hd + h * h + h),
             "mlp": L * (3 * h * f + h),
             "norms": L * 2 * h + h,
             "lm_head": self.vocab_size * h,
         }
+        if self.num_experts:                     # E SwiGLU experts (down with bias) and the router [E, H]
+            del parts["mlp"]
+            parts = {**parts, "router": L * self.num_experts * h, "experts": L * self.num_experts * (3 * h * f + h)}
+        return parts
 
     def num_parameters(self) -> int:
         return sum(self.param_breakdown().values())
+
+    def num_active_parameters(self) -> int:
+        """Parameters a token uses: everything but the experts it is not routed to (= all, for a dense model)."""
+        parts = self.param_breakdown()
+        if not self.num_experts:
+            return sum(parts.values())
+        return sum(parts.values()) - parts["experts"] * (self.num_experts - self.moe_top_k) // self.num_experts
 
     # ---- HF config.json -------------------------------------------------------------------------
     @classmethod
@@ -184,6 +227,8 @@ class TeleChat2Config:
         }
         d.update(self.extra)
         for hf_key, ours in HF_FIELDS.items():
+            if hf_key in MOE_HF_FIELDS and not self.num_experts:
+                continue                         # a dense model's config.json carries no MoE fields
             d[hf_key] = getattr(self, ours)
         d["num_key_value_heads"] = self.kv_heads
         if self.weight_quant:
@@ -265,10 +310,17 @@ HF_FIELDS = {
     "eos_token_id": "eos_token_id",
     "pad_token_id": "pad_token_id",
     "initializer_range": "initializer_range",
+    # MoE (not confirmed against a released 39B-A12B config.json: no such file was available offline)
+    "num_experts": "num_experts",
+    "num_experts_per_tok": "moe_top_k",
+    "capacity_factor": "capacity_factor",
+    "aux_loss_coef": "aux_loss_coef",
 }
+MOE_HF_FIELDS = ("num_experts", "num_experts_per_tok", "capacity_factor", "aux_loss_coef")
 
 # MindFormers model_config spellings of our fields
-YAML_ALIASES = {"theta": "rope_theta", "num_key_value_heads": "n_kv_heads", "ffn_hidden_size": "intermediate_size"}
+YAML_ALIASES = {"theta": "rope_theta", "num_key_value_heads": "n_kv_heads", "ffn_hidden_size": "intermediate_size",
+                "expert_num": "num_experts", "num_experts_chosen": "moe_top_k"}
 
 # MindFormers model_config keys read by MindFormers' own runtime, not by the network math
 YAML_IGNORED = {
@@ -290,4 +342,11 @@ PRESETS: dict[str, dict] = {
     # 115B: the HF config says layer_norm_epsilon 1e-8 (the MindFormers yaml says 1e-5); we follow HF.
     "115b": dict(hidden_size=8192, num_layers=96, num_heads=64, n_kv_heads=8, intermediate_size=40960,
                  rms_norm_eps=1e-8),
+    # 39B-A12B: every layer MoE, 16 experts of intermediate 6144, top-4 (MindFormers' finetune yaml: capacity
+    # factor 1.2 in training, aux loss 0.01); the preset is dropless, a run config sets moe_config.capacity_factor
+    "39b-a12b": dict(hidden_size=4096, num_layers=30, num_heads=32, n_kv_heads=32, intermediate_size=6144,
+                     num_experts=16, moe_top_k=4),
+    # the tiny preset's dims with 4 experts, top-2 (CPU tests)
+    "tiny-moe": dict(vocab_size=4096, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=160,
+                     seq_length=64, base_seqlen=64, num_experts=4, moe_top_k=2),
 }

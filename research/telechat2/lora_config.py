@@ -118,7 +118,7 @@ def model_layers(config) -> list[str]:
     """Every linear layer of a model with `config` (all pipeline stages), by MindFormers name."""
     from .checkpoint.names import expected_shapes
     return [n[:-len(".weight")] for n, shape in expected_shapes(config).items()
-            if n.endswith(".weight") and len(shape) == 2 and "tok_embeddings" not in n]
+            if n.endswith(".weight") and len(shape) == 2 and "tok_embeddings" not in n and ".router." not in n]
 
 
 # ---- PEFT adapter_config.json ------------------------------------------------------------------------------

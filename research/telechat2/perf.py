@@ -5,11 +5,16 @@ from .config import TeleChat2Config
 
 
 def matmul_params(config: TeleChat2Config) -> int:
-    """Parameters that take part in a matmul per token (everything but the embedding table, norms, biases)."""
+    """Parameters that take part in a matmul per token (everything but the embedding table, norms, biases).
+    MoE: the router and the `moe_top_k` experts a token is routed to (the active parameters)."""
     parts = config.param_breakdown()
-    h = config.hidden_size
-    biases = config.num_layers * 2 * h           # wo.bias and w2.bias
-    return parts["attention"] + parts["mlp"] - biases + parts["lm_head"]
+    h, L = config.hidden_size, config.num_layers
+    if config.num_experts:
+        k, E = config.moe_top_k, config.num_experts
+        ffn = parts["router"] + parts["experts"] * k // E - L * k * h      # without the experts' down biases
+    else:
+        ffn = parts["mlp"] - L * h                                         # without w2.bias
+    return parts["attention"] - L * h + ffn + parts["lm_head"]            # without wo.bias
 
 
 def flops_per_token(config: TeleChat2Config, seq_len: int, training: bool = True) -> float:

@@ -47,10 +47,11 @@ def rms_norm(x, w, eps):
 
 
 def forward(sd: dict, cfg: dict, input_ids: torch.Tensor, attention_mask=None, position_ids=None,
-            fp16_tables=False, total_len=None, linear=None):
+            fp16_tables=False, total_len=None, linear=None, aux_losses=None):
     """Logits [B, S, V] in fp32. `sd` has HF names; `attention_mask` [B, S] is 1 for real tokens.
     `linear(module_name, x)` computes the linear layers (default: x W^T + b from `sd`; `TeleChat2Module` calls
-    its nn.Linear modules, which PEFT can wrap)."""
+    its nn.Linear modules, which PEFT can wrap). MoE configs (`num_experts`): the MLP is moe_torch.moe_ffn and
+    each layer's aux loss is appended to the list `aux_losses` when given."""
     if linear is None:
         def linear(name, x):
             y = x @ sd[name + ".weight"].T
@@ -86,6 +87,13 @@ def forward(sd: dict, cfg: dict, input_ids: torch.Tensor, attention_mask=None, p
         ctx = (probs @ v).transpose(1, 2).reshape(B, S, H)
         x = x + linear(p + "self_attention.dense", ctx)
         h = rms_norm(x, sd[p + "post_attention_layernorm.weight"], eps)
+        if cfg.get("num_experts"):
+            from .moe_torch import moe_ffn
+            out, aux = moe_ffn(sd, p + "mlp.", h, cfg)
+            x = x + out
+            if aux_losses is not None:
+                aux_losses.append(aux)
+            continue
         g = F.silu(linear(p + "mlp.gate_proj", h)) * linear(p + "mlp.up_proj", h)
         x = x + linear(p + "mlp.down_proj", g)
     x = rms_norm(x, sd["transformer.ln_f.weight"], eps)
@@ -183,12 +191,17 @@ def random_state_dict(cfg: dict, seed: int = 0, std: float = 0.02) -> dict:
         sd[p + "self_attention.dense.weight"] = n(H, H)
         sd[p + "self_attention.dense.bias"] = n(H)
         sd[p + "post_attention_layernorm.weight"] = norm_w()
+        if cfg.get("num_experts"):
+            continue                                    # the experts come after the dense weights
         sd[p + "mlp.gate_proj.weight"] = n(F_, H)
         sd[p + "mlp.up_proj.weight"] = n(F_, H)
         sd[p + "mlp.down_proj.weight"] = n(H, F_)
         sd[p + "mlp.down_proj.bias"] = n(H)
     sd["transformer.ln_f.weight"] = norm_w()
     sd["lm_head.weight"] = n(V, H)
+    if cfg.get("num_experts"):
+        from .moe_torch import random_moe_weights
+        random_moe_weights(sd, cfg, g, std)
     return sd
 
 

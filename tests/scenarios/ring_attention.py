@@ -9,7 +9,7 @@ Sequence lengths are S = 2 * cp * c with an odd chunk length c (cp=2: S=28, c=7;
 even, as zigzag needs, but the chunks start at odd positions and S is not a multiple of 4 * cp, so an error in
 chunk bounds, positions or the diagonal mask cannot hide behind power-of-two sizes.
 
-Cases: heads repeated for GQA before the call (4 query heads from 2 kv heads); with 2 workers the same Cell
+Cases: heads repeated for GQA before the call (4 query heads from 2 kv heads); the same Cell
 called again on new inputs; kv heads passed unrepeated (GQA inside the ring, what Attention passes); the contiguous
 split (same result, unbalanced work); with 4 workers also a strided cp=2 ring whose members are not neighbours
 (the cp groups of a cp=2 x tp=2 layout: ranks {0, 2}, {1, 3}). Every check passes only if the ring is within
@@ -120,8 +120,7 @@ def run_case(case, ring, members, index, nkv, layout="zigzag", seed=0):
 ranks, index = mesh.layout.group_ranks("cp", rank), mesh.coord("cp")
 ring = RingAttention.from_mesh(mesh)
 run_case("repeated_heads", ring, ranks, index, nkv=NH)
-if CP == 2:
-    run_case("repeated_heads_again", ring, ranks, index, nkv=NH, seed=1)   # reuse of the same Cell
+run_case("repeated_heads_again", ring, ranks, index, nkv=NH, seed=1)       # reuse of the same Cell
 run_case("gqa_kv_heads", ring, ranks, index, nkv=NKV, seed=2)
 run_case("contiguous", RingAttention(ranks, index, layout="contiguous"), ranks, index, nkv=NKV,
          layout="contiguous", seed=3)

@@ -19,7 +19,7 @@ from ..config import TeleChat2Config
 from ..ownership import check_replaceable, refuse_overlap, write_marker
 from .manifest import write_manifest
 from .ckpt_io import write_ckpt_tensor
-from .names import SCALE, expected_shapes, is_quantized_weight, ms_to_hf
+from .names import SCALE, expected_shapes, expert_axis, expert_hf_name, is_quantized_weight, ms_to_hf
 from .safetensors_io import CheckpointError, f32_to_bf16_bits, write_safetensors
 from .sources import CheckpointSource, check_against_config, row_blocks, to_f32
 
@@ -101,6 +101,24 @@ def output_tensors(source: CheckpointSource, config: TeleChat2Config, dtype: str
     return out_config, tensors
 
 
+def unstacked_experts(source: CheckpointSource, tensors: dict) -> dict:
+    """HF output: each stacked MindSpore expert tensor becomes one tensor per expert under its HF name (in expert
+    order, where the stacked tensor was), each read as its own block of the experts' axis."""
+    out = {}
+    for n, (dt, shape, chunks) in tensors.items():
+        axis = expert_axis(n)
+        if axis is None:
+            out[n] = (dt, shape, chunks)
+            continue
+        e_src = source.entries[n]
+        part_shape = tuple(d for k, d in enumerate(shape) if k != axis and not (axis == 1 and k in (0, 2)))
+        for e in range(shape[axis]):
+            def read(e=e, e_src=e_src, axis=axis, part_shape=part_shape, dt=dt):
+                return cast_blocks(e_src.read_block(axis, e, 1).reshape(part_shape), e_src.dtype, dt)
+            out[expert_hf_name(n, e)] = (dt, part_shape, read)
+    return out
+
+
 def write_checkpoint(source: CheckpointSource, config: TeleChat2Config, out_dir: str, *, target: str, dtype: str | None,
                      fmt: str = "safetensors", max_shard_bytes: int = 4 * 2**30, force: bool = False,
                      single_file: str | None = None, progress: bool = True, quantize: str | None = None) -> str:
@@ -116,10 +134,13 @@ def write_checkpoint(source: CheckpointSource, config: TeleChat2Config, out_dir:
     if target == "hf" and fmt != "safetensors":
         raise CheckpointError("HF releases are written as safetensors only")
     config, tensors = output_tensors(source, config, dtype, quantize)
+    if target == "hf":
+        tensors = unstacked_experts(source, tensors)
     order = list(tensors)
     itemsize = {"F32": 4, "F16": 2, "BF16": 2, "I8": 1}
     nbytes = {n: int(np.prod(shape, dtype=np.int64)) * itemsize[dt] for n, (dt, shape, _) in tensors.items()}
-    out_name = (lambda n: ms_to_hf(n)) if target == "hf" else (lambda n: n)
+    out_name = (lambda n: n if n.startswith("transformer.h.") and ".local_experts." in n else ms_to_hf(n)) \
+        if target == "hf" else (lambda n: n)
 
     final = single_file or out_dir
     if single_file:

@@ -9,6 +9,22 @@ gate_proj, up_proj, down_proj) is stored as I8 `[out, in]` under its usual name,
 `<name>.weight_scale`, F32 `[out]`, one scale per output channel (row), so that weight ~= int8 * scale[:, None].
 The embedding, the norms, the biases and `lm_head` keep their float dtype (MindFormers' RTN leaves `lm_head`
 unconverted too).
+
+Mixture of experts (TeleChat2-39B-A12B; checked against MindFormers' research/telechat2 convert_weight.py, which
+stacks the HF experts with torch.stack and gives the bias `unsqueeze(0).unsqueeze(2)`, and its TelechatLinear
+with expert_num > 1 and transpose_b=True, i.e. weights [E, out, in] and bias [1, E, 1, out]):
+
+| HF (one tensor per expert e) | MindSpore (stacked over experts) | shape |
+|---|---|---|
+| transformer.h.{i}.mlp.router.weight | model.layers.{i}.feed_forward.router.dense.weight | [E, H] (plain rename) |
+| transformer.h.{i}.mlp.local_experts.{e}.gate_proj.weight [F, H] | model.layers.{i}.feed_forward.ffn.w1.weight | [E, F, H] |
+| transformer.h.{i}.mlp.local_experts.{e}.up_proj.weight [F, H] | model.layers.{i}.feed_forward.ffn.w3.weight | [E, F, H] |
+| transformer.h.{i}.mlp.local_experts.{e}.down_proj.weight [H, F] | model.layers.{i}.feed_forward.ffn.w2.weight | [E, H, F] |
+| transformer.h.{i}.mlp.local_experts.{e}.down_proj.bias [H] | model.layers.{i}.feed_forward.ffn.w2.bias | [1, E, 1, H] |
+
+gate_proj and up_proj have no bias. Expert e is index e of the stacked axis (`expert_axis`: 0 for the weights,
+1 for the bias); the HF side is never stacked. MindFormers' converter also passes through an intermediate
+per-expert MindSpore name (`feed_forward.ffn.{e}.w1.weight`) that never reaches a file; it is not accepted.
 """
 from __future__ import annotations
 
@@ -29,8 +45,18 @@ NAME_TABLE: list[tuple[str, str]] = [
     ("transformer.h.{i}.mlp.up_proj.weight", "model.layers.{i}.feed_forward.w3.weight"),
     ("transformer.h.{i}.mlp.down_proj.weight", "model.layers.{i}.feed_forward.w2.weight"),
     ("transformer.h.{i}.mlp.down_proj.bias", "model.layers.{i}.feed_forward.w2.bias"),
+    ("transformer.h.{i}.mlp.router.weight", "model.layers.{i}.feed_forward.router.dense.weight"),
     ("transformer.ln_f.weight", "model.norm_out.weight"),
     ("lm_head.weight", "lm_head.weight"),
+]
+
+
+# (HF name of expert {e}'s tensor, the stacked MindSpore name, the stacked axis)
+EXPERT_TABLE: list[tuple[str, str, int]] = [
+    ("transformer.h.{i}.mlp.local_experts.{e}.gate_proj.weight", "model.layers.{i}.feed_forward.ffn.w1.weight", 0),
+    ("transformer.h.{i}.mlp.local_experts.{e}.up_proj.weight", "model.layers.{i}.feed_forward.ffn.w3.weight", 0),
+    ("transformer.h.{i}.mlp.local_experts.{e}.down_proj.weight", "model.layers.{i}.feed_forward.ffn.w2.weight", 0),
+    ("transformer.h.{i}.mlp.local_experts.{e}.down_proj.bias", "model.layers.{i}.feed_forward.ffn.w2.bias", 1),
 ]
 
 
@@ -57,7 +83,49 @@ class UnknownTensorName(KeyError):
 
 
 def _compile(template: str) -> re.Pattern:
-    return re.compile("^" + re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
+    return re.compile("^" + re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{e\}", r"(?P<e>\d+)")
+                      + "$")
+
+
+_HF_EXPERT = [(_compile(hf), ms, axis) for hf, ms, axis in EXPERT_TABLE]
+_MS_EXPERT = [(_compile(ms), hf, axis) for hf, ms, axis in EXPERT_TABLE]
+
+
+def hf_expert(name: str) -> tuple[str, int] | None:
+    """An HF per-expert tensor name -> (stacked MindSpore name, expert index); None for any other name."""
+    for pattern, target, _ in _HF_EXPERT:
+        m = pattern.match(name)
+        if m:
+            return target.replace("{i}", m.group("i")), int(m.group("e"))
+    return None
+
+
+def expert_axis(ms_name: str) -> int | None:
+    """The experts' axis of a stacked MindSpore expert tensor; None for any other name."""
+    for pattern, _, axis in _MS_EXPERT:
+        if pattern.match(ms_name):
+            return axis
+    return None
+
+
+def expert_hf_name(ms_name: str, expert: int) -> str:
+    """The HF name of expert `expert`'s part of a stacked MindSpore expert tensor."""
+    for pattern, target, _ in _MS_EXPERT:
+        m = pattern.match(ms_name)
+        if m:
+            return target.replace("{i}", m.group("i")).replace("{e}", str(expert))
+    raise UnknownTensorName(f"tensor {ms_name!r} is not a stacked expert tensor")
+
+
+def is_ms_name(name: str) -> bool:
+    """A MindSpore parameter name of this model family (stacked expert tensors included)."""
+    if expert_axis(name) is not None:
+        return True
+    try:
+        ms_to_hf(name)
+        return True
+    except UnknownTensorName:
+        return False
 
 
 _HF_TO_MS = [(_compile(hf), ms) for hf, ms in NAME_TABLE]
@@ -75,6 +143,11 @@ def _translate(name: str, table, side: str) -> str:
         m = pattern.match(name)
         if m:
             return target.replace("{i}", m.group("i")) if "i" in m.groupdict() else target
+    if side == "HF" and hf_expert(name):
+        raise UnknownTensorName(f"tensor {name!r} is one expert's part of {hf_expert(name)[0]!r} (stacked: hf_expert)")
+    if side == "MindSpore" and expert_axis(name) is not None:
+        raise UnknownTensorName(f"tensor {name!r} stacks the experts; each expert has its own HF name "
+                                "(expert_hf_name)")
     raise UnknownTensorName(f"tensor {name!r} is not a TeleChat2 {side} parameter name")
 
 
@@ -106,6 +179,7 @@ def expected_shapes(config: TeleChat2Config) -> dict[str, tuple[int, ...]]:
     """MindSpore name -> full (unsharded) shape, for every parameter of a model with `config` (with
     `weight_quant`, each quantized weight's scale follows it)."""
     H, F, V, hd = config.hidden_size, config.intermediate_size, config.vocab_size, config.head_dim
+    E = config.num_experts
     per_layer = {
         "attention_norm.weight": (H,),
         "attention.wq.weight": (config.num_heads * hd, H),
@@ -113,11 +187,14 @@ def expected_shapes(config: TeleChat2Config) -> dict[str, tuple[int, ...]]:
         "attention.wo.weight": (H, config.num_heads * hd),
         "attention.wo.bias": (H,),
         "ffn_norm.weight": (H,),
-        "feed_forward.w1.weight": (F, H),
-        "feed_forward.w3.weight": (F, H),
-        "feed_forward.w2.weight": (H, F),
-        "feed_forward.w2.bias": (H,),
     }
+    if E:
+        per_layer.update({"feed_forward.router.dense.weight": (E, H), "feed_forward.ffn.w1.weight": (E, F, H),
+                          "feed_forward.ffn.w3.weight": (E, F, H), "feed_forward.ffn.w2.weight": (E, H, F),
+                          "feed_forward.ffn.w2.bias": (1, E, 1, H)})
+    else:
+        per_layer.update({"feed_forward.w1.weight": (F, H), "feed_forward.w3.weight": (F, H),
+                          "feed_forward.w2.weight": (H, F), "feed_forward.w2.bias": (H,)})
     shapes = {"model.tok_embeddings.embedding_weight": (V, H)}
     for i in range(config.num_layers):
         for k, v in per_layer.items():

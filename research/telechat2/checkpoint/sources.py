@@ -21,7 +21,8 @@ from ..errors import TeleChat2Error
 from ..textio import read_json, read_yaml
 from .ckpt_io import CkptFile
 from .manifest import ManifestGuard, guard_for, resolve_run_checkpoint
-from .names import SCALE, UnknownTensorName, adapter_layer, expected_dtypes, expected_shapes, hf_to_ms, ms_to_hf
+from .names import (SCALE, UnknownTensorName, adapter_layer, expected_dtypes, expected_shapes, expert_axis, hf_expert,
+                    hf_to_ms, is_ms_name, ms_to_hf)
 from .safetensors_io import SAFETENSORS_DTYPES, CheckpointError, SafetensorsFile, bf16_bits_to_f32
 
 ROW_CHUNK_BYTES = 64 * 2**20     # reads and casts go through blocks of rows of about this size
@@ -94,11 +95,7 @@ def is_training_state(name: str) -> bool:
         return True
     for prefix in TRAINING_STATE_PREFIXES:
         if name.startswith(prefix):
-            try:
-                ms_to_hf(name[len(prefix):])
-                return True
-            except UnknownTensorName:
-                return False
+            return is_ms_name(name[len(prefix):])
     return False
 
 
@@ -277,8 +274,14 @@ def open_checkpoint(path: str, config: str | None = None, allow_pickle: bool = F
         kind = _kind_of([n for _, n, *_ in raw])
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    entries, training_state, adapters = {}, {}, {}
+    entries, training_state, adapters, experts = {}, {}, {}, {}
     for origin, stored, dtype, shape, reader, *block_reader in raw:
+        if kind == "hf" and hf_expert(stored):          # one expert's tensor: stacked below
+            name, e = hf_expert(stored)
+            part = TensorEntry(name, stored, dtype, tuple(shape), origin, reader)
+            if experts.setdefault(name, {}).setdefault(e, part) is not part:
+                raise CheckpointError(f"{origin}: tensor {stored!r} also appears in {experts[name][e].origin}")
+            continue
         if kind == "mindspore" and is_training_state(stored):      # MindFormers optimizer/step entries
             training_state[stored] = TensorEntry(stored, stored, dtype, tuple(shape), origin, reader)
             continue
@@ -286,14 +289,47 @@ def open_checkpoint(path: str, config: str | None = None, allow_pickle: bool = F
             adapters[stored] = TensorEntry(stored, stored, dtype, tuple(shape), origin, reader)
             continue
         try:
-            name = hf_to_ms(stored) if kind == "hf" else (ms_to_hf(stored) and stored)
+            name = hf_to_ms(stored) if kind == "hf" else stored
+            if kind != "hf" and expert_axis(stored) is None:
+                ms_to_hf(stored)                        # a known name (else the reason, e.g. a stray scale)
         except UnknownTensorName as e:
             raise CheckpointError(f"{origin}: {e}") from None
         if name in entries:
             raise CheckpointError(f"{origin}: tensor {stored!r} also appears in {entries[name].origin}")
         entries[name] = TensorEntry(name, stored, dtype, tuple(shape), origin, reader, *block_reader)
+    for name, parts in experts.items():
+        entries[name] = stacked_experts(name, parts)
     cfg = _load_config(cfg_path, guard) if cfg_path else None
     return CheckpointSource(path, kind, entries, cfg, guard, training_state, adapters)
+
+
+def stacked_experts(name: str, parts: dict[int, TensorEntry]) -> TensorEntry:
+    """One lazily stacked MindSpore expert tensor (names.EXPERT_TABLE) from the HF per-expert tensors
+    {expert: entry}; a block along the experts' axis reads only those experts."""
+    axis = expert_axis(name)
+    first = parts[min(parts)]
+    missing = sorted(set(range(max(parts) + 1)) - set(parts))
+    if missing:
+        raise CheckpointError(f"{first.origin}: {name!r}: expert(s) {', '.join(map(str, missing))} missing "
+                              f"(have {len(parts)} experts' {first.stored_name.rsplit('.', 2)[-2]})")
+    for e, part in parts.items():
+        if part.shape != first.shape or part.dtype != first.dtype:
+            raise CheckpointError(f"{part.origin}: tensor {part.stored_name!r}: {part.dtype} {list(part.shape)} "
+                                  f"differs from expert {min(parts)}'s {first.dtype} {list(first.shape)}")
+    E = len(parts)
+    # weights [out, in] -> [E, out, in] (axis 0); the down bias [H] -> [1, E, 1, H] (axis 1)
+    shape = (E, *first.shape) if axis == 0 else (1, E, 1, *first.shape)
+
+    def read_block(ax, start, length):
+        if ax != axis:
+            return read_full()[(slice(None),) * ax + (slice(start, start + length),)]
+        block = np.stack([np.asarray(parts[e].read_raw()) for e in range(start, start + length)])
+        return block if axis == 0 else block[None, :, None]
+
+    def read_full():
+        return read_block(axis, 0, E)
+    return TensorEntry(name, f"{first.stored_name} (experts 0..{E - 1} stacked)", first.dtype, shape, first.origin,
+                       read_full, read_block)
 
 
 def check_against_config(source: CheckpointSource, config: TeleChat2Config) -> None:

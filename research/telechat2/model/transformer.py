@@ -21,11 +21,13 @@ from .attention import Attention
 from .attention_inputs import build_attention_inputs, rope_spec
 from .loss import causal_lm_loss, label_count, token_nll
 from .mlp import MLP
+from .moe import MoE
 from .norm import RMSNorm
 
 
 class DecoderLayer(nn.Cell):
-    """h = x + Attn(RMSNorm_in(x)); out = h + MLP(RMSNorm_post(h))."""
+    """h = x + Attn(RMSNorm_in(x)); out = h + MLP(RMSNorm_post(h)). With `num_experts` the MLP is the MoE
+    sub-cell (model/moe.py) and the layer returns (out, the layer's router aux loss)."""
 
     def __init__(self, config: TeleChat2Config, mesh: ParallelMesh):
         super().__init__()
@@ -35,29 +37,34 @@ class DecoderLayer(nn.Cell):
         self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **norm)
         self.attention = Attention(config, mesh)
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **norm)
-        self.feed_forward = MLP(config, mesh)
+        self.moe = bool(config.num_experts)
+        self.feed_forward = MoE(config, mesh) if self.moe else MLP(config, mesh)
 
     def select_recompute(self):
         """Megatron's selective recompute: the attention core and the SwiGLU activation are recomputed in
         the backward instead of kept (the full layer stays kept: `recompute()` recomputes all of it)."""
         self.attention.core.recompute()
-        self.feed_forward.act.recompute()
+        (self.feed_forward.ffn.act if self.moe else self.feed_forward.act).recompute()
 
     def construct(self, x, cos, sin, allowed, k_cache=None, v_cache=None, write_slot=None):
         # x: [B, S, H] in the residual dtype; the cache arguments are for generation (see Attention)
         attn = self.attention(self.attention_norm(x), cos, sin, allowed, k_cache, v_cache, write_slot)
         h = x + attn.astype(self.res_dtype)
+        if self.moe:
+            ff, aux = self.feed_forward(self.ffn_norm(h))
+            return h + ff.astype(self.res_dtype), aux
         return h + self.feed_forward(self.ffn_norm(h)).astype(self.res_dtype)
 
 
 class TeleChat2Model(nn.Cell):
     """Embedding -> decoder layers -> final norm. A pipeline stage holds only its block of layers
     (`layer_ids`; parameter names keep the global layer index), the embedding on the first stage and the
-    final norm on the last."""
+    final norm on the last. MoE: returns (hidden, sum of the layers' aux losses)."""
 
     def __init__(self, config: TeleChat2Config, mesh: ParallelMesh, layer_ids=None, first=True, last=True):
         super().__init__()
         self.res_dtype = ms_dtype(config.res_dtype)
+        self.moe = bool(config.num_experts)
         self.first, self.last = first, last
         if first:
             self.tok_embeddings = VocabParallelEmbedding(config.vocab_size, config.hidden_size, mesh=mesh,
@@ -73,15 +80,24 @@ class TeleChat2Model(nn.Cell):
     def construct(self, inputs, cos, sin, allowed, k_caches=None, v_caches=None, write_slot=None):
         # inputs: token ids [B, S] on the first stage, else hidden states [B, S, H] (SP: [B, S/tp, H])
         x = self.tok_embeddings(inputs).astype(self.res_dtype) if self.first else inputs
+        aux = ops.zeros((), ms.float32)
         if k_caches is None:
             for layer in self.layers.values():
-                x = layer(x, cos, sin, allowed)
+                if self.moe:
+                    x, layer_aux = layer(x, cos, sin, allowed)
+                    aux = aux + layer_aux
+                else:
+                    x = layer(x, cos, sin, allowed)
         else:
             i = 0
             for layer in self.layers.values():
-                x = layer(x, cos, sin, allowed, k_caches[i], v_caches[i], write_slot)
+                if self.moe:
+                    x, _ = layer(x, cos, sin, allowed, k_caches[i], v_caches[i], write_slot)
+                else:
+                    x = layer(x, cos, sin, allowed, k_caches[i], v_caches[i], write_slot)
                 i += 1
-        return self.norm_out(x) if self.last else x
+        x = self.norm_out(x) if self.last else x
+        return (x, aux) if self.moe else x
 
 
 class HeadLossChunk(nn.Cell):
@@ -112,6 +128,7 @@ class TeleChat2ForCausalLM(nn.Cell):
         config = _without_unavailable_kernels(config)
         self.config = config
         self.mesh = mesh
+        self.moe = bool(config.num_experts)
         self.rotary_dtype = ms_dtype(config.rotary_dtype)
         self.rope = rope_spec(config)
         # context parallel: this rank holds the zigzag part of every sequence (global positions below)
@@ -187,14 +204,30 @@ class TeleChat2ForCausalLM(nn.Cell):
         [B, S, H] (SP: [B, S/tp, H]) -> hidden states (final-normed on the last stage). cos, sin, allowed:
         an `AttentionInputs` from `attention_inputs` (unpacked: a NamedTuple argument does not survive
         ms.jit). With the cache arguments (generation) every layer writes its keys/values into its slots."""
-        return self.model(inputs, cos, sin, allowed, k_caches, v_caches, write_slot)
+        out = self.model(inputs, cos, sin, allowed, k_caches, v_caches, write_slot)
+        return out[0] if self.moe else out
+
+    def forward_with_aux(self, inputs, cos, sin, allowed):
+        """`forward` over a full sequence and the sum of the MoE layers' router aux losses (unweighted by
+        aux_loss_coef; 0 for a dense model)."""
+        out = self.model(inputs, cos, sin, allowed)
+        return out if self.moe else (out, ops.zeros((), ms.float32))
+
+    def aux_loss(self, input_ids):
+        """coef x the summed router aux loss of a plain causal forward of `input_ids` (0 for a dense model)."""
+        cos, sin, allowed = self.attention_inputs(input_ids.shape[1])
+        return self.config.aux_loss_coef * self.forward_with_aux(_to_tensor(input_ids), cos, sin, allowed)[1]
 
     def hidden_states(self, inputs, cos=None, sin=None, allowed=None):
         """`forward` over a full sequence: training, pipeline stages, context parallel, logits. cos, sin,
         allowed: `attention_inputs(...)` (packed documents, padding); None: the plain causal sequence."""
-        if cos is None:
-            cos, sin, allowed = self.attention_inputs(inputs.shape[1] * self.input_seq_split)
+        cos, sin, allowed = self._full_inputs(inputs, cos, sin, allowed)
         return self.forward(inputs, cos, sin, allowed)
+
+    def _full_inputs(self, inputs, cos, sin, allowed):
+        if cos is None:
+            return self.attention_inputs(inputs.shape[1] * self.input_seq_split)
+        return cos, sin, allowed
 
     def head_logits(self, hidden):
         """fp32 logits [B, S, V] of final hidden states (gathered over the vocabulary under tp)."""
@@ -233,7 +266,8 @@ class TeleChat2ForCausalLM(nn.Cell):
         return self.vocab_parallel_loss(logits, targets).sum()
 
     def next_token_loss(self, input_ids, targets, cos=None, sin=None, allowed=None, loss_weight=None):
-        """Cross entropy of logits[t] against targets[t] (already shifted; -100 ignored).
+        """Cross entropy of logits[t] against targets[t] (already shifted; -100 ignored), plus the MoE aux
+        loss term (`loss_parts`).
 
         A packed sample of S+1 ids gives input_ids = ids[:, :-1], targets = ids[:, 1:]; cos, sin, allowed
         are its `attention_inputs` when it holds several documents (positions restart, attention stays inside
@@ -241,13 +275,24 @@ class TeleChat2ForCausalLM(nn.Cell):
         batch) the sum times it, so that summing over micro-batches and data-parallel ranks gives the global
         per-token mean; without, the mean over this call's counted targets (of the whole sequence under cp).
         """
-        total = self.loss_sum(self.hidden_states(input_ids, cos, sin, allowed), targets)
-        if loss_weight is not None:
-            return total * loss_weight
+        ce, aux = self.loss_parts(input_ids, targets, cos, sin, allowed, loss_weight)
+        return ce + aux
+
+    def loss_parts(self, input_ids, targets, cos=None, sin=None, allowed=None, loss_weight=None):
+        """(cross-entropy part, aux-loss part) of `next_token_loss`. The aux part is aux_loss_coef x the summed
+        layers' router aux loss of this forward (0 for a dense model); with `loss_weight` it is weighted by this
+        call's label tokens times loss_weight, so the sum over micro-batches and data-parallel ranks is the
+        label-token-weighted mean of the per-forward aux losses (times the loss scale), like the CE part."""
+        cos, sin, allowed = self._full_inputs(input_ids, cos, sin, allowed)
+        hidden, aux = self.forward_with_aux(input_ids, cos, sin, allowed)
+        total = self.loss_sum(hidden, targets)
         count = label_count(targets, self.config.ignore_token_id)
+        aux = self.config.aux_loss_coef * aux
+        if loss_weight is not None:
+            return total * loss_weight, aux * ops.stop_gradient(count) * loss_weight
         if self.cp > 1:
             total, count = self.cp_sum(total), ops.stop_gradient(self.cp_sum(count))
-        return total / ops.maximum(count, 1.0)
+        return total / ops.maximum(count, 1.0), aux
 
 
 def _without_unavailable_kernels(config: TeleChat2Config) -> TeleChat2Config:

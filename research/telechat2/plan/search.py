@@ -21,6 +21,9 @@ def planning_config(model: str, seq_length: int, amp: str = "O1") -> TeleChat2Co
         raise ConfigError(f"unknown model {model!r}; known: {', '.join(p for p in PRESETS)}")
     if amp not in ("O1", "O2"):
         raise ConfigError(f"--amp must be O1 or O2, got {amp!r}")
+    if PRESETS[model].get("num_experts"):
+        raise ConfigError(f"--model {model}: the planner does not model mixture-of-experts layers (expert memory, "
+                          "active FLOPs, all-to-all) yet")
     low = "float32" if amp == "O1" else "bfloat16"
     return TeleChat2Config.from_preset(model, compute_dtype="bfloat16", param_init_type=low, res_dtype=low,
                                        use_flash_attention=True, use_fused_rms_norm=True, loss_chunk_tokens=2048,

@@ -308,6 +308,29 @@ class StoredOptimizer:
                 out[lo - offset:hi - offset] = f.read_raw(f"{kind}.bucket_{b:03d}")[lo - k * n:hi - k * n]
         return None if out is None else out.reshape(shape)
 
+    def block(self, kind: str, name: str, spec=None) -> np.ndarray:
+        """The state `kind` of parameter `name` as this rank holds it: the full tensor (spec None) or the block
+        spec = (axis, start, length), joined only from the stored blocks that overlap it."""
+        blocks = self.blocks.get(name)
+        if spec is None or not blocks or any(axis != spec[0] for axis, _, _ in blocks.values()):
+            value = self.full(kind, name)
+            if spec is None:
+                return value
+            axis, begin, length = spec
+            return value[(slice(None),) * axis + (slice(begin, begin + length),)]
+        axis, begin, length = spec
+        parts = []
+        for position, (_, start, size) in sorted(blocks.items(), key=lambda kv: kv[1][1]):
+            lo, hi = max(begin, start), min(begin + length, start + size)
+            if lo >= hi:
+                continue
+            local = self._local(kind, name, position)
+            if local is None:
+                raise CheckpointError(f"{self.step_dir}: optimizer state {kind} of {name!r} (block at {start}) is "
+                                      f"missing; {SHARED_FS}")
+            parts.append(local[(slice(None),) * axis + (slice(lo - start, hi - start),)])
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axis)
+
     def full(self, kind: str, name: str) -> np.ndarray:
         blocks = self.blocks.get(name)
         if not blocks:                                  # replicated: any model shard that holds it
@@ -329,7 +352,8 @@ class StoredOptimizer:
 
 def load_resharded(step_dir: str, model, optimizer) -> None:
     """Resume from a checkpoint written in another layout: weights and AdamW state re-sliced for this rank,
-    one parameter at a time (peak host memory: the largest full tensor plus this rank's share)."""
+    one bucket shard at a time, each parameter joined from only the stored blocks this rank's block overlaps
+    (peak host memory: this rank's share, one bucket shard and the largest stored block)."""
     import mindspore as ms
     from ..checkpoint.load import load_weights
     from ..parallel.layers import shard_specs
@@ -343,22 +367,19 @@ def load_resharded(step_dir: str, model, optimizer) -> None:
         if kind == "master" and not stored.has_master:
             optimizer.master_from_weights()            # written with fp32 weights: they are the master
             continue
-        shards = [np.zeros(plan.shard_length(b), np.float32) for b in range(len(plan.buckets))]
-        for b in range(len(plan.buckets)):
+        for b in range(len(plan.buckets)):           # one bucket shard on the host at a time
+            shard = np.zeros(plan.shard_length(b), np.float32)
             start, _ = plan.shard_range(b)
             for s, lo, hi in plan.overlaps(b):
-                value = stored.full(kind, s.name)
-                if s.name in specs:                    # this rank's tensor-parallel block
-                    axis, begin, length = specs[s.name]
-                    value = value[(slice(None),) * axis + (slice(begin, begin + length),)]
+                value = stored.block(kind, s.name, specs.get(s.name))      # this rank's tensor-parallel block
                 if tuple(value.shape) != s.shape:
                     raise CheckpointError(f"{step_dir}: optimizer state {kind} of {s.name!r}: {list(value.shape)} "
                                           f"vs {list(s.shape)}")
                 dst = s.offset + lo - start
-                shards[b][dst:dst + hi - lo] = np.ascontiguousarray(value).reshape(-1)[lo:hi]
+                shard[dst:dst + hi - lo] = np.ascontiguousarray(value).reshape(-1)[lo:hi]
                 del value
-        for b, buf in enumerate(buffers):
-            buf.set_data(ms.Tensor(shards[b]))
+            buffers[b].set_data(ms.Tensor(shard))
+            del shard
     if stored.step_value is None:
         raise CheckpointError(f"{step_dir}: optimizer state adam_step is missing")
     optimizer.step.set_data(ms.Tensor(stored.step_value).astype(optimizer.step.dtype))

@@ -37,7 +37,7 @@ from .optim import AdamW, LossScaler, lr_at
 from .output_dir import claim_for_run
 from .report import append_history, log_line, read_history, write_rank_memory, write_report
 from .run_config import callback, micro_batches_per_step, model_config, save_resolved
-from .runtime import peak_host_memory_mb
+from .runtime import host_memory_mb, peak_host_memory_mb
 
 
 class TrainError(TeleChat2Error):
@@ -312,15 +312,17 @@ class Stepper:
         # stays eager (the optimizer step is still compiled)
         jit_model = graph and layout.cp == 1
         compile_ = functools.partial(ms.jit, jit_level=jit_level)
+        self.fused = None
         if jit_model:
             self.accumulate = compile_(self.train_step.accumulate)
+            self.fused = compile_(self.train_step.step)      # the last micro-batch and the update: one graph
         else:                                   # eager forward/backward, compiled gradient reduction
             ts, add_grads = self.train_step, compile_(self.train_step.add_grads) if graph else None
 
             def accumulate(*args):
-                loss, grads = ts.grad_fn(*args)
+                (loss, aux), grads = ts.grad_fn(*args)
                 (add_grads or ts.add_grads)(grads)
-                return loss
+                return loss, aux
             self.accumulate = accumulate
         self.apply = compile_(self.train_step.apply) if graph else self.train_step.apply
         self.pipeline = None
@@ -348,22 +350,34 @@ class Stepper:
             attn = tuple(self.model.attention_inputs(inputs.shape[1], positions, segments))
         return MicroBatch(ms.Tensor(inputs.astype(np.int32)), ms.Tensor(targets.astype(np.int32)), attn)
 
-    def __call__(self, micro: list[MicroBatch], lr: float, scale: float) -> tuple[float, float, bool]:
-        """(global per-token loss, gradient norm, finite) of one optimizer step."""
+    def __call__(self, micro: list[MicroBatch], lr: float, scale: float) -> tuple[float, float, float, bool]:
+        """(global per-token loss, its MoE aux-loss part (0 for a dense model), gradient norm, finite) of one
+        optimizer step."""
         import mindspore as ms
         from ..model.loss import label_count
         ts, ignore = self.train_step, self.run.model_cfg.ignore_token_id
         count = ts.data_sum(ops_sum([label_count(mb.targets, ignore) for mb in micro]))      # the global batch
         loss_weight = ms.Tensor(scale, ms.float32) / ms.ops.maximum(count, 1.0)
-        if self.pipeline is None:
-            losses = [self.accumulate(mb.inputs, mb.targets, *mb.attn, loss_weight) for mb in micro]
-            loss = ops_sum(losses)
+        lr, grad_mult = ms.Tensor(lr, ms.float32), ms.Tensor(1.0 / scale, ms.float32)
+        if self.fused is not None:
+            prior = ms.ops.zeros(2, ms.float32)
+            for mb in micro[:-1]:
+                prior = prior + ms.ops.stack(self.accumulate(mb.inputs, mb.targets, *mb.attn, loss_weight))
+            last = micro[-1]
+            loss, aux, norm, finite = self.fused(last.inputs, last.targets, *last.attn, loss_weight, lr, grad_mult,
+                                                 prior).asnumpy().tolist()          # the step's one fetch
         else:
-            loss = ts.reducer.pipeline_sum(self.pipeline.run(micro, loss_weight, self.act_like))
-        loss = float(ts.data_sum(loss).asnumpy()) / scale
-        norm, finite = self.apply(ms.Tensor(lr, ms.float32), ms.Tensor(1.0 / scale, ms.float32))
-        finite = bool(finite.asnumpy())
-        return loss, (float(norm.asnumpy()) if finite else float("inf")), finite
+            if self.pipeline is None:
+                parts = [self.accumulate(mb.inputs, mb.targets, *mb.attn, loss_weight) for mb in micro]
+                losses = ms.ops.stack([ops_sum([p[0] for p in parts]), ops_sum([p[1] for p in parts])])
+            else:
+                loss = ts.reducer.pipeline_sum(self.pipeline.run(micro, loss_weight, self.act_like))
+                losses = ms.ops.stack([loss, ms.ops.zeros((), ms.float32)])
+            norm, finite = self.apply(lr, grad_mult)
+            loss, aux, norm, finite = ms.ops.concat([ts.data_sum(losses), ms.ops.stack(
+                [norm, finite.astype(ms.float32)])]).asnumpy().tolist()
+        finite = bool(finite)
+        return loss / scale, aux / scale, (norm if finite else float("inf")), finite
 
 
 def ops_sum(values):
@@ -393,10 +407,11 @@ class Logger:
         self.flops_per_step = flops_per_token(run.model_cfg, self.seq) * run.global_batch * self.seq
         self.peak = float(cfg["report"]["peak_tflops"]) or measured_gemm_tflops()
 
-    def record(self, step, dt, lr, loss, norm, finite, loss_scale) -> dict:
+    def record(self, step, dt, lr, loss, norm, finite, loss_scale, aux_loss=None) -> dict:
         devices = self.run.layout.world
         sps = self.run.global_batch / devices / dt
-        return {"step": step, "loss": loss, "lr": lr, "loss_scale": loss_scale, "overflow": not finite,
+        moe = {"aux_loss": aux_loss} if self.run.model_cfg.num_experts else {}
+        return {"step": step, "loss": loss, **moe, "lr": lr, "loss_scale": loss_scale, "overflow": not finite,
                 "global_norm": norm, "step_time_s": dt, "samples_per_s_per_device": sps,
                 "tokens_per_s_per_device": sps * self.seq, "mfu": self.flops_per_step / devices / dt / 1e12 / self.peak}
 
@@ -407,7 +422,8 @@ class Logger:
                         lr=r["lr"], overflow=r["overflow"], loss_scale=r["loss_scale"], global_norm=r["global_norm"],
                         tflops_per_device=self.flops_per_step / run.layout.world / r["step_time_s"] / 1e12,
                         samples_per_s_per_device=r["samples_per_s_per_device"],
-                        tokens_per_s_per_device=r["tokens_per_s_per_device"], mfu=r["mfu"])
+                        tokens_per_s_per_device=r["tokens_per_s_per_device"], mfu=r["mfu"],
+                        aux_loss=r.get("aux_loss"))
 
     def finish(self, history: list) -> None:
         run, cfg = self.run, self.run.cfg
@@ -431,8 +447,10 @@ def train(cfg: dict, *, resume: bool = False, progress: bool = True, force: bool
     from ..parallel.mesh import barrier
 
     run = set_up(cfg, resume, progress, force)
+    host_mb = {"before_model": host_memory_mb()}       # the interpreter, MindSpore and the data loader
     model, optimizer, scaler = build(run)
     done = restore(run, model, optimizer, scaler)
+    host_mb["peak_through_restore"] = peak_host_memory_mb()
     stepper, logger = Stepper(run, model, optimizer), Logger(run)
     batches = iter(run.loader(offset=done.consumed))
     save_every = callback(cfg, "CheckpointMonitor")["save_checkpoint_steps"]
@@ -444,10 +462,10 @@ def train(cfg: dict, *, resume: bool = False, progress: bool = True, force: bool
         lr = lr_at(done.step, cfg["lr_schedule"], run.total_steps)
         micro = [stepper.micro_batch(next(batches)) for _ in range(run.accum)]
         loss_scale = scaler.scale
-        loss, norm, finite = stepper(micro, lr, loss_scale)
+        loss, aux_loss, norm, finite = stepper(micro, lr, loss_scale)
         scaler.update(finite)
         done.step, done.consumed = done.step + 1, done.consumed + run.global_batch
-        record = logger.record(done.step, time.perf_counter() - t0, lr, loss, norm, finite, loss_scale)
+        record = logger.record(done.step, time.perf_counter() - t0, lr, loss, norm, finite, loss_scale, aux_loss)
         done.history.append(record)
         if run.rank0:
             append_history(run.out, record)
@@ -463,7 +481,7 @@ def train(cfg: dict, *, resume: bool = False, progress: bool = True, force: bool
     bar.close()
     logger.finish(done.history)
     allocated = memory.allocated_buffers(model, optimizer, stepper.train_step)
-    write_rank_memory(run.out, run.mesh.rank, memory.by_kind(allocated), memory.weights_by_dtype(allocated),
-                      peak_host_memory_mb())
+    host_mb["peak"] = peak_host_memory_mb()
+    write_rank_memory(run.out, run.mesh.rank, memory.by_kind(allocated), memory.weights_by_dtype(allocated), host_mb)
     barrier(run.mesh)
     return run.out

@@ -14,8 +14,10 @@ import numpy as np
 
 
 def log_line(*, epoch, epochs, step, total, loss, step_time_s, lr, overflow, loss_scale, global_norm,
-             tflops_per_device, samples_per_s_per_device, tokens_per_s_per_device, mfu) -> str:
-    return (f"{{ Epoch:[{epoch:3d}/{epochs:3d}], step:[{step:5d}/{total:5d}], loss: {loss:.6f}, "
+             tflops_per_device, samples_per_s_per_device, tokens_per_s_per_device, mfu, aux_loss=None) -> str:
+    """The MFLossMonitor line; a MoE model adds `aux_loss` (the router load-balancing part of `loss`)."""
+    aux = "" if aux_loss is None else f"aux_loss: {aux_loss:.6f}, "
+    return (f"{{ Epoch:[{epoch:3d}/{epochs:3d}], step:[{step:5d}/{total:5d}], loss: {loss:.6f}, {aux}"
             f"per_step_time: {step_time_s * 1000:.0f}ms, lr: {lr:.6e}, overflow cond: {overflow}, "
             f"loss_scale: {loss_scale:g}, global_norm: [{global_norm:.6f}], "
             f"train_throughput_per_npu: {tflops_per_device:.3f}T }} "
@@ -69,15 +71,16 @@ def summarize(steps: list[dict], skip_first: int = 1) -> dict:
     }
 
 
-def write_rank_memory(run_dir: str, rank: int, allocated: dict, weights_by_dtype: dict, peak_rss_mb: float) -> str:
+def write_rank_memory(run_dir: str, rank: int, allocated: dict, weights_by_dtype: dict, host_mb: dict) -> str:
     """report/memory_rank_R.json: the bytes this rank allocated for its persistent buffers, by kind
-    (train/memory.py), and its peak resident memory. Every rank writes its own."""
+    (train/memory.py), and its resident memory in MiB (`host_mb`: before the model was built, the peak up
+    to the end of the checkpoint restore, the peak of the run). Every rank writes its own."""
     out = os.path.join(run_dir, "report")
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, f"memory_rank_{rank}.json")
     with open(path + ".tmp", "w", encoding="utf-8") as fh:
         json.dump({"rank": rank, "allocated_bytes": allocated, "weights_by_dtype": weights_by_dtype,
-                   "persistent_bytes": sum(allocated.values()), "peak_rss_mb": peak_rss_mb}, fh, indent=1)
+                   "persistent_bytes": sum(allocated.values()), "host_memory_mb": host_mb}, fh, indent=1)
     os.replace(path + ".tmp", path)
     return path
 

@@ -85,6 +85,28 @@ SCHEMA: dict = {
         "micro_batch_num": 1,
         "vocab_emb_dp": True,
         "gradient_aggregation_group": 4,
+        "expert_parallel": 1,
+    },
+    # mixture of experts (MindFormers' moe_config). None: the model's value (preset / model_config)
+    "moe_config": {
+        "expert_num": None,             # -> model_config.num_experts
+        "num_experts_chosen": None,     # -> model_config.moe_top_k
+        "capacity_factor": None,        # -> model_config.capacity_factor (0: dropless)
+        "aux_loss_coef": None,          # -> model_config.aux_loss_coef
+        "aux_loss_factors": None,       # MindFormers' spelling of the coefficient: [coef] with aux_loss_types [expert]
+        "aux_loss_types": None,
+        "routing_policy": None,
+        "router_dense_type": None,
+        "shared_expert_num": None,
+        "enable_sdrop": None,
+        "use_fused_ops_topkrouter": None,
+        "group_wise_a2a": None,
+        "comp_comm_parallel": None,
+        "comp_comm_parallel_degree": None,
+        "balance_via_topk_bias": None,
+        "topk_bias_update_rate": None,
+        "ep_extend_tp": None,
+        "comm_chunks": None,            # -> model_config.moe_comm_chunks (dropless only)
     },
     "micro_batch_interleave_num": 1,
     "recompute_config": {
@@ -126,7 +148,7 @@ MINDFORMERS_ONLY = {
     "train_dataset_task": None, "profile": False, "profile_start_step": 1, "profile_stop_step": 10,
     "init_start_profile": False, "profile_communication": False, "profile_memory": False, "layer_scale": False,
     "layer_decay": 0.65, "lr_scale_factor": 256, "eval_dataset": None, "eval_dataset_task": None, "do_eval": False,
-    "metric": None, "moe_config": None,
+    "metric": None,
 }
 
 # Keys the code reads (dotted path -> the reader).
@@ -171,6 +193,12 @@ USED = {
     "model.preset": "model_config", "model.model_config": "TeleChat2Config.from_model_config",
     "processor.tokenizer.vocab_file": "prepare_dataset, predict",
     "report.peak_tflops": "loop.Logger (MFU)",
+    "moe_config.expert_num": "model_config (num_experts)", "moe_config.num_experts_chosen": "model_config (moe_top_k)",
+    "moe_config.capacity_factor": "model_config (capacity_factor)", "moe_config.aux_loss_coef": "model_config (aux_loss_coef)",
+    "moe_config.aux_loss_factors": "model_config (aux_loss_coef = the one factor)",
+    "parallel_config.expert_parallel": "check_moe_layout (1, or = model_parallel with moe_config.ep_extend_tp)",
+    "moe_config.ep_extend_tp": "check_moe_layout (the experts split over the tp group: model/moe.py)",
+    "moe_config.comm_chunks": "model_config (moe_comm_chunks: dispatch -> experts -> combine in chunks)",
     "callbacks.MFLossMonitor.per_print_times": "train loop (a log line every N steps and at the end)",
     "callbacks.CheckpointMonitor.save_checkpoint_steps": "train loop",
     "callbacks.CheckpointMonitor.keep_checkpoint_max": "checkpointing.save",
@@ -233,7 +261,17 @@ ACCEPTED_VALUES = {
     "eval_dataset": (ANY_PATH, "read only with do_eval: True"),
     "eval_dataset_task": (ANY_PATH, "read only with do_eval: True"),
     "metric": (ANY_PATH, "read only with do_eval: True"),
-    "moe_config": ((None, {}), "mixture-of-experts models are not implemented"),
+    "moe_config.aux_loss_types": ((None, ["expert"]), "the one aux loss is Switch's expert load balance"),
+    "moe_config.routing_policy": ((None, "TopkRouterV2"), "softmax, top-k, weights renormalised (model/moe.py)"),
+    "moe_config.router_dense_type": ((None, "float32"), "the router is computed in fp32"),
+    "moe_config.shared_expert_num": ((None, 0), "no shared experts (39B-A12B has none)"),
+    "moe_config.enable_sdrop": ((None, False), "assignments beyond capacity are dropped in token order"),
+    "moe_config.use_fused_ops_topkrouter": ((None, True, False), "the router is written with primitives"),
+    "moe_config.group_wise_a2a": ((None, False), "no all-to-all: experts are split over the tp group only"),
+    "moe_config.comp_comm_parallel": ((None, False), "no dispatch/compute overlap is implemented"),
+    "moe_config.comp_comm_parallel_degree": (ANY_PATH, "read only with comp_comm_parallel: True"),
+    "moe_config.balance_via_topk_bias": ((None, False), "load balance comes from the aux loss only"),
+    "moe_config.topk_bias_update_rate": (ANY_PATH, "read only with balance_via_topk_bias: True"),
     "model.model_config.pet_config.pet_type": (("lora",), "LoRA is the parameter-efficient method implemented"),
     "model.model_config.pet_config.freeze_include": ((None, []), "only the adapters train: the base is frozen whole"),
     "model.model_config.pet_config.freeze_exclude": ((None, []), "only the adapters train: no base parameter is "
@@ -361,6 +399,8 @@ def apply_set(doc: dict, assignment: str) -> None:
 def load_run_config(path: str, overrides: list[str] = ()) -> dict:
     """The resolved run config: schema defaults <- base_config chain <- the file <- --set overrides."""
     doc = load_yaml_with_bases(path)
+    if "moe_config" in doc and doc["moe_config"] is None:     # MindFormers' dense yamls write `moe_config: null`
+        del doc["moe_config"]
     for assignment in overrides:
         apply_set(doc, assignment)
     _check_keys(doc, SCHEMA, "", path)
@@ -479,7 +519,7 @@ def validate_run_config(cfg: dict, source: str) -> None:
     else:
         _need(isinstance(ss, (int, float)) and ss > 0, source, "runner_wrapper.scale_sense",
               f"must be a positive number or a DynamicLossScaleUpdateCell mapping, got {ss!r}")
-    model_config(cfg, source)           # validates the model block (and pet_config)
+    check_moe_layout(model_config(cfg, source), cfg, source)   # validates the model block (and pet_config)
     _need(not (cfg["model"].get("model_config") or {}).get("pet_config") or cfg["load_checkpoint"], source,
           "load_checkpoint", f"{PET_SOURCE} trains LoRA adapters over a base model: set load_checkpoint "
           "(--load-checkpoint BASE) to its weights")
@@ -502,6 +542,7 @@ def model_config(cfg: dict, source: str = "run config") -> TeleChat2Config:
         config = TeleChat2Config.from_model_config({**base, **mc})
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
+    config = _with_moe_config(config, cfg.get("moe_config") or {}, source)
     if lora is not None and not any(lora.selects(n) for n in model_layers(config)):
         raise ConfigError(f"{source}: {PET_SOURCE}.target_modules {lora.target_modules!r} matches no linear layer "
                           f"(names: {', '.join(model_layers(config)[:3])}, ..., lm_head)")
@@ -515,6 +556,63 @@ def model_config(cfg: dict, source: str = "run config") -> TeleChat2Config:
     # O2 stores the weights in the low-precision dtype (AdamW keeps fp32 master shards); O0/O1 in fp32
     return config.replace(**dtypes, param_init_type=low if level == "O2" else fp32, layernorm_compute_type=fp32, softmax_compute_type=fp32,
                           rotary_dtype=fp32)
+
+
+MOE_KEYS = {"expert_num": "num_experts", "num_experts_chosen": "moe_top_k", "capacity_factor": "capacity_factor",
+            "aux_loss_coef": "aux_loss_coef", "comm_chunks": "moe_comm_chunks"}
+
+
+def _with_moe_config(config: TeleChat2Config, moe: dict, source: str) -> TeleChat2Config:
+    """The model config with the run's moe_config keys that are set (None: the model's value)."""
+    overrides = {field: moe[key] for key, field in MOE_KEYS.items() if moe.get(key) is not None}
+    factors = moe.get("aux_loss_factors")
+    if factors is not None:
+        _need(isinstance(factors, list) and len(factors) == 1 and moe.get("aux_loss_coef") is None, source,
+              "moe_config.aux_loss_factors", f"expected one factor [coef] (for aux_loss_types [expert]) and no "
+              f"aux_loss_coef beside it, got {factors!r}")
+        overrides["aux_loss_coef"] = factors[0]
+    if not overrides:
+        return config
+    try:
+        return config.replace(**overrides)
+    except ConfigError as e:
+        msg = str(e)
+        for key, field in MOE_KEYS.items():
+            msg = msg.replace(f"model_config.{field}:", f"moe_config.{key} (model_config.{field}):")
+        raise ConfigError(f"{source}: {msg}") from None
+
+
+def check_moe_layout(config: TeleChat2Config, cfg: dict, source: str) -> None:
+    """The layouts a MoE model runs with: data parallel, and tensor parallel without sequence parallel with the
+    experts split over the tp group (moe_config.ep_extend_tp, expert_parallel = model_parallel). Expert parallel
+    over data-parallel ranks (all-to-all) is not implemented; everything else is refused by name."""
+    pc, moe = cfg["parallel_config"], cfg.get("moe_config") or {}
+    ep, tp, extend = pc["expert_parallel"], pc["model_parallel"], moe.get("ep_extend_tp")
+    _need(isinstance(ep, int) and not isinstance(ep, bool) and ep >= 1, source, "parallel_config.expert_parallel",
+          f"must be an integer >= 1, got {ep!r}")
+    _need(extend in (None, True, False), source, "moe_config.ep_extend_tp", f"must be True or False, got {extend!r}")
+    if not config.num_experts:
+        _need(ep == 1 and not extend, source, "parallel_config.expert_parallel" if ep != 1 else "moe_config.ep_extend_tp",
+              "expert parallel needs a mixture-of-experts model (model_config.num_experts / moe_config.expert_num)")
+        return
+    for key in ("pipeline_stage", "context_parallel"):
+        _need(pc[key] == 1, source, f"parallel_config.{key}", f"{pc[key]}: a mixture-of-experts model "
+              f"(num_experts={config.num_experts}) is implemented with data and tensor parallel only; set {key}: 1")
+    if extend:
+        _need(ep == tp, source, "parallel_config.expert_parallel", f"{ep}: with moe_config.ep_extend_tp the expert "
+              f"domain is the tensor-parallel group, so expert_parallel must equal model_parallel={tp}")
+    else:
+        _need(ep == 1, source, "parallel_config.expert_parallel", f"{ep}: expert parallel over data-parallel ranks "
+              "(all-to-all dispatch) is not implemented; the experts can be split over the tensor-parallel group "
+              "with moe_config.ep_extend_tp: True and expert_parallel = model_parallel")
+        _need(tp == 1, source, "parallel_config.model_parallel", f"{tp}: a mixture-of-experts model under tensor "
+              "parallel splits its experts over the tp group: set moe_config.ep_extend_tp: True and "
+              f"parallel_config.expert_parallel: {tp}")
+    if tp > 1:
+        _need(not pc["use_seq_parallel"], source, "parallel_config.use_seq_parallel",
+              "sequence parallel with a mixture-of-experts model is not implemented")
+        _need(config.num_experts % tp == 0, source, "parallel_config.expert_parallel",
+              f"{ep} does not divide the {config.num_experts} experts (model_config.num_experts / moe_config.expert_num)")
 
 
 def micro_batches_per_step(cfg: dict, layout) -> int:

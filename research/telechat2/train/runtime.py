@@ -18,18 +18,28 @@ LAUNCH_HINT = ("launch one worker per device with msrun, e.g. `run_scripts/msrun
                "train --config CONFIG\" {n}` (or run_scripts/pretrain.sh / finetune.sh CONFIG {n})")
 
 
+def _status_mb(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_host_memory_mb() -> float:
     """This process's peak resident memory in MiB: VmHWM, the high-water mark of its own address space.
     Not getrusage's ru_maxrss: Linux carries the parent's high-water mark across fork/vfork + exec into it,
     so a run started from a large process (a test runner at 1.7 GB) would report the parent's size."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024      # no procfs: the inherited-floor figure
+    peak = _status_mb("VmHWM")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if peak is None else peak   # no procfs
+
+
+def host_memory_mb() -> float:
+    """This process's resident memory now, in MiB (VmRSS; 0 without procfs)."""
+    return _status_mb("VmRSS") or 0.0
 
 
 def launched_workers() -> int:

@@ -7,7 +7,10 @@ data-parallel and context-parallel ranks is the global mean, whatever the split.
 `accumulate` runs one micro-batch forward+backward and adds its gradients into the step's buffers; `apply`
 takes the reduced fp32 gradient shards (parallel/grads.py), measures the global norm, and unless they
 overflowed, takes one AdamW step with `grad_mult` (1 / loss scale) and clipping folded in; it then zeroes
-the buffers. An overflowed step leaves the weights and the optimizer state untouched.
+the buffers. An overflowed step leaves the weights and the optimizer state untouched. `step` is the last
+micro-batch's `accumulate` and `apply` compiled as one graph, which is how the trainer runs them when the
+forward/backward is compiled (one graph per step at one micro-batch; two graphs as separate calls cost about
+a third more CPU time on this machine, bench/train_step.py).
 
 The gradient buffers (`gradient_buffers`, read by the memory inventory too):
   - one fp32 shard per bucket (1/dp of the bucket with the distributed optimizer, else the bucket): each
@@ -45,7 +48,8 @@ class TrainStep(nn.Cell):
         self.per_parameter = accumulation > 1 and not shard_accumulation
         self.grad_buffers = ParameterTuple([Parameter(initializer(Zero(), shape, dtype), name=name) for name, shape, dtype
                                             in gradient_buffers(optimizer.plan, accumulation, shard_accumulation)])
-        self.grad_fn = ms.value_and_grad(self.scaled_loss, None, self.params)
+        # the loss and, beside it (no gradient of its own), the MoE aux-loss part it contains
+        self.grad_fn = ms.value_and_grad(self.scaled_loss, None, self.params, has_aux=True)
         self.use_clip = use_clip
         self.max_grad_norm = float(max_grad_norm)
 
@@ -54,20 +58,32 @@ class TrainStep(nn.Cell):
         return self.reducer.data_sum(x)
 
     def scaled_loss(self, input_ids, targets, cos, sin, allowed, loss_weight):
-        return self.model.next_token_loss(input_ids, targets, cos, sin, allowed, loss_weight)
+        """(weighted loss = CE part + MoE aux part, the aux part alone); see TeleChat2ForCausalLM.loss_parts."""
+        ce, aux = self.model.loss_parts(input_ids, targets, cos, sin, allowed, loss_weight)
+        return ce + aux, ops.stop_gradient(aux)
 
     def accumulate(self, input_ids, targets, cos, sin, allowed, loss_weight):
-        """One micro-batch; returns its weighted loss (cos, sin, allowed: packed documents' attention inputs,
-        or None)."""
-        loss, grads = self.grad_fn(input_ids, targets, cos, sin, allowed, loss_weight)
+        """One micro-batch; returns (its weighted loss, the MoE aux-loss part of it; 0 for a dense model)
+        (cos, sin, allowed: packed documents' attention inputs, or None)."""
+        (loss, aux), grads = self.grad_fn(input_ids, targets, cos, sin, allowed, loss_weight)
         self.add_grads(grads)
-        return loss
+        return loss, aux
 
     def add_grads(self, grads):
         parts = grads if self.per_parameter else self.reducer.to_shards(grads)
         for i in range(len(parts)):
             ops.assign_add(self.grad_buffers[i], parts[i].astype(ms.float32))
         return parts[0].sum()
+
+    def step(self, input_ids, targets, cos, sin, allowed, loss_weight, lr, grad_mult, prior):
+        """The step's last micro-batch and the update in one graph (no host round trip in between): its
+        forward/backward, the gradient reduction, norm, overflow check and AdamW. `prior`: the summed
+        [weighted loss, aux part] of the step's earlier micro-batches on this rank. Returns one fp32 vector
+        [global weighted loss, its aux part, gradient norm, finite], fetched once for the log line."""
+        loss, aux = self.accumulate(input_ids, targets, cos, sin, allowed, loss_weight)
+        norm, finite = self.apply(lr, grad_mult)
+        losses = self.data_sum(prior + ops.stack([loss, aux]))
+        return ops.concat([losses, ops.stack([norm, finite.astype(ms.float32)])])
 
     def apply(self, lr, grad_mult):
         """Returns (global gradient norm after unscaling, finite)."""

@@ -1,0 +1,201 @@
+"""Mixture-of-experts FFN (TeleChat2-39B-A12B): an fp32 top-k router and E stacked SwiGLU experts.
+
+`MoE` is the sub-cell `DecoderLayer.feed_forward` when `config.num_experts > 0` (the layer itself is the same).
+Parameter names and layouts are MindFormers' research/telechat2 ones (checkpoint/names.py):
+
+    feed_forward.router.dense.weight   [E, H]         fp32 routing logits = x W^T, no bias
+    feed_forward.ffn.w1.weight         [E, F, H]      gate, no bias
+    feed_forward.ffn.w3.weight         [E, F, H]      up, no bias
+    feed_forward.ffn.w2.weight         [E, H, F]      down
+    feed_forward.ffn.w2.bias           [1, E, 1, H]   down bias (MindFormers' expert-linear bias shape)
+
+Routing of the T = B*S tokens of one forward (all fp32):
+    probs = softmax(x W_r^T)                 [T, E]
+    top-k of probs, weights renormalised to sum 1 per token
+    aux = E * sum_e f_e * P_e                f_e = (assignments to e) / (T*k), P_e = mean_t probs[t, e]
+Capacity: dropless (capacity_factor 0) gives every expert C = T slots (a token chooses an expert at most
+once). Otherwise C = min(T, ceil(capacity_factor * T * k / E)); slots are filled in token order (row-major over
+[B, S]: sample 0 first), and an expert's assignments beyond C are dropped (that token gets no output from that
+expert; its other experts' weights are not renormalised; the residual carries it).
+
+The CPU formulation (tested against tests/reference/moe_torch.py): a one-hot dispatch tensor D [T, E, C]
+(D[t, e, c] = 1 when token t holds slot c of expert e) gathers the expert inputs with one matmul,
+X_e = D^T x ([E, C, H]); the experts run as batched matmuls over the stacked weights; the combine is one matmul
+with D weighted by the routing weights, y = (D * w) Y. Multiplying by exact 0/1 is exact, so it equals the
+per-token loop of the reference to rounding of the expert matmuls. It costs T*E*C for D (dropless: T^2 E), fine
+for the CPU tests and small batches; large token counts want a capacity factor (or Ascend's grouped matmul, not
+implemented here).
+
+`moe_comm_chunks` N > 1 (MindFormers' moe_config.comm_chunks idea: chunks of a micro-batch taken through
+dispatch -> experts -> combine one after another, so that Ascend can overlap one chunk's communication with
+another's compute): the router and the aux loss see all tokens, then the tokens go through dispatch, experts
+and combine in N consecutive chunks, each filling its own C = chunk slots. Dropless only (with a capacity the
+drops would depend on the chunking): then every token gets the same experts and weights, so the output equals
+the unchunked path, and the dispatch costs T^2 E / N instead of T^2 E. Here the chunks run one after another
+(no overlap on CPU).
+
+Experts over the tensor-parallel group (MindFormers' `moe_config.ep_extend_tp`: the expert domain is the tp
+group). Under tp without sequence parallel every tp rank holds the same tokens, so no all-to-all is needed:
+each rank holds E/tp experts (a contiguous block of the stacked axis), routes all tokens with the replicated
+router, runs its experts on their slots and combines with its experts' weights; the partial outputs are summed
+over tp, as after a row-parallel linear. Communication contract:
+
+    x [T, H] -> copy_to_tp (identity; all-reduce of dx) -> D_local^T x -> E/tp experts -> (D * gate)_local
+      -> reduce_from_tp (all-reduce; identity) -> y [T, H]
+    gate [T, E] -> copy_to_tp: each rank's gate gradient covers its experts' columns only; summed, the
+      replicated router gets its whole gradient on every rank (the aux loss is computed whole on every rank)
+"""
+from __future__ import annotations
+
+import math
+
+import mindspore as ms
+from mindspore import Parameter, nn, ops
+from mindspore.common.initializer import Normal, Zero, initializer
+
+from ..config import TeleChat2Config
+from ..dtypes import ms_dtype
+from ..parallel import ParallelMesh
+from ..parallel.layers import linear
+from .mlp import SwiGLU
+
+_bmm_nt = ops.BatchMatMul(transpose_b=True)
+
+
+def expert_capacity(tokens: int, config: TeleChat2Config) -> int:
+    """Slots per expert for a forward of `tokens` tokens (dropless: all of them)."""
+    if not config.capacity_factor:
+        return tokens
+    return max(1, min(tokens, math.ceil(config.capacity_factor * tokens * config.moe_top_k / config.num_experts)))
+
+
+class ExpertLinear(nn.Cell):
+    """E linears at once: x [E, C, in] -> [E, C, out] with weight [E, out, in] (+ bias [1, E, 1, out])."""
+
+    def __init__(self, experts, in_features, out_features, *, bias, init_std, param_dtype, compute_dtype,
+                 block=None):
+        super().__init__()
+        self.compute_dtype = compute_dtype
+        # block = (first expert, experts held) of the stacked tensor when the experts are split over ranks
+        self.shard_spec = {} if block is None else {"weight": (0, *block), **({"bias": (1, *block)} if bias else {})}
+        self.weight = Parameter(initializer(Normal(init_std), (experts, out_features, in_features), param_dtype),
+                                name="weight")
+        self.bias = Parameter(initializer(Zero(), (1, experts, 1, out_features), param_dtype), name="bias") \
+            if bias else None
+
+    def construct(self, x):
+        y = _bmm_nt(x.astype(self.compute_dtype), self.weight.astype(self.compute_dtype))
+        if self.bias is not None:
+            b = self.bias.astype(self.compute_dtype).reshape(self.bias.shape[1], 1, self.bias.shape[3])
+            y = y + ops.broadcast_to(b, y.shape)
+        return y
+
+
+class Experts(nn.Cell):
+    """The stacked SwiGLU experts: w2(silu(w1 x) * w3 x) + b2 per expert, [E, C, H] -> [E, C, H]."""
+
+    def __init__(self, config: TeleChat2Config, block=None):
+        super().__init__()
+        E, H, F = config.num_experts if block is None else block[1], config.hidden_size, config.intermediate_size
+        common = dict(init_std=config.initializer_range, param_dtype=ms_dtype(config.param_init_type),
+                      compute_dtype=ms_dtype(config.compute_dtype), block=block)
+        self.w1 = ExpertLinear(E, H, F, bias=False, **common)     # gate
+        self.w3 = ExpertLinear(E, H, F, bias=False, **common)     # up
+        self.w2 = ExpertLinear(E, F, H, bias=True, **common)      # down
+        self.act = SwiGLU()
+
+    def construct(self, x):
+        return self.w2(self.act(self.w1(x), self.w3(x)))
+
+
+class RouterDense(nn.Cell):
+    def __init__(self, config: TeleChat2Config):
+        super().__init__()
+        self.weight = Parameter(initializer(Normal(config.initializer_range),
+                                            (config.num_experts, config.hidden_size),
+                                            ms_dtype(config.param_init_type)), name="weight")
+
+
+class Router(nn.Cell):
+    """fp32 logits, softmax, top-k, renormalised weights; returns (gate [T, E], selected [T, E] 0/1, aux)."""
+
+    def __init__(self, config: TeleChat2Config):
+        super().__init__()
+        self.dense = RouterDense(config)
+        self.experts, self.top_k = config.num_experts, config.moe_top_k
+
+    def construct(self, x):
+        # x: [T, H]
+        probs = ops.softmax(linear(x.astype(ms.float32), self.dense.weight.astype(ms.float32)), -1)   # [T, E]
+        top_p, top_i = ops.topk(probs, self.top_k)                                                  # [T, k]
+        weights = top_p / top_p.sum(-1, keepdims=True)
+        onehot = ops.one_hot(top_i, self.experts, ms.Tensor(1.0, ms.float32), ms.Tensor(0.0, ms.float32))
+        selected = ops.stop_gradient(onehot.sum(1))                                                 # [T, E]
+        gate = (onehot * weights.expand_dims(-1)).sum(1)                                            # [T, E]
+        share = selected.mean(0) / self.top_k                   # f_e: share of the assignments (no gradient)
+        aux = self.experts * (share * probs.mean(0)).sum()
+        return gate, selected, aux
+
+
+class MoE(nn.Cell):
+    """The MoE FFN of a decoder layer: [B, S, H] -> ([B, S, H], aux loss of this layer, fp32 scalar)."""
+
+    def __init__(self, config: TeleChat2Config, mesh: ParallelMesh):
+        super().__init__()
+        if mesh.layout.pp > 1 or mesh.layout.cp > 1 or mesh.sequence_parallel:
+            raise ValueError("num_experts > 0 is implemented with data parallel and tensor parallel without "
+                             "sequence parallel (pipeline_stage, context_parallel 1, use_seq_parallel False)")
+        if config.num_experts % mesh.tp:
+            raise ValueError(f"num_experts={config.num_experts} is not divisible by the tensor-parallel size {mesh.tp}")
+        self.config = config
+        self.compute_dtype = ms_dtype(config.compute_dtype)
+        self.router = Router(config)
+        self.local = config.num_experts // mesh.tp                  # experts on this rank
+        self.first = mesh.tp_rank * self.local
+        self.ffn = Experts(config, (self.first, self.local) if mesh.tp > 1 else None)
+        self.tp_edges = mesh.tp > 1
+        if self.tp_edges:
+            from ..parallel.mappings import CopyToTensorParallel, ReduceFromTensorParallel, tp_collective
+            self.copy_input = tp_collective(CopyToTensorParallel, mesh)
+            self.copy_gate = tp_collective(CopyToTensorParallel, mesh)
+            self.reduce_output = tp_collective(ReduceFromTensorParallel, mesh)
+
+    def construct(self, x):
+        shape = x.shape
+        xt = x.reshape(-1, shape[-1])                                           # [T, H]
+        gate, selected, aux = self.router(xt)                  # over all tokens (the aux loss too)
+        if self.tp_edges:
+            xt, gate = self.copy_input(xt), self.copy_gate(gate)
+        chunks = self.config.moe_comm_chunks
+        if chunks == 1:
+            y = self.dispatch_ffn_combine(xt, gate, selected, expert_capacity(xt.shape[0], self.config))
+        else:                                                  # dropless: each chunk's tokens fill their own slots
+            T = xt.shape[0]
+            step = (T + chunks - 1) // chunks
+            parts = []
+            for start in range(0, T, step):
+                stop = min(start + step, T)
+                parts.append(self.dispatch_ffn_combine(xt[start:stop], gate[start:stop], selected[start:stop],
+                                                       stop - start))
+            y = ops.cat(parts, 0)
+        if self.tp_edges:
+            y = self.reduce_output(y)
+        return y.reshape(shape), aux
+
+    def dispatch_ffn_combine(self, xt, gate, selected, C):
+        """Tokens xt [T, H] with their routing (gate, selected [T, E_all]) through this rank's experts with C
+        slots each -> [T, H] (this rank's experts' part under tp)."""
+        T, H, E = xt.shape[0], xt.shape[1], self.local             # E: the experts held here (all at tp=1)
+        slot = ops.cumsum(selected, 0) - selected              # this token's place in the expert's queue
+        kept = selected * (slot < C).astype(ms.float32)
+        slot = ops.minimum(slot, C - 1).astype(ms.int32)
+        dispatch = ops.one_hot(slot, C, ms.Tensor(1.0, ms.float32), ms.Tensor(0.0, ms.float32)) \
+            * kept.expand_dims(-1)                                              # [T, E_all, C]
+        dispatch = ops.stop_gradient(dispatch)
+        if self.tp_edges:                                      # this rank's experts only
+            dispatch, gate = dispatch[:, self.first:self.first + E], gate[:, self.first:self.first + E]
+        combine = (dispatch * gate.expand_dims(-1)).reshape(T, E * C).astype(self.compute_dtype)
+        d = dispatch.reshape(T, E * C).astype(self.compute_dtype)
+        expert_in = ops.matmul(d.transpose(1, 0), xt.astype(self.compute_dtype)).reshape(E, C, H)
+        expert_out = self.ffn(expert_in).reshape(E * C, H)                      # [E*C, H]
+        return ops.matmul(combine, expert_out.astype(self.compute_dtype))       # [T, H]
