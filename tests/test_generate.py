@@ -220,3 +220,69 @@ def test_vocab_limit_keeps_ids_inside_the_tokenizer(gqa):
     limit = min(free)                                   # forbid every id the free run produced but the smallest
     out = model.generate(ps, max_new_tokens=12, eos_token_id=-1, vocab_limit=limit + 1)[0][6:]
     assert max(out) <= limit
+
+
+# ---- decoder cache: buckets, LRU bound, in-place cache updates ---------------------------------------
+
+def test_prompt_and_cache_lengths_are_bucketed(gqa):
+    from telechat2.infer.generate import cache_length, length_bucket
+    assert [length_bucket(n) for n in (1, 32, 33, 48, 49, 64, 65, 97, 129, 193, 1000)] == \
+        [32, 32, 48, 48, 64, 64, 96, 128, 192, 256, 1024]
+    assert all(n <= length_bucket(n) <= max(32, 1.5 * n) for n in range(1, 3000))
+    assert cache_length(11, 32) == 64 and cache_length(40, 20) == 96
+    cfg, sd, model = gqa
+    gen = Generator(model, use_jit=False)
+    for n in (3, 17, 32):                               # every prompt up to 32 tokens shares one decoder
+        gen.generate(prompts([n]), GenerationConfig(max_new_tokens=2, eos_token_id=-1))
+    assert gen.cached_shapes() == [(1, 32, 48)]
+
+
+def test_decoders_are_kept_in_a_bounded_lru(gqa):
+    import gc
+    import weakref
+    cfg, sd, model = gqa
+    gen = Generator(model, use_jit=False, max_decoders=2)
+    g = GenerationConfig(max_new_tokens=3, eos_token_id=-1)
+    first = gen.generate(prompts([5]), g)
+    dropped = weakref.ref(gen._decoders[(1, 32, 48)][0])
+    gen.generate(prompts([5, 6]), g)
+    gen.generate(prompts([40]), g)                      # a third shape: the least recently used one goes
+    assert gen.cached_shapes() == [(2, 32, 48), (1, 48, 64)]
+    gc.collect()
+    assert dropped() is None                            # its KV cache is freed with it
+    gen.generate(prompts([5, 6]), g)                    # a hit moves the shape to the most recent end
+    assert gen.cached_shapes() == [(1, 48, 64), (2, 32, 48)]
+    timings = {}
+    assert gen.generate(prompts([5]), g) == first       # rebuilt after eviction: the same tokens
+    assert gen.cached_shapes() == [(2, 32, 48), (1, 32, 48)]
+
+
+def test_cache_updated_in_place_matches_full_recompute_over_many_steps_and_reuse(gqa):
+    """90 decode steps (slots up to 96 of a 128-slot cache) equal the torch full recompute; the same compiled
+    decoder then serves a shorter prompt of the same bucket with nothing left over from the first call."""
+    cfg, sd, model = gqa
+    gen = Generator(model)
+    long_p, short_p = prompts([30, 4], seed=8)
+    out = gen.generate([long_p], GenerationConfig(max_new_tokens=90, eos_token_id=-1))
+    assert out == [reference_greedy(cfg, sd, long_p, 90)]
+    dec = gen._decoders[(1, 32, 128)][0]
+    k0 = dec.k_caches[0]
+    written = k0.asnumpy()[0, :, :32 + 89]              # prompt slots (2 left-padded) and 89 decode slots
+    assert np.abs(written[:, 2:]).min(-1).max() > 0 and not np.abs(k0.asnumpy()[0, :, 32 + 89:]).any()
+    out = gen.generate([short_p], GenerationConfig(max_new_tokens=90, eos_token_id=-1))
+    assert gen.cached_shapes() == [(1, 32, 128)] and gen._decoders[(1, 32, 128)][0].k_caches[0] is k0
+    assert out == [reference_greedy(cfg, sd, short_p, 90)]
+
+
+def test_decoder_cache_size_is_honoured_and_checked(gqa):
+    from telechat2.errors import TeleChat2Error
+    from telechat2.config import ConfigError
+    cfg, sd, model = gqa
+    with pytest.raises(ConfigError, match=r"model_config\.decoder_cache_size: must be an integer >= 1.*got 0"):
+        cfg.replace(decoder_cache_size=0)
+    with pytest.raises(ConfigError, match=r"model\.model_config: decoder_cache_size: must be an integer >= 1"):
+        TeleChat2Config.from_model_config({"decoder_cache_size": "4"})
+    with pytest.raises(TeleChat2Error, match="decoder_cache_size: expected an integer"):
+        Generator(model, max_decoders=-1)
+    small = TeleChat2ForCausalLM(cfg.replace(decoder_cache_size=1))
+    assert Generator(small).max_decoders == 1 and Generator(model).max_decoders == 4

@@ -55,6 +55,9 @@ class TeleChat2Config:
     # weight-only quantization of the decoder linears (None, or "w8a16": int8 weights with one fp32 scale per
     # output channel, checkpoint/quantize.py); taken from the checkpoint by predict/chat/eval
     weight_quant: str | None = None
+    # generation: compiled decoders kept per model, least recently used evicted first. Each one is a
+    # (batch, prompt bucket, cache bucket) shape with its own KV cache and two compiled graphs (prefill, decode)
+    decoder_cache_size: int = 4
     # mixture of experts (39B-A12B): num_experts 0 is the dense SwiGLU MLP; otherwise every layer's FFN is
     # `num_experts` SwiGLU experts of `intermediate_size` each, `moe_top_k` chosen per token by an fp32 router
     # (softmax, top-k, weights renormalised to 1). capacity_factor 0: dropless; > 0: each expert takes at most
@@ -89,6 +92,9 @@ class TeleChat2Config:
         need(isinstance(self.loss_chunk_tokens, int) and not isinstance(self.loss_chunk_tokens, bool)
              and self.loss_chunk_tokens >= 0, "loss_chunk_tokens",
              f"must be an integer >= 0 (0: no chunking), got {self.loss_chunk_tokens!r}")
+        need(isinstance(self.decoder_cache_size, int) and not isinstance(self.decoder_cache_size, bool)
+             and self.decoder_cache_size >= 1, "decoder_cache_size",
+             f"must be an integer >= 1 (compiled decoders kept per model), got {self.decoder_cache_size!r}")
         for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
                     "seq_length", "base_seqlen"):
             v = getattr(self, key)

@@ -1,21 +1,28 @@
-"""Generation with a preallocated KV cache: static shapes, so prefill and decode each compile once.
+"""Generation with a preallocated KV cache: static shapes, so prefill and decode each compile once per shape.
 
-Shapes: prompts are left-padded to P (rounded up to `bucket`), the cache holds L = P + max_new_tokens
-(rounded up) slots per layer. Prefill runs the padded prompt [B, P] and writes slots [0, P); decode step i
-runs one token [B, 1] and writes slot P + i. A query attends to the slots at or before its own that hold
-real tokens (padding slots are masked; the mask and tables come from the model's one builder,
-`model/attention_inputs.py`); positions count real tokens only (cumsum of the mask), so a
-left-padded row computes exactly what it computes alone.
+Shapes: prompts are left-padded to P = `length_bucket(longest prompt)` and the cache holds
+L = `length_bucket(P + max_new_tokens)` slots per layer; buckets are 32 x 2^k and 48 x 2^k (at most 1.5x the
+need), so the number of distinct shapes grows with the log of the length. Prefill runs the padded prompt [B, P]
+and writes slots [0, P) (and zeroes the rest, on the device); decode step i runs one token [B, 1] and writes
+slot P + i in place (ScatterNdUpdate of B x kv heads vectors; `model/attention.py::write_cache`). A query
+attends to the slots at or before its own that hold real tokens (padding and unwritten slots are masked; the
+mask and tables come from the model's one builder, `model/attention_inputs.py`); positions count real tokens
+only (cumsum of the mask), so a left-padded row computes exactly what it computes alone.
+
+Compiled decoders (`CachedDecoder` + its jitted prefill/decode) are kept per (batch, P, L) in an LRU of
+`config.decoder_cache_size` entries; the least recently used one is dropped (its KV cache and graphs with it).
 
 Positions past `training_seqlen` (dynamic NTK): the tables of each forward are built for the total length
-so far (P + i + 1, the padded length, as the HF code does) and applied to the new token only; cached keys keep
-the rotation they were written with. Below training_seqlen the tables do not depend on the length, so
-cached decoding equals a full recompute exactly; beyond it the two differ by design.
+so far (longest prompt + i + 1: the length the HF code sees for a batch padded to its longest prompt, whatever
+the bucket) and applied to the new token only; cached keys keep the rotation they were written with. Below
+training_seqlen the tables do not depend on the length, so cached decoding equals a full recompute exactly;
+beyond it the two differ by design.
 """
 from __future__ import annotations
 
 import math
 import time
+from collections import OrderedDict
 
 import numpy as np
 import mindspore as ms
@@ -24,6 +31,7 @@ from mindspore.common.initializer import Zero, initializer
 
 from ..dtypes import ms_dtype
 from ..errors import TeleChat2Error
+from ..options import POSITIVE_INT, require
 from ..parallel.heads import kv_heads_per_rank
 from ..model.attention_inputs import AttentionInputs, build_attention_inputs
 from .distributed import share_prompts
@@ -38,10 +46,21 @@ def kv_cache_buffers(config, tp: int, batch: int, cache_len: int) -> list[tuple[
     return [(f"kv_cache.{kv}.{i}", shape, dtype) for i in range(config.num_layers) for kv in "kv"]
 
 
+def length_bucket(n: int, base: int = 32) -> int:
+    """The smallest of base x 2^k and 1.5 base x 2^k (k >= 0) that holds n: base, 1.5 base, 2 base, 3 base, 4 base..."""
+    size = base
+    while True:
+        if n <= size:
+            return size
+        if n <= size * 3 // 2:
+            return size * 3 // 2
+        size *= 2
+
+
 def cache_length(prompt_len: int, max_new_tokens: int, bucket: int = 32) -> int:
-    """The cache length `generate` allocates for a prompt of `prompt_len` tokens: prompt and new tokens, each
-    rounded up to the bucket."""
-    return _round_up(_round_up(prompt_len, bucket) + max_new_tokens, bucket)
+    """The cache length `generate` allocates for a prompt of `prompt_len` tokens: the bucket of the prompt's
+    bucket plus the new tokens."""
+    return length_bucket(length_bucket(prompt_len, bucket) + max_new_tokens, bucket)
 
 
 class CachedDecoder(nn.Cell):
@@ -61,23 +80,34 @@ class CachedDecoder(nn.Cell):
         return self.model.head_logits(hidden[:, -1:])[:, 0]                            # [B, V]
 
 
-def _round_up(n: int, m: int) -> int:
-    return int(math.ceil(n / m) * m)
-
-
 class Generator:
-    """Compiled prefill/decode per (batch, prompt bucket, cache length), reused across calls."""
+    """Compiled prefill/decode per (batch, prompt bucket, cache bucket), the `max_decoders` most recently used
+    kept (default: the model's `decoder_cache_size`)."""
 
-    def __init__(self, model, bucket: int = 32, use_jit: bool = True):
+    def __init__(self, model, bucket: int = 32, use_jit: bool = True, max_decoders: int | None = None):
         self.model, self.bucket, self.use_jit = model, bucket, use_jit
-        self._decoders: dict[tuple[int, int], tuple] = {}
+        size = model.config.decoder_cache_size if max_decoders is None else max_decoders
+        self.max_decoders = require(POSITIVE_INT, size, "decoder_cache_size")
+        self._decoders: OrderedDict[tuple[int, int, int], tuple] = OrderedDict()
 
-    def _decoder(self, batch, cache_len):
-        key = (batch, cache_len)
-        if key not in self._decoders:
-            dec = CachedDecoder(self.model, batch, cache_len)
-            fn = ms.jit(dec.construct) if self.use_jit else dec.construct
-            self._decoders[key] = (dec, fn)
+    def cached_shapes(self) -> list[tuple[int, int, int]]:
+        """The (batch, prompt bucket, cache bucket) of the decoders held, least recently used first."""
+        return list(self._decoders)
+
+    def _decoder(self, batch, prompt_len, cache_len):
+        key = (batch, prompt_len, cache_len)
+        if key in self._decoders:
+            self._decoders.move_to_end(key)
+            return self._decoders[key]
+        while len(self._decoders) >= self.max_decoders:
+            self._decoders.popitem(last=False)               # its cache Parameters and graphs go with it
+        dec = CachedDecoder(self.model, batch, cache_len)
+        fn = ms.jit(dec.construct) if self.use_jit else dec.construct
+        # scatter indices of one decode token: (row, kv head, slot) for every row and kv head; slot set per step
+        nkv = dec.k_caches[0].shape[1]
+        index = np.zeros((batch, nkv, 3), np.int32)
+        index[..., 0], index[..., 1] = np.arange(batch)[:, None], np.arange(nkv)[None, :]
+        self._decoders[key] = (dec, fn, index)
         return self._decoders[key]
 
     def _inputs(self, num_tokens: int, total_len: int, positions: np.ndarray, query_slots: np.ndarray,
@@ -109,12 +139,11 @@ class Generator:
             if bad:
                 raise TeleChat2Error(f"generate: prompt {r} holds token id {bad[0]} outside [0, {vocab})")
         B = len(prompts)
-        P = _round_up(max(len(p) for p in prompts), self.bucket)
-        L = _round_up(P + cfg.max_new_tokens, self.bucket)
-        fresh = (B, L) not in self._decoders                # this call compiles its graphs (timings include it)
-        dec, run = self._decoder(B, L)
-        for cache in (*dec.k_caches, *dec.v_caches):
-            cache.set_data(ms.Tensor(np.zeros(cache.shape, np.float32)).astype(cache.dtype))
+        longest = max(len(p) for p in prompts)
+        P = length_bucket(longest, self.bucket)
+        L = length_bucket(P + cfg.max_new_tokens, self.bucket)
+        fresh = (B, P, L) not in self._decoders             # this call compiles its graphs (timings include it)
+        dec, run, write_index = self._decoder(B, P, L)
 
         ids = np.full((B, P), cfg.pad_token_id, np.int32)
         real = np.zeros((B, L), bool)                       # slots holding real tokens
@@ -123,7 +152,7 @@ class Generator:
             real[r, P - len(p):P] = True
         positions = np.maximum(np.cumsum(real[:, :P], 1) - 1, 0)
         t0 = time.perf_counter()
-        attn = self._inputs(P, P, positions, np.arange(P), real)
+        attn = self._inputs(P, longest, positions, np.arange(P), real)
         logits = run(Tensor(ids), *attn).asnumpy()
         if timings is not None:
             timings["prefill_s"] = time.perf_counter() - t0
@@ -154,10 +183,9 @@ class Generator:
             slot = P + step
             real[:, slot] = True
             last_pos = last_pos + 1
-            write = np.zeros((1, 1, L, 1), bool)
-            write[0, 0, slot, 0] = True
-            attn = self._inputs(1, slot + 1, last_pos[:, None], np.array([slot]), real)
-            logits = run(Tensor(nxt[:, None].astype(np.int32)), *attn, Tensor(write)).asnumpy()
+            write_index[..., 2] = slot
+            attn = self._inputs(1, longest + step + 1, last_pos[:, None], np.array([slot]), real)
+            logits = run(Tensor(nxt[:, None].astype(np.int32)), *attn, Tensor(write_index.copy())).asnumpy()
         if timings is not None:
             timings["total_s"] = time.perf_counter() - t0
             timings["compiled"] = fresh and self.use_jit

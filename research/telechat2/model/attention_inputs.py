@@ -31,7 +31,10 @@ from .rotary import rope_tables
 class AttentionInputs(NamedTuple):
     cos: Tensor              # [B|1, 1, T, hd] in the rotary dtype, mscale folded in
     sin: Tensor
-    allowed: Tensor | None   # bool [B|1, 1, T, L]; None under context parallel (the ring applies causality)
+    # bool [B|1, 1, T, L]; None under context parallel (the ring applies causality) and, with flash attention,
+    # for a plain causal sequence (the kernel's causal sparse mode); with flash attention and packed documents
+    # the int64 cumulative document ends over the B*T tokens (`actual_seq_len`)
+    allowed: Tensor | None
 
 
 @functools.lru_cache(maxsize=16)
@@ -56,7 +59,9 @@ def rope_spec(config) -> tuple:
 def rotary_tables(rope: tuple, total_len: int, num_tokens: int, positions=None, dtype=ms.float32):
     """cos, sin [B|1, 1, T, hd] at positions 0..T-1, or at `positions` ([B, T] Tensor or numpy, < total_len).
     rope: `rope_spec(config)`."""
-    table_cos, table_sin = rope_table_cache(total_len, *rope)                     # numpy [total_len, hd]
+    # every length up to training_seqlen has the same tables (alpha and mscale depend on max(L, training_seqlen)),
+    # so they share one cached table of training_seqlen rows: a decode step does not rebuild it per length
+    table_cos, table_sin = rope_table_cache(max(total_len, rope[2]), *rope)       # numpy [max(L, Ltrain), hd]
     if positions is None:
         return (Tensor(table_cos[:num_tokens], dtype).reshape(1, 1, num_tokens, -1),
                 Tensor(table_sin[:num_tokens], dtype).reshape(1, 1, num_tokens, -1))
@@ -102,13 +107,25 @@ def allowed_mask(num_queries: int, num_keys: int, *, query_slots=None, key_valid
     return allowed
 
 
+def actual_seq_len(segment_ids: np.ndarray) -> np.ndarray:
+    """FlashAttentionScore's TND `actual_seq_qlen`/`actual_seq_kvlen` of packed documents: int64 cumulative ends
+    of the documents over the B*T tokens, row after row. segment_ids [B, T]: a document is a run of equal ids
+    (packing lays each one contiguously), so no document is empty and the last end is B*T."""
+    seg = np.asarray(segment_ids)
+    B, T = seg.shape
+    ends = [np.flatnonzero(row[1:] != row[:-1]) + 1 for row in seg]                    # run ends inside each row
+    return np.concatenate([np.append(e, T) + b * T for b, e in enumerate(ends)]).astype(np.int64)
+
+
 def build_attention_inputs(rope: tuple, num_tokens: int, *, position_ids=None, segment_ids=None, key_valid=None,
                            total_len: int | None = None, query_slots=None, num_keys: int | None = None,
-                           ring: bool = False, dtype=ms.float32) -> AttentionInputs:
+                           ring: bool = False, flash: bool = False, dtype=ms.float32) -> AttentionInputs:
     """The tables and mask of one forward whose attention sees `num_tokens` query tokens (rope: `rope_spec`).
 
     total_len: the length the NTK tables are built for (default num_tokens; the full sequence under cp,
     prompt + generated so far in generation). ring: context parallel, no mask (needs explicit positions).
+    flash: the model uses FlashAttentionScore: a plain causal sequence gets no mask (the kernel's causal sparse
+    mode) and packed documents (numpy segment_ids, no padding mask) their `actual_seq_len`.
     """
     total = num_tokens if total_len is None else total_len
     cos, sin = rotary_tables(rope, total, num_tokens, position_ids, dtype)
@@ -117,6 +134,13 @@ def build_attention_inputs(rope: tuple, num_tokens: int, *, position_ids=None, s
             raise ValueError("context parallel: ring attention applies the plain causal mask only "
                              "(no packed-document segment_ids, no padding mask)")
         return AttentionInputs(cos, sin, None)
+    if flash and query_slots is None and key_valid is None and num_keys in (None, num_tokens):
+        if segment_ids is None:
+            return AttentionInputs(cos, sin, None)
+        if isinstance(segment_ids, Tensor):
+            raise ValueError("flash attention with packed documents: segment_ids must be numpy (the document "
+                             "lengths are computed on the host)")
+        return AttentionInputs(cos, sin, Tensor(actual_seq_len(segment_ids)))
     keys = num_tokens if num_keys is None else num_keys
     return AttentionInputs(cos, sin, allowed_mask(num_tokens, keys, query_slots=query_slots, key_valid=key_valid,
                                                   segment_ids=segment_ids))

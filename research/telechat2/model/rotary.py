@@ -10,6 +10,8 @@ import math
 import numpy as np
 from mindspore import ops
 
+from .norm import broadcast_for_mul
+
 
 def ntk_alpha_mscale(total_len: int, training_seqlen: int, base_seqlen: int) -> tuple[float, float]:
     """alpha and mscale for a forward of total length L (prompt + generated so far).
@@ -53,5 +55,5 @@ def rotate_half(x):
 def apply_rotary(x, cos, sin):
     """x: [B, n, S, hd]; cos/sin: [B or 1, 1, S, hd] in the rotary dtype. Returns x's dtype."""
     xr = x.astype(cos.dtype)
-    cos, sin = ops.broadcast_to(cos, xr.shape), ops.broadcast_to(sin, xr.shape)     # see model/norm.py
+    cos, sin = broadcast_for_mul(cos, xr.shape), broadcast_for_mul(sin, xr.shape)   # see model/norm.py
     return (xr * cos + rotate_half(xr) * sin).astype(x.dtype)

@@ -196,7 +196,8 @@ class TeleChat2ForCausalLM(nn.Cell):
                                           key_valid=attention_mask, total_len=num_tokens * self.cp, ring=True,
                                           dtype=self.rotary_dtype)
         return build_attention_inputs(self.rope, num_tokens, position_ids=position_ids, segment_ids=segment_ids,
-                                      key_valid=attention_mask, dtype=self.rotary_dtype)
+                                      key_valid=attention_mask, flash=self.config.use_flash_attention,
+                                      dtype=self.rotary_dtype)
 
     def forward(self, inputs, cos, sin, allowed, k_caches=None, v_caches=None, write_slot=None):
         """The one forward path: this stage's layers on token ids [B, S] (first stage) or hidden states
