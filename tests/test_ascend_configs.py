@@ -1,6 +1,7 @@
 """configs/ascend: every YAML passes check-config for its device count, carries the published layout and the
-Ascend fast paths, and every pretrain/finetune config trains under msrun in its OWN topology, scaled down, with
-the losses of a single device.
+Ascend fast paths, and every distinct layout of the pretrain/finetune configs trains under msrun, scaled down,
+with the losses of a single device: for each size, pretraining and SFT, at O1 and at O2 (RUN_CONFIGS; a config
+not run resolves to a run one but for its AMP level, asserted).
 
 Scaling down (`scaled_run`): the shipped YAML as resolved, the model replaced by the tiny preset at seq 64 with
 the size's features (GQA and eps 1e-8 for 115B, rope theta 1e6 for 35B-32K), every parallel axis above 1
@@ -137,7 +138,19 @@ TRAIN_CONFIGS = [n for n in CONFIGS if not n.startswith("predict")]
 # precision runs with the O2 configs of the same size (fp16 weights, residual stream and pipeline sends); the
 # O1 precision path with 7B's dp2 and 35B's pp2 x tp2 + SP.
 FP32_CONFIGS = ["pretrain_115b_o1.yaml", "finetune_115b_o1.yaml", "pretrain_3b_o1.yaml", "finetune_3b_o1.yaml"]
-FP16_CONFIGS = [n for n in TRAIN_CONFIGS if n not in FP32_CONFIGS]
+# each distinct layout runs once per (kind, AMP level): a size's pretrain and finetune configs share its
+# layout, and its O1 and O2 configs differ in nothing else than the AMP level
+# (test_twins_differ_only_in_the_amp_level), so of the fp16 configs of a size one pretrain and one finetune run,
+# at different levels; with FP32_CONFIGS every size's layout trains pretrain and SFT, at O1 and at O2
+FP16_CONFIGS = ["pretrain_3b_o2.yaml", "pretrain_7b_o1.yaml", "finetune_7b_o2.yaml", "pretrain_35b_o2.yaml",
+                "finetune_35b_o1.yaml", "pretrain_35b_32k_o1.yaml", "finetune_35b_32k_o2.yaml",
+                "finetune_115b_o2.yaml"]
+RUN_CONFIGS = FP16_CONFIGS + FP32_CONFIGS
+
+
+def twin_of(name: str) -> str:
+    """The config of the same size and kind at the other AMP level."""
+    return name.replace("_o1.yaml", "_o2.yaml") if name.endswith("_o1.yaml") else name.replace("_o2.yaml", "_o1.yaml")
 
 
 def tag_of(name: str) -> str:
@@ -195,7 +208,7 @@ def scaled_run(name: str, data: dict, init: dict, out: str, amp_level: str | Non
 
 @pytest.fixture(scope="module")
 def topology_runs(tmp_path_factory):
-    """Every training config (FP16_CONFIGS in fp16, FP32_CONFIGS in fp32) in its scaled topology, one msrun job per
+    """Each run config (FP16_CONFIGS in fp16, FP32_CONFIGS in fp32) in its scaled topology, one msrun job per
     world size; the single-device baselines in two plain processes."""
     tmp = tmp_path_factory.mktemp("ascend_topologies")
     data = {"pretrain": str(tmp / "pretrain"), "sft": str(tmp / "sft")}
@@ -254,14 +267,34 @@ def test_named_layouts_equal_one_device_in_fp32(topology_runs, name):
     assert len(got) == STEPS and np.allclose(got, want, rtol=0, atol=1e-5), (got, want)
 
 
+@pytest.mark.parametrize("name", [n for n in TRAIN_CONFIGS if n not in RUN_CONFIGS])
+def test_twins_differ_only_in_the_amp_level(name):
+    """A training config that does not run in its topology resolves, scaled down, to its run twin (same size
+    and kind, the other AMP level) but for amp.level: its layout, recompute, accumulation, SP and optimizer are
+    trained there, and its AMP level trains in the same layout with the other kind."""
+    twin = twin_of(name)
+    assert twin in RUN_CONFIGS, (name, twin)
+    data, init = {"pretrain": "/data/pretrain", "sft": "/data/sft"}, {4: "/init4", 2: "/init2"}
+    own = scaled_run(name, data, init, "/out", "O0" if twin in FP32_CONFIGS else None)
+    other = scaled_run(twin, data, init, "/out", "O0" if twin in FP32_CONFIGS else None)
+    a, b = (load_run_config(path(n), sets) for n, (_, sets, _, _) in ((name, own), (twin, other)))
+    assert own[0] == other[0]                                 # the same world size
+    a["amp"].pop("level"), b["amp"].pop("level")
+    assert a == b, name
+    assert any(size_of(n) == size_of(name) and n.endswith(name[-7:]) for n in RUN_CONFIGS), name
+
+
 def test_topologies_scaled_from_the_shipped_layouts(topology_runs):
     runs = topology_runs["runs"]
-    assert sorted(runs) == sorted(tag_of(n) for n in TRAIN_CONFIGS)         # every training config, once
-    assert {runs[tag_of(n)]["workers"] for n in TRAIN_CONFIGS} == {2, 4, 8}
+    assert sorted(runs) == sorted(tag_of(n) for n in RUN_CONFIGS)
+    assert {runs[tag_of(n)]["workers"] for n in RUN_CONFIGS} == {2, 4, 8}
+    for size in ("3b", "7b", "35b", "35b_32k", "115b"):      # each layout: pretrain and SFT, O1 and O2
+        ran = [n for n in RUN_CONFIGS if size_of(n) == size]
+        assert {kind_of(n) for n in ran} == {"pretrain", "sft"} and {n[-7:-5] for n in ran} == {"o1", "o2"}, ran
     assert runs["finetune_115b_o2"]["workers"] == runs["finetune_115b_o1_fp32"]["workers"] == 8   # dp2 tp2 pp2
-    # baselines shared by (pretrain, sft) x level x features: O1 (MHA, theta 1e6), O2 (MHA, theta, GQA),
-    # O0 (MHA, GQA)
-    assert topology_runs["distinct_baselines"] == 2 * (2 + 3 + 2)
+    # baselines shared by (kind, level, features): 7B/35B MHA pretrain O1 and O2, SFT O1 and O2 (3B's O2 pretrain
+    # shares 35B's), 35B-32K theta 1e6 pretrain O1 and SFT O2, 115B GQA SFT O2, and fp32 MHA + GQA pretrain + SFT
+    assert topology_runs["distinct_baselines"] == 4 + 2 + 1 + 4
 
 
 _PREDICTED: dict[str, dict] = {}     # configs identical after the tiny overrides generate once
@@ -273,7 +306,7 @@ def test_predict_config_generates_on_cpu(topology_runs, name):
     cfg = load_run_config(path(name), TINY_PREDICT)
     sig = json.dumps({k: v for k, v in cfg.items() if k != "output_dir"}, sort_keys=True, default=str)
     if sig not in _PREDICTED:
-        checkpoint = topology_runs["runs"]["finetune_7b_o1"]["out"]
+        checkpoint = topology_runs["runs"]["finetune_7b_o2"]["out"]
         cmd = [sys.executable, "-m", "telechat2", "predict", "--config", path(name), "--checkpoint", checkpoint,
                "--prompt", "你好", "--max-new-tokens", "4"]
         for s in TINY_PREDICT:
