@@ -312,24 +312,12 @@ class StoredOptimizer:
         """The state `kind` of parameter `name` as this rank holds it: the full tensor (spec None) or the block
         spec = (axis, start, length), joined only from the stored blocks that overlap it."""
         blocks = self.blocks.get(name)
-        if spec is None or not blocks or any(axis != spec[0] for axis, _, _ in blocks.values()):
-            value = self.full(kind, name)
-            if spec is None:
-                return value
+        if spec is None:
+            return self.full(kind, name)
+        if not blocks or any(axis != spec[0] for axis, _, _ in blocks.values()):
             axis, begin, length = spec
-            return value[(slice(None),) * axis + (slice(begin, begin + length),)]
-        axis, begin, length = spec
-        parts = []
-        for position, (_, start, size) in sorted(blocks.items(), key=lambda kv: kv[1][1]):
-            lo, hi = max(begin, start), min(begin + length, start + size)
-            if lo >= hi:
-                continue
-            local = self._local(kind, name, position)
-            if local is None:
-                raise CheckpointError(f"{self.step_dir}: optimizer state {kind} of {name!r} (block at {start}) is "
-                                      f"missing; {SHARED_FS}")
-            parts.append(local[(slice(None),) * axis + (slice(lo - start, hi - start),)])
-        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axis)
+            return self.full(kind, name)[(slice(None),) * axis + (slice(begin, begin + length),)]
+        return self._join(kind, name, *spec)
 
     def full(self, kind: str, name: str) -> np.ndarray:
         blocks = self.blocks.get(name)
@@ -339,15 +327,23 @@ class StoredOptimizer:
                 if local is not None:
                     return local
             raise CheckpointError(f"{self.step_dir}: optimizer state {kind} of {name!r} is missing")
-        parts = {}
-        for position, (axis, start, _) in blocks.items():
+        axis = next(iter(blocks.values()))[0]
+        return self._join(kind, name, axis, 0, max(start + size for _, start, size in blocks.values()))
+
+    def _join(self, kind: str, name: str, axis: int, begin: int, length: int) -> np.ndarray:
+        """Positions [begin, begin + length) along `axis` of `name`'s state, from the stored tensor-parallel
+        blocks that overlap them."""
+        parts = []
+        for position, (_, start, size) in sorted(self.blocks[name].items(), key=lambda kv: kv[1][1]):
+            lo, hi = max(begin, start), min(begin + length, start + size)
+            if lo >= hi:
+                continue
             local = self._local(kind, name, position)
             if local is None:
                 raise CheckpointError(f"{self.step_dir}: optimizer state {kind} of {name!r} (block at {start}) is "
                                       f"missing; {SHARED_FS}")
-            parts[start] = (axis, local)
-        axis = next(iter(parts.values()))[0]
-        return np.concatenate([parts[s][1] for s in sorted(parts)], axis=axis)
+            parts.append(local[(slice(None),) * axis + (slice(lo - start, hi - start),)])
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axis)
 
 
 def load_resharded(step_dir: str, model, optimizer) -> None:
