@@ -110,6 +110,9 @@ CASES = [
     Case("gradient_accumulation_shard=maybe",
          lambda c: train(c, fresh(c, "k"), "--set", "parallel.parallel_optimizer_config.gradient_accumulation_shard=maybe"),
          1, ("parallel.parallel_optimizer_config.gradient_accumulation_shard: must be True or False, got 'maybe'",)),
+    Case("report.comm_profile=maybe",
+         lambda c: train(c, fresh(c, "l"), "--set", "report.comm_profile=maybe"),
+         1, ("report.comm_profile: must be True or False, got 'maybe'",)),
     # case 6: text inputs
     Case("--set lr_schedule.learning_rate=fast",
          lambda c: train(c, fresh(c, "i"), "--set", "lr_schedule.learning_rate=fast"), 1,

@@ -68,6 +68,11 @@ LAYOUTS = {
     "cp2": (2, 4, 4, ["parallel_config.context_parallel=2"]),
     # cp4's longer ring is exercised by tests/test_ring_attention.py (cp=4 under msrun); the trainer's cp code
     # is the same for any cp
+    # data parallel, plain and with the distributed optimizer (here mostly for the collective inventory; the
+    # shipped configs' dp2 topologies also train in tests/test_ascend_configs.py)
+    "dp2": (2, 2, 4, ["parallel_config.data_parallel=2"]),
+    "dp2_distributed_optimizer": (2, 2, 4, ["parallel_config.data_parallel=2",
+                                            "parallel.enable_parallel_optimizer=True"]),
 }
 
 
@@ -239,13 +244,52 @@ def two_worker_runs(single, single_3_layers, data, tmp_path_factory):
         jobs.append(_overrides(run_args(outs[name], data, init, 4, batch,
                                         f"model.model_config.num_layers={layers}", *sets)))
     jobs_file = tmp / "jobs.json"
-    jobs_file.write_text(json.dumps([{"config": c, "overrides": o} for c, o in jobs]))
+    # every run also counts its first step's collectives (report/comm_rank_R.json; test_collective_inventory...)
+    jobs_file.write_text(json.dumps([{"config": c, "overrides": o + ["report.comm_profile=True"]} for c, o in jobs]))
     logs = str(tmp / "logs")
     r = msrun(2, [str(jobs_file)], logs, script=DRIVER)
     assert r.returncode == 0, worker_log(logs, 0)[-4000:]
     parts = [worker_log(logs, rank).split("TRAINED ") for rank in range(2)]
     assert all(len(p) == len(jobs) + 1 for p in parts), [len(p) for p in parts]
     return {name: (outs[name], [p[k] for p in parts]) for k, name in enumerate(outs)}
+
+
+INVENTORY = {   # run -> (layout, tiny preset overrides) for plan/comm.py's formula
+    "tp2": (dict(tp=2), {}),
+    "tp2_sp_mqa_replicated_kv": (dict(tp=2, sequence_parallel=True), {"n_kv_heads": 1}),
+    "cp2": (dict(cp=2), {}),
+    "pp2_uneven_3_layers": (dict(pp=2, micro_batch_num=4), {"num_layers": 3}),
+    "dp2": (dict(dp=2), {}),
+    "dp2_distributed_optimizer": (dict(dp=2, optimizer_shard=True), {}),
+}
+
+
+@pytest.mark.parametrize("name", list(INVENTORY))
+def test_collective_inventory_matches_the_formula(name, two_worker_runs):
+    """The collectives each rank counted in its first step (count and bytes per kind and mesh axis) are exactly
+    plan/comm.py's: tp 2 forward + 2 backward per layer (SP: as all-gathers and reduce-scatters) with the
+    fused q/kv and gate/up inputs, one flat all-reduce of SP's partial gradients, the dp buckets (the
+    distributed optimizer: reduce-scatter + all-gather), pp one send and receive per micro-batch and
+    direction, the cp ring's 3cp-2 exchanges per layer."""
+    import json
+    from telechat2.parallel.mesh import Layout
+    from telechat2.plan.comm import step_collectives
+    layout, preset = INVENTORY[name]
+    cfg = TeleChat2Config.from_preset("tiny", seq_length=64, **preset)
+    out, _ = two_worker_runs[name]
+    for rank in range(2):
+        with open(os.path.join(out, "report", f"comm_rank_{rank}.json")) as fh:
+            rep = json.load(fh)
+        got = {(r["kind"], r["axis"]): (r["count"], r["bytes"]) for r in rep["collectives"]}
+        want = step_collectives(cfg, Layout(**layout), stage=rep["stage"], layers=rep["layers"],
+                                micro_batches=rep["micro_batches"], micro_batch_size=rep["micro_batch_size"],
+                                bucket_lengths=rep["bucket_lengths"])
+        assert got == want, (name, rank, got, want)
+        # the buckets hold this rank's parameters (padding below one row per shard and bucket)
+        if layout.get("tp", 1) == 1 and layout.get("pp", 1) == 1:
+            assert 0 <= sum(rep["bucket_lengths"]) - cfg.num_parameters() < len(rep["bucket_lengths"]) * 2 * 1024
+    if name == "tp2":               # 2 layers: 4 per layer, the embedding, lm_head's input; the loss's 3; the norm
+        assert got[("all_reduce", "tp")][0] == 4 * 2 + 1 + 1 + 3 + 1
 
 
 TEN = ["lr_schedule.total_steps=10", "callbacks.CheckpointMonitor.save_checkpoint_steps=5"]

@@ -6,6 +6,7 @@ from mindspore import nn, ops
 from ..config import TeleChat2Config
 from ..dtypes import ms_dtype
 from ..parallel import ColumnParallelLinear, ParallelMesh, RowParallelLinear
+from ..parallel.layers import column_input_collective
 
 
 class SwiGLU(nn.Cell):
@@ -22,11 +23,13 @@ class MLP(nn.Cell):
         H, F = config.hidden_size, config.intermediate_size
         common = dict(mesh=mesh, init_std=config.initializer_range, param_dtype=ms_dtype(config.param_init_type),
                       compute_dtype=ms_dtype(config.compute_dtype), weight_quant=config.weight_quant)
-        self.w1 = ColumnParallelLinear(H, F, bias=False, **common)   # gate
-        self.w3 = ColumnParallelLinear(H, F, bias=False, **common)   # up
+        self.input_comm = column_input_collective(mesh)              # one input collective for gate and up
+        self.w1 = ColumnParallelLinear(H, F, bias=False, input_collective=False, **common)   # gate
+        self.w3 = ColumnParallelLinear(H, F, bias=False, input_collective=False, **common)   # up
         self.w2 = RowParallelLinear(F, H, bias=True, **common)       # down
         self.act = SwiGLU()
 
     def construct(self, x):
-        # [B, S, H] -> [B, S, F/tp] -> [B, S, H]
-        return self.w2(self.act(self.w1(x), self.w3(x)))
+        # [B, S, H] (SP: [B, S/tp, H]) -> [B, S, F/tp] -> [B, S, H] (SP: [B, S/tp, H])
+        xg = x if self.input_comm is None else self.input_comm(x)
+        return self.w2(self.act(self.w1(x, xg), self.w3(x, xg)))

@@ -4,7 +4,8 @@ After backward, on every rank (`GradReducer.to_shards`):
   - partial gradients: a parameter replicated across tp but fed with partial inputs gets only its share
     of the gradient and is summed over the ranks that hold it: under sequence parallel every replicated
     parameter (norm weights, row-parallel biases) over tp; replicated kv heads (tp > n_kv) over the ranks
-    sharing the head;
+    sharing the head. The parameters summed over the same ranks go flat into one all-reduce (like Megatron's
+    coalesced layer-norm gradient all-reduce), so SP adds one collective per step, not one per norm;
   - the gradients are laid into the plan's flat fp32 buckets (parallel/buckets.py), one collective per bucket:
     summed over cp (each cp rank holds a part of the one global loss), then over dp: reduce-scattered into
     this rank's shard with the distributed optimizer, else all-reduced (the shard is the whole bucket). The
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import mindspore as ms
 from mindspore import nn, ops
-from mindspore.ops import ReduceOp
 
 from .buckets import ROW, BucketPlan
 from .layers import shard_specs
@@ -59,43 +59,58 @@ class GradReducer(nn.Cell):
         super().__init__(auto_prefix=False)
         self.plan = plan
         self.n = len(params)
-        partial, replicas = [], _kv_replicas(model)
+        groups, replicas = {}, _kv_replicas(model)      # holders -> indices of the parameters they sum
         for i, (p, holders) in enumerate(zip(params, gradient_holders(model, params, mesh))):
             if len(holders) > 1 and (p.name in replicas or mesh.sequence_parallel):
-                partial.append((i, ops.AllReduce(ReduceOp.SUM, _group(mesh, holders, "grad"))))
-        self.partial_index = tuple(i for i, _ in partial)
-        self.partial_reduce = nn.CellList([_Op(op) for _, op in partial])
-        self.tp_sum = ops.AllReduce(ReduceOp.SUM, mesh.groups["tp"]) if mesh.tp > 1 else None
-        self.pp_sum = ops.AllReduce(ReduceOp.SUM, mesh.groups["pp"]) if mesh.layout.pp > 1 else None
-        self.dp_sum = ops.AllReduce(ReduceOp.SUM, mesh.groups["dp"]) if mesh.dp > 1 else None
-        self.cp_sum = ops.AllReduce(ReduceOp.SUM, mesh.groups["cp"]) if mesh.layout.cp > 1 else None
+                groups.setdefault(tuple(holders), []).append(i)
+        self.partial_groups = tuple(tuple(ix) for ix in groups.values())
+        self.partial_shapes = tuple(tuple(tuple(params[i].shape) for i in ix) for ix in self.partial_groups)
+        self.partial_reduce = nn.CellList([GroupCollective(_group(mesh, list(h), "grad"), len(h), 0, "grad")
+                                           for h in groups])
+        self.tp_sum = self._sum_over(mesh, "tp", mesh.tp)
+        self.pp_sum = self._sum_over(mesh, "pp", mesh.layout.pp)
+        self.dp_sum = self._sum_over(mesh, "dp", mesh.dp)
+        self.cp_sum = self._sum_over(mesh, "cp", mesh.layout.cp)
         # the distributed optimizer: reduce-scatter over dp into this rank's shard
-        self.dp_scatter = GroupCollective(mesh.groups["dp"], mesh.dp, mesh.dp_rank) if plan.shards > 1 else None
+        self.dp_scatter = GroupCollective(mesh.groups["dp"], mesh.dp, mesh.dp_rank, "dp") if plan.shards > 1 \
+            else None
         self.weights = tuple(bk.norm_weight for bk in plan.buckets)
+
+    @staticmethod
+    def _sum_over(mesh, axis: str, size: int):
+        return GroupCollective(mesh.groups[axis], size, mesh.coord(axis), axis) if size > 1 else None
 
     def to_shards(self, grads):
         """This rank's fp32 shard of every bucket of the fully reduced gradients."""
         grads = list(grads)
-        for k in range(len(self.partial_index)):
-            i = self.partial_index[k]
-            grads[i] = self.partial_reduce[k](grads[i])
+        for k in range(len(self.partial_groups)):         # one flat all-reduce per group of holders
+            index, shapes = self.partial_groups[k], self.partial_shapes[k]
+            flat = ops.cat([grads[index[j]].reshape(-1) for j in range(len(index))])
+            flat = self.partial_reduce[k].all_reduce(flat)
+            start = 0
+            for j in range(len(index)):
+                n = 1
+                for d in shapes[j]:
+                    n *= d
+                grads[index[j]] = flat[start:start + n].reshape(shapes[j])
+                start += n
         shards = []
         for b in range(len(self.plan.buckets)):
             flat = self.plan.flat(grads, b, ms.float32)
             if self.cp_sum is not None:
-                flat = self.cp_sum(flat)
+                flat = self.cp_sum.all_reduce(flat)
             if self.dp_scatter is not None:
                 flat = self.dp_scatter.reduce_scatter(flat, 0)
             elif self.dp_sum is not None:
-                flat = self.dp_sum(flat)
+                flat = self.dp_sum.all_reduce(flat)
             shards.append(flat)
         return tuple(shards)
 
     def data_sum(self, x):
         """Sum over the ranks that hold different data: dp, then cp (label counts, the logged loss)."""
         if self.dp_sum is not None:
-            x = self.dp_sum(x)
-        return x if self.cp_sum is None else self.cp_sum(x)
+            x = self.dp_sum.all_reduce(x)
+        return x if self.cp_sum is None else self.cp_sum.all_reduce(x)
 
     def global_norm(self, shards):
         """(norm of the full model's gradient, finite), identical on every rank."""
@@ -105,22 +120,13 @@ class GradReducer(nn.Cell):
             squares.append(rows.sum() * self.weights[b])
         total = ops.addn(squares)
         if self.dp_scatter is not None:              # each dp rank holds one shard of every bucket
-            total = self.dp_sum(total)
+            total = self.dp_sum.all_reduce(total)
         if self.tp_sum is not None:
-            total = self.tp_sum(total)
+            total = self.tp_sum.all_reduce(total)
         if self.pp_sum is not None:                  # every stage holds different parameters
-            total = self.pp_sum(total)
+            total = self.pp_sum.all_reduce(total)
         return ops.sqrt(total), ops.isfinite(total)
 
     def pipeline_sum(self, x):
         """Sum over pipeline stages (the loss lives on the last one)."""
-        return x if self.pp_sum is None else self.pp_sum(x)
-
-
-class _Op(nn.Cell):
-    def __init__(self, op):
-        super().__init__()
-        self.op = op
-
-    def construct(self, x):
-        return self.op(x)
+        return x if self.pp_sum is None else self.pp_sum.all_reduce(x)

@@ -8,6 +8,12 @@ constructor flags: a column-parallel linear (output split over tp) feeds a row-p
     no SP:  x [b, s, h] -> copy_to_tp -> column -> [b, s, f/tp] -> row -> reduce_from_tp -> [b, s, h]
     SP:     x [b, s/tp, h] -> gather_seq -> column -> [b, s, f/tp] -> row -> reduce_scatter_seq -> [b, s/tp, h]
 
+Layers that read the same input share one input collective (Megatron's fused qkv and gate/up): the parent
+builds it with `column_input_collective`, applies it once and passes both tensors, `layer(x, x_gathered)`; the
+layers are built with `input_collective=False`. Attention's wq and wk_v and the MLP's w1 and w3 do so, so a
+layer communicates 2 times forward and 2 times backward (SP: 2 all-gathers and 2 reduce-scatters forward, and
+the conjugates backward), and under SP one gathered input per block is kept for the weight gradients.
+
 At tp=1 no collective is built and each layer is the plain layer. `shard_spec` records, per parameter,
 which block of the full tensor this rank holds: {attr: (axis, start, length)} (absent: replicated).
 
@@ -54,6 +60,13 @@ def _divide(n: int, parts: int, what: str) -> int:
 _matmul_nt = ops.MatMul(transpose_b=True)
 
 
+def column_input_collective(mesh: ParallelMesh):
+    """The input edge of column-parallel layers: copy-to-tp (no SP) or gather the sequence (SP); None at tp 1."""
+    if mesh.tp == 1:
+        return None
+    return tp_collective(GatherFromSequenceParallel if mesh.sequence_parallel else CopyToTensorParallel, mesh)
+
+
 def linear(x, w, b=None):
     """x [..., in] @ w[out, in]^T (+ b) as one 2-D MatMul with transpose_b. (mint.nn.functional.linear's CPU
     backward transposes the weight, and its kernels keep index buffers of several times the weight's size.)"""
@@ -65,11 +78,13 @@ class ColumnParallelLinear(nn.Cell):
     """y = x W^T (+ b) with W's rows split over tp; the output stays split unless gather_output.
 
     `rows=(start, length)` overrides the contiguous split (replicated kv heads hold the same rows on
-    several ranks).
+    several ranks). `input_collective=False`: the parent applies the input collective (shared with sibling
+    layers) and passes its result as `x_gathered`.
     """
 
     def __init__(self, in_features, out_features, *, bias, mesh: ParallelMesh, init_std=0.02,
-                 param_dtype=ms.float32, compute_dtype=ms.float32, gather_output=False, rows=None, weight_quant=None):
+                 param_dtype=ms.float32, compute_dtype=ms.float32, gather_output=False, rows=None, weight_quant=None,
+                 input_collective=True):
         super().__init__()
         if rows is None:
             n = _divide(out_features, mesh.tp, "out_features")
@@ -83,17 +98,20 @@ class ColumnParallelLinear(nn.Cell):
             self.shard_spec = {"weight": (0, *rows), **({"bias": (0, *rows)} if bias else {}),
                                **({"weight_scale": (0, *rows)} if weight_quant else {})}
         self.lora = None                       # a LoRA sub-cell (parallel/lora.py::apply_lora)
-        self.input_comm = self.output_comm = None
-        if mesh.tp > 1:
-            self.input_comm = tp_collective(GatherFromSequenceParallel if mesh.sequence_parallel
-                                            else CopyToTensorParallel, mesh)
-            if gather_output:
-                self.output_comm = tp_collective(GatherFromTensorParallel, mesh)
+        self.output_comm = None
+        self.input_comm = column_input_collective(mesh) if input_collective else None
+        # the kind of this layer's input edge, whoever applies it (a LoRA adapter repeats it on its activation)
+        self.input_comm_kind = None if mesh.tp == 1 else type(column_input_collective(mesh))
+        if mesh.tp > 1 and gather_output:
+            self.output_comm = tp_collective(GatherFromTensorParallel, mesh)
 
-    def construct(self, x):
-        # x: [b, s, in] (SP: [b, s/tp, in]) -> [b, s, out/tp] (gather_output: [b, s, out])
+    def construct(self, x, x_gathered=None):
+        # x: [b, s, in] (SP: [b, s/tp, in]) -> [b, s, out/tp] (gather_output: [b, s, out]); x_gathered: x after
+        # the shared input collective (input_collective=False), else None
         x_in = x
-        if self.input_comm is not None:
+        if x_gathered is not None:
+            x = x_gathered
+        elif self.input_comm is not None:
             x = self.input_comm(x)
         w = _dequantized(self.weight, self.weight_scale, self.compute_dtype)
         b = None if self.bias is None else self.bias.astype(self.compute_dtype)

@@ -104,7 +104,7 @@ def apply_lora(model, pet, source: str = PET_SOURCE) -> list[str]:
         if isinstance(cell, ColumnParallelLinear):
             out_local, in_features = w.shape
             spec = cell.shard_spec.get("weight")                   # (0, start, length) or None
-            comm = None if cell.input_comm is None else tp_collective(type(cell.input_comm), model.mesh)
+            comm = None if cell.input_comm_kind is None else tp_collective(cell.input_comm_kind, model.mesh)
             lora = LoRA(_full_a(name, s.rank, in_features), (out_local, s.rank), s.scale, s.dropout, None,
                         None if spec is None else (0, spec[1], spec[2]), comm, w.dtype, cell.compute_dtype)
         else:

@@ -12,6 +12,10 @@ Every helper is the identity at group size 1 (the layers then never build it). O
 AllGather/ReduceScatter kernels are used; MindSpore's CPU backend has AllGather only on the world group and
 no ReduceScatter, so there both are formed from AllReduce (all-gather: place the chunk in zeros, sum;
 reduce-scatter: sum, keep own chunk), which is exact and works on any sub-group, in PyNative and under jit.
+
+Each collective counts itself on a profiled step (`report.comm_profile`, parallel/comm_profile.py): `axis` names
+its group's mesh axis, and `all_reduce` / `all_gather` / `reduce_scatter` record the logical collective (the
+CPU formulation's inner all-reduce is not counted again).
 """
 from __future__ import annotations
 
@@ -19,17 +23,20 @@ import mindspore as ms
 from mindspore import nn, ops
 from mindspore.ops import ReduceOp
 
+from .comm_profile import record
+
 
 def native_collectives() -> bool:
     return ms.get_context("device_target") == "Ascend"
 
 
 class GroupCollective(nn.Cell):
-    """Shared parts: the group, its size, this rank's index in it, and the all-reduce."""
+    """Shared parts: the group, its size, this rank's index in it, its mesh axis, and the collectives."""
 
-    def __init__(self, group: str, size: int, index: int):
+    def __init__(self, group: str, size: int, index: int, axis: str = "tp"):
         super().__init__()
-        self.size, self.index = size, index
+        self.size, self.index, self.axis = size, index, axis
+        self.profiled = False               # set only around an eager, profiled step (comm_profile.recording)
         self.all_reduce_sum = ops.AllReduce(ReduceOp.SUM, group)
         self.native = native_collectives()
         if self.native:
@@ -46,7 +53,27 @@ class GroupCollective(nn.Cell):
             return x[:, start:stop]
         return x[..., start:stop]               # the last dim
 
+    def all_reduce(self, x):
+        if self.profiled:
+            record("all_reduce", self.axis, x)
+        return self.all_reduce_sum(x)
+
     def all_gather(self, x, dim):
+        y = self.gather_along(x, dim)
+        if self.profiled:
+            record("all_gather", self.axis, y)
+        return y
+
+    def reduce_scatter(self, x, dim):
+        if self.profiled:
+            record("reduce_scatter", self.axis, x)
+        if self.native:
+            y = self.reduce_scatter0(ops.moveaxis(x, dim, 0)) if dim != 0 else self.reduce_scatter0(x)
+            return ops.moveaxis(y, 0, dim) if dim != 0 else y
+        return self.chunk(self.all_reduce_sum(x), dim)
+
+    def gather_along(self, x, dim):
+        """The all-gather itself (not counted)."""
         if self.native:
             y = self.all_gather0(ops.moveaxis(x, dim, 0)) if dim != 0 else self.all_gather0(x)
             return ops.moveaxis(y, 0, dim) if dim != 0 else y
@@ -64,24 +91,18 @@ class GroupCollective(nn.Cell):
             parts.append(ops.zeros(tuple(shape), x.dtype))
         return self.all_reduce_sum(ops.cat(parts, dim))
 
-    def reduce_scatter(self, x, dim):
-        if self.native:
-            y = self.reduce_scatter0(ops.moveaxis(x, dim, 0)) if dim != 0 else self.reduce_scatter0(x)
-            return ops.moveaxis(y, 0, dim) if dim != 0 else y
-        return self.chunk(self.all_reduce_sum(x), dim)
-
 
 class CopyToTensorParallel(GroupCollective):
     def construct(self, x):
         return ops.identity(x)
 
     def bprop(self, x, out, dout):
-        return (self.all_reduce_sum(dout),)
+        return (self.all_reduce(dout),)
 
 
 class ReduceFromTensorParallel(GroupCollective):
     def construct(self, x):
-        return self.all_reduce_sum(x)
+        return self.all_reduce(x)
 
     def bprop(self, x, out, dout):
         return (dout,)
@@ -122,15 +143,17 @@ class ScatterToSequenceParallel(GroupCollective):
 class AllReduceMax(GroupCollective):
     """Max over the group, no gradient (MindSpore's CPU AllReduce sums only: there, gather and take the max)."""
 
-    def __init__(self, group: str, size: int, index: int):
-        super().__init__(group, size, index)
+    def __init__(self, group: str, size: int, index: int, axis: str = "tp"):
+        super().__init__(group, size, index, axis)
         if self.native:
             self.all_reduce_max = ops.AllReduce(ReduceOp.MAX, group)
 
     def construct(self, x):
+        if self.profiled:
+            record("all_reduce", self.axis, x)
         if self.native:
             return self.all_reduce_max(x)
-        return ops.amax(self.all_gather(x.expand_dims(-1), x.ndim), -1)
+        return ops.amax(self.gather_along(x.expand_dims(-1), x.ndim), -1)
 
     def bprop(self, x, out, dout):
         return (ops.zeros_like(x),)
@@ -138,9 +161,9 @@ class AllReduceMax(GroupCollective):
 
 def tp_collective(cls, mesh):
     """An instance of collective `cls` over this rank's tensor-parallel group."""
-    return cls(mesh.groups["tp"], mesh.tp, mesh.tp_rank)
+    return cls(mesh.groups["tp"], mesh.tp, mesh.tp_rank, "tp")
 
 
 def group_collective(cls, mesh, axis: str):
     """An instance of collective `cls` over this rank's group along mesh axis `axis` (e.g. "cp")."""
-    return cls(mesh.groups[axis], mesh.layout.sizes[axis], mesh.coord(axis))
+    return cls(mesh.groups[axis], mesh.layout.sizes[axis], mesh.coord(axis), axis)

@@ -21,11 +21,18 @@ def _ensure_world_group() -> None:
     _READY.add("world")
 
 
-def exchange(send: ms.Tensor | None, dst: int | None, recv_like: ms.Tensor | None, src: int | None):
+def exchange(send: ms.Tensor | None, dst: int | None, recv_like: ms.Tensor | None, src: int | None,
+             axis: str = "pp"):
     """Send `send` to global rank `dst` and receive a tensor shaped like `recv_like` from `src`, at once
-    (either side may be None). Returns the received tensor (or None)."""
+    (either side may be None). Returns the received tensor (or None). `axis`: the mesh axis the two ranks
+    are neighbours on, for the collective inventory (parallel/comm_profile.py)."""
     import mindspore.mint.distributed as dist
+    from .comm_profile import record
     _ensure_world_group()
+    if send is not None:
+        record("send", axis, send)
+    if recv_like is not None:
+        record("recv", axis, recv_like)
     reqs, buf = [], None
     if recv_like is not None:
         buf = ms.ops.zeros(recv_like.shape, recv_like.dtype)

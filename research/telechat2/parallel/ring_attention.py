@@ -231,7 +231,7 @@ class _RingAttentionFn(nn.Cell):
         self.last_block_pairs = 0
 
     def _ring_shift(self, x):
-        return p2p.exchange(x, self.next, x, self.prev)
+        return p2p.exchange(x, self.next, x, self.prev, axis="cp")
 
     def construct(self, q, k, v):
         # q: [B, nh, 2c, hd]; k, v: [B, nkv, 2c, hd] (2c = S/cp, halves = this rank's two chunks)

@@ -35,7 +35,7 @@ from . import checkpointing, memory
 from .checkpointing import fault_point
 from .optim import AdamW, LossScaler, lr_at
 from .output_dir import claim_for_run
-from .report import append_history, log_line, read_history, write_rank_memory, write_report
+from .report import append_history, log_line, read_history, write_rank_comm, write_rank_memory, write_report
 from .run_config import callback, micro_batches_per_step, model_config, save_resolved
 from .runtime import host_memory_mb, peak_host_memory_mb
 
@@ -351,27 +351,34 @@ class Stepper:
             attn = tuple(self.model.attention_inputs(inputs.shape[1], positions, segments))
         return MicroBatch(ms.Tensor(inputs.astype(np.int32)), ms.Tensor(targets.astype(np.int32)), attn)
 
-    def __call__(self, micro: list[MicroBatch], lr: float, scale: float) -> tuple[float, float, float, bool]:
+    def __call__(self, micro: list[MicroBatch], lr: float, scale: float,
+                 eager: bool = False) -> tuple[float, float, float, bool]:
         """(global per-token loss, its MoE aux-loss part (0 for a dense model), gradient norm, finite) of one
-        optimizer step."""
+        optimizer step. `eager`: nothing compiled (the profiled step: its collectives count themselves)."""
         import mindspore as ms
         from ..model.loss import label_count
         ts, ignore = self.train_step, self.run.model_cfg.ignore_token_id
         count = ts.data_sum(ops_sum([label_count(mb.targets, ignore) for mb in micro]))      # the global batch
         loss_weight = ms.Tensor(scale, ms.float32) / ms.ops.maximum(count, 1.0)
         lr, grad_mult = ms.Tensor(lr, ms.float32), ms.Tensor(1.0 / scale, ms.float32)
-        if self.fused is not None:                     # one micro-batch: one graph, one fetch
+        accumulate, apply, pipeline = self.accumulate, self.apply, self.pipeline
+        if eager:
+            accumulate, apply = ts.accumulate, ts.apply
+            if pipeline is not None:
+                from .step import PipelineStep
+                pipeline = PipelineStep(self.model, ts, self.run.mesh, jit=None)
+        if self.fused is not None and not eager:       # one micro-batch: one graph, one fetch
             mb, = micro
             loss, aux, norm, finite = self.fused(mb.inputs, mb.targets, *mb.attn, loss_weight, lr,
                                                  grad_mult).asnumpy().tolist()
         else:
-            if self.pipeline is None:
-                parts = [self.accumulate(mb.inputs, mb.targets, *mb.attn, loss_weight) for mb in micro]
+            if pipeline is None:
+                parts = [accumulate(mb.inputs, mb.targets, *mb.attn, loss_weight) for mb in micro]
                 losses = ms.ops.stack([ops_sum([p[0] for p in parts]), ops_sum([p[1] for p in parts])])
             else:
-                loss = ts.reducer.pipeline_sum(self.pipeline.run(micro, loss_weight, self.act_like))
+                loss = ts.reducer.pipeline_sum(pipeline.run(micro, loss_weight, self.act_like))
                 losses = ms.ops.stack([loss, ms.ops.zeros((), ms.float32)])
-            norm, finite = self.apply(lr, grad_mult)
+            norm, finite = apply(lr, grad_mult)
             loss, aux, norm, finite = ms.ops.concat([ts.data_sum(losses), ms.ops.stack(
                 [norm, finite.astype(ms.float32)])]).asnumpy().tolist()
         finite = bool(finite)
@@ -455,12 +462,24 @@ def train(cfg: dict, *, resume: bool = False, progress: bool = True, force: bool
     print_every = callback(cfg, "MFLossMonitor")["per_print_times"]
     bar = tqdm(total=run.total_steps, initial=done.step, desc="train", unit="step", disable=not run.progress,
                file=sys.stderr)
+    profile_next = bool(cfg["report"]["comm_profile"])
     while done.step < run.total_steps:
         t0 = time.perf_counter()
         lr = lr_at(done.step, cfg["lr_schedule"], run.total_steps)
         micro = [stepper.micro_batch(next(batches)) for _ in range(run.accum)]
         loss_scale = scaler.scale
-        loss, aux_loss, norm, finite = stepper(micro, lr, loss_scale)
+        if profile_next:                # this process's first step, eager, its collectives counted
+            from ..parallel.comm_profile import recording, rows
+            with recording([stepper.train_step]) as inventory:
+                loss, aux_loss, norm, finite = stepper(micro, lr, loss_scale, eager=True)
+            plan = optimizer.plan
+            write_rank_comm(run.out, run.mesh.rank, done.step + 1, rows(inventory),
+                            {"stage": run.mesh.coord("pp"), "layers": len(model.model.layers),
+                             "micro_batches": run.accum, "micro_batch_size": cfg["runner_config"]["batch_size"],
+                             "bucket_lengths": [bk.length for bk in plan.buckets]})
+            profile_next = False
+        else:
+            loss, aux_loss, norm, finite = stepper(micro, lr, loss_scale)
         scaler.update(finite)
         done.step, done.consumed = done.step + 1, done.consumed + run.global_batch
         record = logger.record(done.step, time.perf_counter() - t0, lr, loss, norm, finite, loss_scale, aux_loss)

@@ -54,7 +54,7 @@ class AdamW(nn.Cell):
         self.dp_gather = None
         if plan.shards > 1:
             from ..parallel.mappings import GroupCollective
-            self.dp_gather = GroupCollective(mesh.groups["dp"], mesh.dp, mesh.dp_rank)
+            self.dp_gather = GroupCollective(mesh.groups["dp"], mesh.dp, mesh.dp_rank, "dp")
         if self.has_master:
             self.master_from_weights()
 

@@ -85,6 +85,20 @@ def write_rank_memory(run_dir: str, rank: int, allocated: dict, weights_by_dtype
     return path
 
 
+def write_rank_comm(run_dir: str, rank: int, step: int, rows: list[dict], context: dict) -> str:
+    """report/comm_rank_R.json: the collectives this rank ran in one training step (`report.comm_profile`),
+    one row per (kind, mesh axis) with its count and bytes (parallel/comm_profile.py), and what they depend on
+    (`context`: this rank's pipeline stage, its layers, micro-batches and their size, the gradient buckets'
+    lengths), the inputs of plan/comm.py's formula."""
+    out = os.path.join(run_dir, "report")
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, f"comm_rank_{rank}.json")
+    with open(path + ".tmp", "w", encoding="utf-8") as fh:
+        json.dump({"rank": rank, "step": step, **context, "collectives": rows}, fh, indent=1)
+    os.replace(path + ".tmp", path)
+    return path
+
+
 def write_report(run_dir: str, run: dict, steps: list[dict]) -> str:
     """Write report.json (atomically) and render report.md and report.png. Returns the folder."""
     out = os.path.join(run_dir, "report")

@@ -139,7 +139,9 @@ SCHEMA: dict = {
     },
     "processor": {"tokenizer": {"vocab_file": "", "type": "TeleChat2Tokenizer"}},
     # performance report
-    "report": {"peak_tflops": 0.0},     # per-device peak for MFU; 0: measure this machine's MindSpore GEMM
+    # performance report: per-device peak for MFU (0: measure this machine's MindSpore GEMM); comm_profile:
+    # count every collective of step 1 (run eagerly) into report/comm_rank_R.json (parallel/comm_profile.py)
+    "report": {"peak_tflops": 0.0, "comm_profile": False},
 }
 
 # Top-level MindFormers keys outside the schema's defaults: accepted only with the values in ACCEPTED_VALUES.
@@ -193,6 +195,7 @@ USED = {
     "model.preset": "model_config", "model.model_config": "TeleChat2Config.from_model_config",
     "processor.tokenizer.vocab_file": "prepare_dataset, predict",
     "report.peak_tflops": "loop.Logger (MFU)",
+    "report.comm_profile": "loop.train (step 1 profiled: report/comm_rank_R.json)",
     "moe_config.expert_num": "model_config (num_experts)", "moe_config.num_experts_chosen": "model_config (moe_top_k)",
     "moe_config.capacity_factor": "model_config (capacity_factor)", "moe_config.aux_loss_coef": "model_config (aux_loss_coef)",
     "moe_config.aux_loss_factors": "model_config (aux_loss_coef = the one factor)",
@@ -473,6 +476,8 @@ def validate_run_config(cfg: dict, source: str) -> None:
     _need(cfg["use_parallel"] in (None, True, False), source, "use_parallel", "must be True or False")
     for key in ("enable_parallel_optimizer",):
         _need(isinstance(cfg["parallel"][key], bool), source, f"parallel.{key}", "must be True or False")
+    _need(isinstance(cfg["report"]["comm_profile"], bool), source, "report.comm_profile",
+          f"must be True or False, got {cfg['report']['comm_profile']!r}")
     gas = cfg["parallel"]["parallel_optimizer_config"]["gradient_accumulation_shard"]
     _need(isinstance(gas, bool), source, "parallel.parallel_optimizer_config.gradient_accumulation_shard",
           f"must be True or False, got {gas!r}")
