@@ -13,7 +13,7 @@ from ..config import TeleChat2Config
 from ..dtypes import ms_dtype
 from ..parallel import ColumnParallelLinear, ParallelMesh, RowParallelLinear
 from ..parallel.heads import kv_head_range, kv_replicated
-from ..parallel.layers import column_input_collective
+from ..parallel.layers import shared_column_input
 from .rotary import apply_rotary
 
 
@@ -156,7 +156,7 @@ class Attention(nn.Cell):
         self.n_rep = self.heads // self.kv_heads
         self.core = CoreAttention(self.heads, hd, ms_dtype(config.softmax_compute_type), config.use_flash_attention,
                                   ms_dtype(config.compute_dtype))
-        self.input_comm = column_input_collective(mesh)              # one input collective for wq and wk_v
+        self.input_edge = shared_column_input(mesh)                  # one input collective for wq and wk_v
         self.wq = ColumnParallelLinear(H, config.num_heads * hd, bias=False, input_collective=False, **common)
         self.wk_v = ColumnParallelLinear(H, 2 * config.kv_heads * hd, bias=False, rows=kv_rows,
                                          input_collective=False, **common)
@@ -172,10 +172,10 @@ class Attention(nn.Cell):
         # k_cache/v_cache: Parameters [B, nkv, L, hd] (generation); the new keys/values are written into
         # slots [0, S) (prefill, write_slot None) or, in place, at the scatter indices write_slot int32
         # [B, nkv, 3] = (row, kv head, slot) of the one decode token (S == 1; see write_cache)
-        xg = x if self.input_comm is None else self.input_comm(x)                         # [B, S, H]
-        q = self.wq(x, xg)                                                                 # [B, S, nh/tp*hd]
+        q, kv = self.input_edge(x.astype(self.wq.compute_dtype), self.wq.compute_weight(), self.wk_v.compute_weight())
+        q, kv = self.wq(x, q), self.wk_v(x, kv)                        # [B, S, nh/tp*hd], [B, S, 2*nkv/tp*hd]
         B, S, _ = q.shape
-        kv = self.wk_v(x, xg).reshape(B, S, self.kv_heads, 2 * self.head_dim)
+        kv = kv.reshape(B, S, self.kv_heads, 2 * self.head_dim)
         k, v = ops.split(kv, self.head_dim, -1)
         if S == 1:                              # a decode step: the transposes are reshapes (no kernel launch)
             q = q.reshape(B, self.heads, 1, self.head_dim)

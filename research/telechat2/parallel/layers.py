@@ -8,11 +8,13 @@ constructor flags: a column-parallel linear (output split over tp) feeds a row-p
     no SP:  x [b, s, h] -> copy_to_tp -> column -> [b, s, f/tp] -> row -> reduce_from_tp -> [b, s, h]
     SP:     x [b, s/tp, h] -> gather_seq -> column -> [b, s, f/tp] -> row -> reduce_scatter_seq -> [b, s/tp, h]
 
-Layers that read the same input share one input collective (Megatron's fused qkv and gate/up): the parent
-builds it with `column_input_collective`, applies it once and passes both tensors, `layer(x, x_gathered)`; the
-layers are built with `input_collective=False`. Attention's wq and wk_v and the MLP's w1 and w3 do so, so a
-layer communicates 2 times forward and 2 times backward (SP: 2 all-gathers and 2 reduce-scatters forward, and
-the conjugates backward), and under SP one gathered input per block is kept for the weight gradients.
+Layers that read the same input share one input edge (Megatron's fused qkv and gate/up): the parent holds a
+`shared_column_input(mesh)` cell, which takes the input and both layers' weights and returns both matmuls,
+and then calls each layer with its result, `layer(x, base)` (the layers are built with
+`input_collective=False`). Attention's wq and wk_v and the MLP's w1 and w3 do so, so a layer communicates 2
+times forward and 2 times backward. Under SP the edge all-gathers the sequence once for both matmuls and its
+backward gathers it again instead of keeping it (Megatron): a layer keeps its [b, s/tp, h] inputs only, and
+runs 2 all-gathers + 2 reduce-scatters forward and 4 all-gathers (2 re-gathers) + 2 reduce-scatters backward.
 
 At tp=1 no collective is built and each layer is the plain layer. `shard_spec` records, per parameter,
 which block of the full tensor this rank holds: {attr: (axis, start, length)} (absent: replicated).
@@ -29,7 +31,7 @@ import mindspore as ms
 from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import Normal, One, Zero, initializer
 
-from .mappings import (CopyToTensorParallel, GatherFromSequenceParallel, GatherFromTensorParallel,
+from .mappings import (CopyToTensorParallel, GatherFromSequenceParallel, GatherFromTensorParallel, GroupCollective,
                        ReduceFromTensorParallel, ReduceScatterToSequenceParallel, tp_collective)
 from .mesh import ParallelMesh
 
@@ -58,13 +60,55 @@ def _divide(n: int, parts: int, what: str) -> int:
 
 
 _matmul_nt = ops.MatMul(transpose_b=True)
+_matmul_nn = ops.MatMul()
+_matmul_tn = ops.MatMul(transpose_a=True)
 
 
-def column_input_collective(mesh: ParallelMesh):
-    """The input edge of column-parallel layers: copy-to-tp (no SP) or gather the sequence (SP); None at tp 1."""
+def column_input_kind(mesh: ParallelMesh):
+    """The collective of column-parallel layers' input edge: copy-to-tp (no SP) or gather the sequence (SP);
+    None at tp 1."""
     if mesh.tp == 1:
         return None
-    return tp_collective(GatherFromSequenceParallel if mesh.sequence_parallel else CopyToTensorParallel, mesh)
+    return GatherFromSequenceParallel if mesh.sequence_parallel else CopyToTensorParallel
+
+
+class SharedColumnInput(nn.Cell):
+    """x -> (x W_a^T, x W_b^T) through one input edge (copy-to-tp; none at tp 1), plain autodiff."""
+
+    def __init__(self, mesh: ParallelMesh):
+        super().__init__()
+        self.edge = tp_collective(CopyToTensorParallel, mesh) if mesh.tp > 1 else None
+
+    def construct(self, x, w_a, w_b):
+        if self.edge is not None:
+            x = self.edge(x)
+        return linear(x, w_a), linear(x, w_b)
+
+
+class SequenceParallelColumnInput(GroupCollective):
+    """SP: x [b, s/tp, h] -> all-gather the sequence -> (x W_a^T, x W_b^T) [b, s, out/tp]. The backward
+    gathers x again (it is not kept), gives the weights x^T dy and reduce-scatters dx = dy_a W_a + dy_b W_b."""
+
+    def construct(self, x, w_a, w_b):
+        x = self.all_gather(x, 1)
+        return linear(x, w_a), linear(x, w_b)
+
+    def bprop(self, x, w_a, w_b, out, dout):
+        dy_a, dy_b = dout
+        full = self.all_gather(x, 1)                                   # the re-gather
+        x2 = full.reshape(-1, full.shape[-1])
+        a2, b2 = dy_a.reshape(-1, dy_a.shape[-1]), dy_b.reshape(-1, dy_b.shape[-1])
+        dx = (_matmul_nn(a2, w_a.astype(a2.dtype)) + _matmul_nn(b2, w_b.astype(b2.dtype))).reshape(full.shape)
+        dw_a = _matmul_tn(a2, x2.astype(a2.dtype)).astype(w_a.dtype)
+        dw_b = _matmul_tn(b2, x2.astype(b2.dtype)).astype(w_b.dtype)
+        return self.reduce_scatter(dx.astype(x.dtype), 1), dw_a, dw_b
+
+
+def shared_column_input(mesh: ParallelMesh):
+    """The shared input edge of two column-parallel layers reading the same input (see the module docstring)."""
+    if mesh.tp > 1 and mesh.sequence_parallel:
+        return SequenceParallelColumnInput(mesh.groups["tp"], mesh.tp, mesh.tp_rank, "tp")
+    return SharedColumnInput(mesh)
 
 
 def linear(x, w, b=None):
@@ -78,8 +122,8 @@ class ColumnParallelLinear(nn.Cell):
     """y = x W^T (+ b) with W's rows split over tp; the output stays split unless gather_output.
 
     `rows=(start, length)` overrides the contiguous split (replicated kv heads hold the same rows on
-    several ranks). `input_collective=False`: the parent applies the input collective (shared with sibling
-    layers) and passes its result as `x_gathered`.
+    several ranks). `input_collective=False`: the parent's shared input edge computes x W^T (with a sibling
+    layer's matmul) and passes it as `base`; this layer adds its bias, LoRA delta and output collective.
     """
 
     def __init__(self, in_features, out_features, *, bias, mesh: ParallelMesh, init_std=0.02,
@@ -99,23 +143,28 @@ class ColumnParallelLinear(nn.Cell):
                                **({"weight_scale": (0, *rows)} if weight_quant else {})}
         self.lora = None                       # a LoRA sub-cell (parallel/lora.py::apply_lora)
         self.output_comm = None
-        self.input_comm = column_input_collective(mesh) if input_collective else None
         # the kind of this layer's input edge, whoever applies it (a LoRA adapter repeats it on its activation)
-        self.input_comm_kind = None if mesh.tp == 1 else type(column_input_collective(mesh))
+        self.input_comm_kind = column_input_kind(mesh)
+        self.input_comm = tp_collective(self.input_comm_kind, mesh) if input_collective and mesh.tp > 1 else None
         if mesh.tp > 1 and gather_output:
             self.output_comm = tp_collective(GatherFromTensorParallel, mesh)
 
-    def construct(self, x, x_gathered=None):
-        # x: [b, s, in] (SP: [b, s/tp, in]) -> [b, s, out/tp] (gather_output: [b, s, out]); x_gathered: x after
-        # the shared input collective (input_collective=False), else None
+    def compute_weight(self):
+        """The weight in the compute dtype (an int8 weight dequantized)."""
+        return _dequantized(self.weight, self.weight_scale, self.compute_dtype)
+
+    def construct(self, x, base=None):
+        # x: [b, s, in] (SP: [b, s/tp, in]) -> [b, s, out/tp] (gather_output: [b, s, out]); base: x W^T from
+        # the parent's shared input edge (input_collective=False), else None
         x_in = x
-        if x_gathered is not None:
-            x = x_gathered
-        elif self.input_comm is not None:
-            x = self.input_comm(x)
-        w = _dequantized(self.weight, self.weight_scale, self.compute_dtype)
-        b = None if self.bias is None else self.bias.astype(self.compute_dtype)
-        y = linear(x.astype(self.compute_dtype), w, b)
+        if base is None:
+            if self.input_comm is not None:
+                x = self.input_comm(x)
+            y = linear(x.astype(self.compute_dtype), self.compute_weight())
+        else:
+            y = base
+        if self.bias is not None:
+            y = y + ops.broadcast_to(self.bias.astype(self.compute_dtype), y.shape)
         if self.lora is not None:              # this rank's rows of the delta; the adapter runs the same input
             y = y + self.lora(x_in)            # collective on its [b, s, r] activation (parallel/lora.py)
         if self.output_comm is not None:

@@ -9,7 +9,8 @@ T = b * s/cp tokens on this rank, A = T * h activation bytes (compute dtype), L 
                            last stage: lm_head's input all-reduce backward (A); the vocab-parallel loss's 3
                              all-reduces forward (max, sum of exp, target logit; 4T bytes each)
   tensor parallel, SP      the same edges as all-gathers (output A) and reduce-scatters (input A): embedding
-                             RS forward + AG backward; each layer 2 AG + 2 RS forward and 2 RS + 2 AG backward;
+                             RS forward + AG backward; each layer 2 AG + 2 RS forward and 2 RS + 2 AG backward
+                             plus the 2 re-gathers of the shared q/kv and gate/up inputs (not kept);
                              lm_head AG forward + RS backward; the loss's 3 all-reduces
                            per reduction: one flat all-reduce ("grad") of the replicated parameters' partial
                              gradients (2 norms, wo and w2 biases per layer, the final norm; wk_v when its kv
@@ -62,8 +63,8 @@ def step_collectives(c: TeleChat2Config, layout: Layout, *, stage: int, layers: 
     f32 = 4
     if tp > 1:
         edges = 4 * layers + (1 if first else 0) + (1 if last else 0)     # forward + backward edges
-        if sp:
-            add("all_gather", "tp", m * edges, act)
+        if sp:                  # the shared q/kv and gate/up edges gather again in their backward
+            add("all_gather", "tp", m * (edges + 2 * layers), act)
             add("reduce_scatter", "tp", m * edges, act)
         else:
             add("all_reduce", "tp", m * edges, act)
