@@ -172,7 +172,15 @@ PRETRAIN = os.path.join(REPO, "configs", "cpu", "pretrain_tiny.yaml")
     (["moe_config.capacity_factor=-1"], "moe_config.capacity_factor (model_config.capacity_factor): must be 0"),
     (["moe_config.aux_loss_factors=[0.01, 0.02]"], "moe_config.aux_loss_factors: expected one factor"),
     (["parallel_config.expert_parallel=2"],
-     "parallel_config.expert_parallel: 2: expert parallel over data-parallel ranks (all-to-all dispatch) is not"),
+     "parallel_config.expert_parallel: 2 does not divide data_parallel=1 (the experts are split over groups of"),
+    (["parallel_config.data_parallel=4", "parallel_config.expert_parallel=4", "moe_config.expert_num=6"],
+     "parallel_config.expert_parallel: 4 does not divide the 6 experts"),
+    (["parallel_config.data_parallel=2", "parallel_config.expert_parallel=2", "parallel_config.model_parallel=2"],
+     "parallel_config.model_parallel: 2: expert parallel over data-parallel ranks is implemented with model_parallel 1"),
+    (["parallel_config.data_parallel=2", "parallel_config.expert_parallel=2", "parallel.enable_parallel_optimizer=True"],
+     "parallel.enable_parallel_optimizer: the distributed optimizer with the experts split over data-parallel ranks"),
+    (["parallel_config.data_parallel=2", "parallel_config.expert_parallel=2", "parallel_config.context_parallel=2"],
+     "parallel_config.context_parallel: 2: a mixture-of-experts model"),
     (["moe_config.ep_extend_tp=True", "parallel_config.expert_parallel=2"],
      "parallel_config.expert_parallel: 2: with moe_config.ep_extend_tp the expert domain is the tensor-parallel "
      "group, so expert_parallel must equal model_parallel=1"),
@@ -207,6 +215,16 @@ def test_bad_moe_config_on_the_command_line_is_one_line():
                         "--set", "moe_config.num_experts_chosen=9"], capture_output=True, text=True)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "moe_config.num_experts_chosen (model_config.moe_top_k): must be an integer in [1, num_experts=4]" in r.stderr
+
+
+def test_bad_expert_parallel_layout_on_the_command_line_is_one_line():
+    """expert_parallel over dp that does not divide data_parallel: refused before anything starts (no msrun)."""
+    r = subprocess.run([sys.executable, "-m", "telechat2", "train", "--config", PRETRAIN, "--set", "model.preset=tiny-moe",
+                        "--set", "parallel_config.data_parallel=4", "--set", "parallel_config.expert_parallel=3"],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "parallel_config.expert_parallel: 3 does not divide data_parallel=4" in r.stderr, r.stderr[-2000:]
+    assert "step" not in r.stdout
 
 
 def test_planner_refuses_moe_by_name():
