@@ -232,3 +232,21 @@ def test_planner_refuses_moe_by_name():
     from telechat2.plan.search import planning_config
     with pytest.raises(ConfigError, match="--model 39b-a12b: the planner does not model mixture-of-experts"):
         planning_config("39b-a12b", 8192)
+
+
+def test_expert_groups_and_checkpoint_writers_of_ep_over_dp():
+    """dp4 with expert_parallel 2: ep groups of 2 consecutive dp ranks, each expert on the 2 ranks with the same
+    ep rank; the first ep group writes the weights and AdamW state, the replicas read them."""
+    from telechat2.parallel.mesh import Layout
+    from telechat2.train.checkpointing import files_read, layout_record, optimizer_writer, same_layout, weight_writer
+    lay = Layout(dp=4, ep=2)
+    assert [lay.ep_groups(r) for r in (0, 3)] == [{"ep": [0, 1], "edp": [0, 2]}, {"ep": [2, 3], "edp": [1, 3]}]
+    assert [weight_writer(lay, r) for r in range(4)] == [0, 1, 0, 1]
+    assert [optimizer_writer(lay, r, False) for r in range(4)] == [0, 1, 0, 1]
+    assert files_read("step", lay, 3, False)[1:] == ["rank_1/model.safetensors", "rank_1/optimizer.safetensors"]
+    assert [weight_writer(Layout(dp=4), r) for r in range(4)] == [0, 0, 0, 0]
+    record = layout_record(lay)
+    assert record["expert_parallel"] == 2 and "expert_parallel" not in layout_record(Layout(dp=4))
+    assert same_layout(record, lay) and not same_layout(record, Layout(dp=4))
+    assert not same_layout(layout_record(Layout(dp=4)), lay)
+    assert lay.describe() == "dp4(ep2) tp1 pp1 cp1"
