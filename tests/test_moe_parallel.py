@@ -19,14 +19,14 @@ import subprocess
 import sys
 
 import numpy as np
-from safetensors.numpy import load_file
-
 import pytest
+from safetensors.numpy import load_file
 
 from dist_util import REPO, gathered_weights, logged_losses, msrun, report_losses, worker_log
 from helpers import preprocess_bundled, write_hf_folder
 from reference import telechat2_torch as ref
 from telechat2 import TeleChat2Config
+from telechat2.train.run_config import load_run_config
 
 PRETRAIN = os.path.join(REPO, "configs", "cpu", "pretrain_tiny.yaml")
 DRIVER = os.path.join(REPO, "tests", "scenarios", "train_jobs.py")
@@ -153,6 +153,11 @@ def test_moe_experts_over_dp_match_single_device(runs, name):
     if name == "dp4_ep2":                            # dp ranks 2, 3: the replicas of ranks 0, 1 write no weights
         rec3 = _rank_record(out, 3)
         assert rec3["shards"] == rec["shards"] and "model.safetensors" not in rec3["files"]
+    from telechat2.train.memory import by_kind, run_inventory          # what check-config reports
+    cfg = load_run_config(os.path.join(out, "run_config.yaml"))
+    for rank in range(len(runs[name][1])):
+        with open(os.path.join(out, "report", f"memory_rank_{rank}.json")) as fh:
+            assert json.load(fh)["allocated_bytes"] == by_kind(run_inventory(cfg, rank)), rank
     # a resume in another layout reads the AdamW state as the one device holds it (the experts' blocks joined
     # from the ep ranks' files)
     from telechat2.train.checkpointing import StoredOptimizer
