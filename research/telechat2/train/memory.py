@@ -119,7 +119,8 @@ def weights_by_dtype(buffers) -> dict[str, int]:
 def _stage_inventory(config, layout, rank, stage_offset, optimizer_shard: bool, accumulation: int,
                      shard_accumulation: bool, weight_decay: float) -> tuple:
     """Rank `rank`'s buffers. Its parameters depend only on its tp and pp coordinates (and on ep: the experts
-    split over dp ranks, as many on each), and its buffer sizes on those and the shard count: one model per (tp, pp, stage) and one inventory per shard count are built."""
+    split over dp ranks, as many on each), and its buffer sizes on those and the shard count: one model per
+    (tp, pp, stage) and one inventory per shard count are built."""
     from ..parallel.mesh import Layout
     c = layout.coords(rank)
     # the model of ep rank 0 (the ep ranks hold as many experts each; dp does not change it otherwise)
