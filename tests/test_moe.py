@@ -172,7 +172,15 @@ PRETRAIN = os.path.join(REPO, "configs", "cpu", "pretrain_tiny.yaml")
     (["moe_config.capacity_factor=-1"], "moe_config.capacity_factor (model_config.capacity_factor): must be 0"),
     (["moe_config.aux_loss_factors=[0.01, 0.02]"], "moe_config.aux_loss_factors: expected one factor"),
     (["parallel_config.expert_parallel=2"],
-     "parallel_config.expert_parallel: 2: expert parallel over data-parallel ranks (all-to-all dispatch) is not"),
+     "parallel_config.expert_parallel: 2 does not divide data_parallel=1 (the experts are split over groups of"),
+    (["parallel_config.data_parallel=4", "parallel_config.expert_parallel=4", "moe_config.expert_num=6"],
+     "parallel_config.expert_parallel: 4 does not divide the 6 experts"),
+    (["parallel_config.data_parallel=2", "parallel_config.expert_parallel=2", "parallel_config.model_parallel=2"],
+     "parallel_config.model_parallel: 2: expert parallel over data-parallel ranks is implemented with model_parallel 1"),
+    (["parallel_config.data_parallel=2", "parallel_config.expert_parallel=2", "parallel.enable_parallel_optimizer=True"],
+     "parallel.enable_parallel_optimizer: the distributed optimizer with the experts split over data-parallel ranks"),
+    (["parallel_config.data_parallel=2", "parallel_config.expert_parallel=2", "parallel_config.context_parallel=2"],
+     "parallel_config.context_parallel: 2: a mixture-of-experts model"),
     (["moe_config.ep_extend_tp=True", "parallel_config.expert_parallel=2"],
      "parallel_config.expert_parallel: 2: with moe_config.ep_extend_tp the expert domain is the tensor-parallel "
      "group, so expert_parallel must equal model_parallel=1"),
@@ -209,8 +217,36 @@ def test_bad_moe_config_on_the_command_line_is_one_line():
     assert "moe_config.num_experts_chosen (model_config.moe_top_k): must be an integer in [1, num_experts=4]" in r.stderr
 
 
+def test_bad_expert_parallel_layout_on_the_command_line_is_one_line():
+    """expert_parallel over dp that does not divide data_parallel: refused before anything starts (no msrun)."""
+    r = subprocess.run([sys.executable, "-m", "telechat2", "train", "--config", PRETRAIN, "--set", "model.preset=tiny-moe",
+                        "--set", "parallel_config.data_parallel=4", "--set", "parallel_config.expert_parallel=3"],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "parallel_config.expert_parallel: 3 does not divide data_parallel=4" in r.stderr, r.stderr[-2000:]
+    assert "step" not in r.stdout
+
+
 def test_planner_refuses_moe_by_name():
     from telechat2.config import ConfigError
     from telechat2.plan.search import planning_config
     with pytest.raises(ConfigError, match="--model 39b-a12b: the planner does not model mixture-of-experts"):
         planning_config("39b-a12b", 8192)
+
+
+def test_expert_groups_and_checkpoint_writers_of_ep_over_dp():
+    """dp4 with expert_parallel 2: ep groups of 2 consecutive dp ranks, each expert on the 2 ranks with the same
+    ep rank; the first ep group writes the weights and AdamW state, the replicas read them."""
+    from telechat2.parallel.mesh import Layout
+    from telechat2.train.checkpointing import files_read, layout_record, optimizer_writer, same_layout, weight_writer
+    lay = Layout(dp=4, ep=2)
+    assert [lay.ep_groups(r) for r in (0, 3)] == [{"ep": [0, 1], "edp": [0, 2]}, {"ep": [2, 3], "edp": [1, 3]}]
+    assert [weight_writer(lay, r) for r in range(4)] == [0, 1, 0, 1]
+    assert [optimizer_writer(lay, r, False) for r in range(4)] == [0, 1, 0, 1]
+    assert files_read("step", lay, 3, False)[1:] == ["rank_1/model.safetensors", "rank_1/optimizer.safetensors"]
+    assert [weight_writer(Layout(dp=4), r) for r in range(4)] == [0, 0, 0, 0]
+    record = layout_record(lay)
+    assert record["expert_parallel"] == 2 and "expert_parallel" not in layout_record(Layout(dp=4))
+    assert same_layout(record, lay) and not same_layout(record, Layout(dp=4))
+    assert not same_layout(layout_record(Layout(dp=4)), lay)
+    assert lay.describe() == "dp4(ep2) tp1 pp1 cp1"

@@ -1,26 +1,35 @@
-"""The MoE model under data parallel x tensor parallel with the experts split over the tp group
-(`moe_config.ep_extend_tp`, expert_parallel 2) trains like one device (msrun, 4 local CPU workers): losses, aux
-losses and final weights (the expert blocks gathered from the ranks' checkpoint blocks); the parallel run also
-takes its tokens through dispatch -> experts -> combine in 2 chunks (moe_config.comm_chunks), the baseline
-unchunked.
+"""The MoE model under expert parallelism trains like one device (msrun, local CPU workers): losses, aux losses,
+global gradient norms and final weights (the expert blocks gathered from the ranks' checkpoint blocks).
+
+  dp2_tp2_ep2  4 workers  the experts split over the tp group (moe_config.ep_extend_tp, expert_parallel 2), the
+                          tokens through dispatch -> experts -> combine in 2 chunks (moe_config.comm_chunks)
+  dp4_ep2      4 workers  the experts split over groups of 2 consecutive dp ranks (expert_parallel 2 without
+                          ep_extend_tp): each expert on 2 ranks, its gradients summed over those 2 only
+  dp2_ep2      2 workers  the same with one ep group
+
+The two 4-worker runs are one msrun job (tests/scenarios/train_jobs.py trains them one after the other).
 
 The router aux loss is computed per forward (the tokens of one micro-batch on one rank), so the baseline must
-group the tokens the same way: dp2 with one sample per rank against one device with one sample per micro-batch
-and two micro-batches per step (the same global batch of 2, the same label-token normalisation)."""
+group the tokens the same way: every run has micro-batches of one sample and a global batch of 4 (dp4 x 1,
+dp2 x 2 accumulation steps), the one-device baseline 4 accumulation steps of one sample (the same label-token
+normalisation), so one baseline serves all three."""
 import json
 import os
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 from safetensors.numpy import load_file
 
 from dist_util import REPO, gathered_weights, logged_losses, msrun, report_losses, worker_log
 from helpers import preprocess_bundled, write_hf_folder
 from reference import telechat2_torch as ref
 from telechat2 import TeleChat2Config
+from telechat2.train.run_config import load_run_config
 
 PRETRAIN = os.path.join(REPO, "configs", "cpu", "pretrain_tiny.yaml")
+DRIVER = os.path.join(REPO, "tests", "scenarios", "train_jobs.py")
 STEPS = 5
 
 
@@ -34,41 +43,91 @@ def _args(out, data, init, *sets):
     return args
 
 
-def _aux(report_dir):
-    with open(os.path.join(report_dir, "report", "report.json")) as fh:
-        return [s["aux_loss"] for s in json.load(fh)["steps"]]
+def _report(out, key):
+    with open(os.path.join(out, "report", "report.json")) as fh:
+        return [s[key] for s in json.load(fh)["steps"]]
 
 
-def test_moe_dp2_tp2_experts_over_tp_match_single_device(tmp_path):
-    data = preprocess_bundled("pretrain", str(tmp_path / "data"))
+def _overrides(args):
+    """(config, overrides) of a `train` argument list, for the multi-run driver."""
+    sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+    value = {a: args[i + 1] for i, a in enumerate(args) if a in ("--config", "--train-dataset", "--load-checkpoint")}
+    return value["--config"], [*sets, f"train_dataset.data_loader.dataset_dir={value['--train-dataset']}",
+                               f"load_checkpoint={value['--load-checkpoint']}"]
+
+
+ACCUMULATE = "runner_config.gradient_accumulation_steps={}"
+FOUR_WORKERS = {          # name -> overrides (per-rank batch 1)
+    "dp2_tp2_ep2": ["parallel_config.data_parallel=2", "parallel_config.model_parallel=2", ACCUMULATE.format(2),
+                    "parallel_config.expert_parallel=2", "moe_config.ep_extend_tp=True", "moe_config.comm_chunks=2"],
+    "dp4_ep2": ["parallel_config.data_parallel=4", "parallel_config.expert_parallel=2"],
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The baseline and the parallel runs: name -> (output dir, [that run's part of each rank's log])."""
+    tmp = tmp_path_factory.mktemp("moe_parallel")
+    data = preprocess_bundled("pretrain", str(tmp / "data"))
     cfg = TeleChat2Config.from_preset("tiny-moe")
-    init = write_hf_folder(str(tmp_path / "init"), cfg, ref.random_state_dict(cfg.to_hf_dict(), seed=5))
-    base = str(tmp_path / "single")
-    r = subprocess.run([sys.executable, "-m", "telechat2", *_args(base, data, init,
-                                                                  "runner_config.gradient_accumulation_steps=2")],
+    init = write_hf_folder(str(tmp / "init"), cfg, ref.random_state_dict(cfg.to_hf_dict(), seed=5))
+    base = str(tmp / "single")
+    r = subprocess.run([sys.executable, "-m", "telechat2", *_args(base, data, init, ACCUMULATE.format(4))],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
-    out, logs = str(tmp_path / "dp2_tp2_ep2"), str(tmp_path / "logs")
-    d = msrun(4, _args(out, data, init, "parallel_config.data_parallel=2", "parallel_config.model_parallel=2",
-                       "parallel_config.expert_parallel=2", "moe_config.ep_extend_tp=True",
-                       "moe_config.comm_chunks=2"), logs)
+    assert "aux_loss: " in r.stdout
+    out = {"single": (base, [r.stdout])}
+    jobs = []
+    for name, sets in FOUR_WORKERS.items():
+        out[name] = (str(tmp / name), None)
+        jobs.append(_overrides(_args(out[name][0], data, init, *sets)))
+    jobs_file = tmp / "jobs.json"
+    jobs_file.write_text(json.dumps([{"config": c, "overrides": o} for c, o in jobs]))
+    logs = str(tmp / "logs4")
+    d = msrun(4, [str(jobs_file)], logs, script=DRIVER)
     assert d.returncode == 0, worker_log(logs, 0)[-4000:]
+    parts = [worker_log(logs, rank).split("TRAINED ") for rank in range(4)]
+    assert all(len(p) == len(jobs) + 1 for p in parts), [len(p) for p in parts]
+    for k, name in enumerate(FOUR_WORKERS):
+        out[name] = (out[name][0], [p[k] for p in parts])
+    ep2, logs = str(tmp / "dp2_ep2"), str(tmp / "logs2")
+    d = msrun(2, _args(ep2, data, init, "parallel_config.data_parallel=2", "parallel_config.expert_parallel=2",
+                       ACCUMULATE.format(2)), logs)
+    assert d.returncode == 0, worker_log(logs, 0)[-4000:]
+    out["dp2_ep2"] = (ep2, [worker_log(logs, rank) for rank in range(2)])
+    return out
+
+
+def _matches_single_device(runs, name):
+    """Losses, aux losses and gradient norms of every step, every rank's logged loss and the final weights."""
+    (base, (base_log,)), (out, logs) = runs["single"], runs[name]
     want, got = report_losses(base), report_losses(out)
     assert len(got) == STEPS and np.allclose(got, want, rtol=0, atol=1e-5), (got, want)
-    aux_want, aux_got = _aux(base), _aux(out)
+    aux_want, aux_got = _report(base, "aux_loss"), _report(out, "aux_loss")
     assert all(a > 0 for a in aux_want) and np.allclose(aux_got, aux_want, rtol=0, atol=1e-6), (aux_got, aux_want)
-    assert "aux_loss: " in r.stdout
-    for rank in range(4):
-        assert np.allclose(logged_losses(worker_log(logs, rank)), logged_losses(r.stdout), atol=2e-6)
+    norms_want, norms_got = _report(base, "global_norm"), _report(out, "global_norm")
+    assert np.allclose(norms_got, norms_want, rtol=0, atol=1e-5), (norms_got, norms_want)   # clipped at 1.0
+    for log in logs:
+        assert np.allclose(logged_losses(log), logged_losses(base_log), atol=2e-6)
     a = gathered_weights(os.path.join(base, "checkpoint", f"step_{STEPS:08d}"))
     b = gathered_weights(os.path.join(out, "checkpoint", f"step_{STEPS:08d}"))
     assert set(a) == set(b) and "model.layers.1.feed_forward.ffn.w2.bias" in a
-    with open(os.path.join(out, "checkpoint", f"step_{STEPS:08d}", "rank_1", "rank.json")) as fh:
-        shards = json.load(fh)["shards"]             # tp rank 1 holds experts 2 and 3 of the stacked tensors
-    assert shards["model.layers.0.feed_forward.ffn.w1.weight"] == [0, 2, 2]
-    assert shards["model.layers.0.feed_forward.ffn.w2.bias"] == [1, 2, 2]
     worst = max(float(np.abs(a[k] - b[k]).max()) for k in a)
     assert worst <= 1e-5, worst
+    return b
+
+
+def _rank_record(out, rank):
+    with open(os.path.join(out, "checkpoint", f"step_{STEPS:08d}", f"rank_{rank}", "rank.json")) as fh:
+        return json.load(fh)
+
+
+def test_moe_dp2_tp2_experts_over_tp_match_single_device(runs, tmp_path):
+    b = _matches_single_device(runs, "dp2_tp2_ep2")
+    out = runs["dp2_tp2_ep2"][0]
+    shards = _rank_record(out, 1)["shards"]          # tp rank 1 holds experts 2 and 3 of the stacked tensors
+    assert shards["model.layers.0.feed_forward.ffn.w1.weight"] == [0, 2, 2]
+    assert shards["model.layers.0.feed_forward.ffn.w2.bias"] == [1, 2, 2]
     # the rank folders export to an HF release with one tensor per expert
     hf_out = str(tmp_path / "hf_out")
     c = subprocess.run([sys.executable, "-m", "telechat2", "convert", "ms2hf", "--checkpoint",
@@ -80,3 +139,34 @@ def test_moe_dp2_tp2_experts_over_tp_match_single_device(tmp_path):
                           b["model.layers.0.feed_forward.ffn.w2.weight"][3])
     assert np.array_equal(hf["transformer.h.1.mlp.local_experts.2.down_proj.bias"],
                           b["model.layers.1.feed_forward.ffn.w2.bias"][0, 2, 0])
+
+
+@pytest.mark.parametrize("name", ["dp4_ep2", "dp2_ep2"])
+def test_moe_experts_over_dp_match_single_device(runs, name):
+    _matches_single_device(runs, name)
+    out = runs[name][0]
+    rec = _rank_record(out, 1)                       # ep rank 1 holds experts 2 and 3 and writes them
+    assert rec["shards"]["model.layers.0.feed_forward.ffn.w3.weight"] == [0, 2, 2]
+    assert rec["shards"]["model.layers.1.feed_forward.ffn.w2.bias"] == [1, 2, 2]
+    assert "model.layers.0.feed_forward.router.dense.weight" not in rec["shards"]
+    assert "model.safetensors" in rec["files"] and "optimizer.safetensors" in rec["files"]
+    if name == "dp4_ep2":                            # dp ranks 2, 3: the replicas of ranks 0, 1 write no weights
+        rec3 = _rank_record(out, 3)
+        assert rec3["shards"] == rec["shards"] and "model.safetensors" not in rec3["files"]
+    from telechat2.train.memory import by_kind, run_inventory          # what check-config reports
+    cfg = load_run_config(os.path.join(out, "run_config.yaml"))
+    for rank in range(len(runs[name][1])):
+        with open(os.path.join(out, "report", f"memory_rank_{rank}.json")) as fh:
+            assert json.load(fh)["allocated_bytes"] == by_kind(run_inventory(cfg, rank)), rank
+    # a resume in another layout reads the AdamW state as the one device holds it (the experts' blocks joined
+    # from the ep ranks' files)
+    from telechat2.train.checkpointing import StoredOptimizer
+    step = f"step_{STEPS:08d}"
+    want = StoredOptimizer(os.path.join(runs["single"][0], "checkpoint", step))
+    got = StoredOptimizer(os.path.join(out, "checkpoint", step))
+    a = gathered_weights(os.path.join(out, "checkpoint", step))
+    for kind in ("adam_m", "adam_v"):
+        for n in a:
+            assert np.allclose(got.full(kind, n), want.full(kind, n), rtol=1e-4, atol=1e-9), (kind, n)
+        expert = got.block(kind, "model.layers.0.feed_forward.ffn.w1.weight", (0, 2, 2))
+        assert np.array_equal(expert, got.full(kind, "model.layers.0.feed_forward.ffn.w1.weight")[2:])

@@ -44,6 +44,27 @@ over tp, as after a row-parallel linear. Communication contract:
       -> reduce_from_tp (all-reduce; identity) -> y [T, H]
     gate [T, E] -> copy_to_tp: each rank's gate gradient covers its experts' columns only; summed, the
       replicated router gets its whole gradient on every rank (the aux loss is computed whole on every rank)
+
+Experts over data-parallel ranks (`parallel_config.expert_parallel` ep without ep_extend_tp, model_parallel 1):
+the dp ranks form groups of ep consecutive dp ranks (mesh group "ep"); the rank with ep_rank = dp_rank % ep
+holds experts [ep_rank E/ep, (ep_rank + 1) E/ep), and the dp/ep ranks with the same ep_rank hold replicas of
+them (group "edp"). Each rank routes its own T tokens (the aux loss is per rank's forward, as under plain dp);
+the dispatch is an all-gather of the tokens and their routing over the ep group (the formulation of Megatron's
+"allgather" token dispatcher: MindSpore's CPU backend has no all-to-all), each rank runs its experts on all
+ep*T tokens, and the combine is a reduce-scatter of the partial outputs back to the token owners. Exact (the
+sum over ranks of the experts' parts is the sum over the token's experts). Communication contract:
+
+    x [T, H] -> gather over ep (all-gather; reduce-scatter of dx) -> [ep*T, H] -> D_local^T x -> E/ep experts
+      -> (D * gate)_local -> reduce-scatter over ep (all-gather of dy) -> y [T, H]
+    (gate, selected) [T, 2E] -> gather over ep: [ep*T, 2E]; the gate gradient of a rank's own tokens comes back
+      summed over the ranks' expert columns, so the router (replicated over all dp) gets its dp gradient
+Capacity under ep over dp: C slots per expert over the ep*T gathered tokens, filled in ep-rank order. The
+expert weights' gradients hold the contributions of the ep group's tokens and are summed over "edp" only
+(ExpertLinear.dp_group, parallel/grads.py); every other gradient over dp. Not implemented with the distributed
+optimizer (its buckets are sharded over all of dp), tensor, sequence, pipeline or context parallel: refused by
+run_config.check_moe_layout. On Ascend the gather and reduce-scatter are the native AllGather / ReduceScatter
+(parallel/mappings.py). Volume per rank and layer: the all-gather receives (ep-1) T H activations (the
+reduce-scatter sends as many), an all-to-all dispatch would move about k T H (ep-1)/ep; fine for small ep.
 """
 from __future__ import annotations
 
@@ -73,9 +94,12 @@ class ExpertLinear(nn.Cell):
     """E linears at once: x [E, C, in] -> [E, C, out] with weight [E, out, in] (+ bias [1, E, 1, out])."""
 
     def __init__(self, experts, in_features, out_features, *, bias, init_std, param_dtype, compute_dtype,
-                 block=None):
+                 block=None, dp_group="dp"):
         super().__init__()
         self.compute_dtype = compute_dtype
+        # the ranks its gradients are summed over: "dp", or "edp" (the dp/ep replicas of these experts) when the
+        # experts are split over dp ranks (parallel/grads.py)
+        self.dp_group = dp_group
         # block = (first expert, experts held) of the stacked tensor when the experts are split over ranks
         self.shard_spec = {} if block is None else {"weight": (0, *block), **({"bias": (1, *block)} if bias else {})}
         self.weight = Parameter(initializer(Normal(init_std), (experts, out_features, in_features), param_dtype),
@@ -94,11 +118,11 @@ class ExpertLinear(nn.Cell):
 class Experts(nn.Cell):
     """The stacked SwiGLU experts: w2(silu(w1 x) * w3 x) + b2 per expert, [E, C, H] -> [E, C, H]."""
 
-    def __init__(self, config: TeleChat2Config, block=None):
+    def __init__(self, config: TeleChat2Config, block=None, dp_group="dp"):
         super().__init__()
         E, H, F = config.num_experts if block is None else block[1], config.hidden_size, config.intermediate_size
         common = dict(init_std=config.initializer_range, param_dtype=ms_dtype(config.param_init_type),
-                      compute_dtype=ms_dtype(config.compute_dtype), block=block)
+                      compute_dtype=ms_dtype(config.compute_dtype), block=block, dp_group=dp_group)
         self.w1 = ExpertLinear(E, H, F, bias=False, **common)     # gate
         self.w3 = ExpertLinear(E, H, F, bias=False, **common)     # up
         self.w2 = ExpertLinear(E, F, H, bias=True, **common)      # down
@@ -145,20 +169,32 @@ class MoE(nn.Cell):
         if mesh.layout.pp > 1 or mesh.layout.cp > 1 or mesh.sequence_parallel:
             raise ValueError("num_experts > 0 is implemented with data parallel and tensor parallel without "
                              "sequence parallel (pipeline_stage, context_parallel 1, use_seq_parallel False)")
-        if config.num_experts % mesh.tp:
-            raise ValueError(f"num_experts={config.num_experts} is not divisible by the tensor-parallel size {mesh.tp}")
+        if mesh.ep > 1 and mesh.tp > 1:
+            raise ValueError("expert parallel over data-parallel ranks is implemented with model_parallel 1")
+        split, rank = (mesh.ep, mesh.ep_rank) if mesh.ep > 1 else (mesh.tp, mesh.tp_rank)
+        if config.num_experts % split:
+            raise ValueError(f"num_experts={config.num_experts} is not divisible by the expert-parallel size {split}")
         self.config = config
         self.compute_dtype = ms_dtype(config.compute_dtype)
         self.router = Router(config)
-        self.local = config.num_experts // mesh.tp                  # experts on this rank
-        self.first = mesh.tp_rank * self.local
-        self.ffn = Experts(config, (self.first, self.local) if mesh.tp > 1 else None)
+        self.local = config.num_experts // split                    # experts on this rank
+        self.first = rank * self.local
+        self.split = split > 1
+        self.ffn = Experts(config, (self.first, self.local) if self.split else None,
+                           dp_group="edp" if mesh.ep > 1 else "dp")
         self.tp_edges = mesh.tp > 1
+        self.ep_edges = mesh.ep > 1
         if self.tp_edges:
             from ..parallel.mappings import CopyToTensorParallel, ReduceFromTensorParallel, tp_collective
             self.copy_input = tp_collective(CopyToTensorParallel, mesh)
             self.copy_gate = tp_collective(CopyToTensorParallel, mesh)
             self.reduce_output = tp_collective(ReduceFromTensorParallel, mesh)
+        if self.ep_edges:            # the token dim of [1, T, H] is the gathered / scattered dim 1
+            from ..parallel.mappings import (GatherFromSequenceParallel, ReduceScatterToSequenceParallel,
+                                             group_collective)
+            self.gather_input = group_collective(GatherFromSequenceParallel, mesh, "ep")
+            self.gather_routing = group_collective(GatherFromSequenceParallel, mesh, "ep")
+            self.scatter_output = group_collective(ReduceScatterToSequenceParallel, mesh, "ep")
 
     def construct(self, x):
         shape = x.shape
@@ -166,6 +202,11 @@ class MoE(nn.Cell):
         gate, selected, aux = self.router(xt)                  # over all tokens (the aux loss too)
         if self.tp_edges:
             xt, gate = self.copy_input(xt), self.copy_gate(gate)
+        if self.ep_edges:                                      # every token of the ep group, in ep-rank order
+            E = selected.shape[1]
+            xt = self.gather_input(xt.expand_dims(0)).squeeze(0)                               # [ep*T, H]
+            routing = self.gather_routing(ops.cat((gate, selected), -1).expand_dims(0)).squeeze(0)  # [ep*T, 2E]
+            gate, selected = routing[:, :E], ops.stop_gradient(routing[:, E:])
         chunks = self.config.moe_comm_chunks
         if chunks == 1:
             y = self.dispatch_ffn_combine(xt, gate, selected, expert_capacity(xt.shape[0], self.config))
@@ -180,19 +221,21 @@ class MoE(nn.Cell):
             y = ops.cat(parts, 0)
         if self.tp_edges:
             y = self.reduce_output(y)
+        if self.ep_edges:                                      # the partial outputs summed back to the token owners
+            y = self.scatter_output(y.expand_dims(0)).squeeze(0)                                  # [T, H]
         return y.reshape(shape), aux
 
     def dispatch_ffn_combine(self, xt, gate, selected, C):
         """Tokens xt [T, H] with their routing (gate, selected [T, E_all]) through this rank's experts with C
-        slots each -> [T, H] (this rank's experts' part under tp)."""
-        T, H, E = xt.shape[0], xt.shape[1], self.local             # E: the experts held here (all at tp=1)
+        slots each -> [T, H] (this rank's experts' part when the experts are split over tp or ep)."""
+        T, H, E = xt.shape[0], xt.shape[1], self.local             # E: the experts held here (all unsplit)
         slot = ops.cumsum(selected, 0) - selected              # this token's place in the expert's queue
         kept = selected * (slot < C).astype(ms.float32)
         slot = ops.minimum(slot, C - 1).astype(ms.int32)
         dispatch = ops.one_hot(slot, C, ms.Tensor(1.0, ms.float32), ms.Tensor(0.0, ms.float32)) \
             * kept.expand_dims(-1)                                              # [T, E_all, C]
         dispatch = ops.stop_gradient(dispatch)
-        if self.tp_edges:                                      # this rank's experts only
+        if self.split:                                         # this rank's experts only
             dispatch, gate = dispatch[:, self.first:self.first + E], gate[:, self.first:self.first + E]
         combine = (dispatch * gate.expand_dims(-1)).reshape(T, E * C).astype(self.compute_dtype)
         d = dispatch.reshape(T, E * C).astype(self.compute_dtype)

@@ -1,7 +1,8 @@
 """Flat buckets of parameters and their data-parallel shards: the distributed optimizer's arithmetic.
 
 The trainable parameters are laid, in order, into flat fp32 buckets of about `bucket_mb` MB. A bucket holds
-parameters of one kind only (same weight decay, same gradient-norm weight), so both are per-bucket scalars.
+parameters of one kind only (same weight decay, same gradient-norm weight, same data-parallel reduction group),
+so these are per-bucket values.
 Its length is padded to a multiple of n x ROW (n, the shard count: dp with the distributed optimizer, else
 1), and shard k is the contiguous range [k L/n, (k+1) L/n). Gradients are reduce-scattered bucket by bucket into
 the shards; AdamW's moments (and, for low-precision weights, the fp32 master copy) exist only as this
@@ -40,18 +41,21 @@ class Bucket:
     length: int                 # padded: a multiple of the shard count
     decay: float                # weight decay of every parameter in it
     norm_weight: float          # 1 / (ranks holding the same gradient): the global norm counts it once
+    group: str = "dp"           # the data-parallel ranks its gradients are summed over ("edp": experts split
+                                # over dp, summed over their dp/ep replicas only; parallel/grads.py)
 
 
 class BucketPlan:
     def __init__(self, params, *, decay, norm_weights, shards: int = 1, shard_index: int = 0,
-                 bucket_mb: float = 25.0):
-        """params: [(name, shape)] in order; decay, norm_weights: one float per parameter."""
+                 bucket_mb: float = 25.0, groups=None):
+        """params: [(name, shape)] in order; decay, norm_weights: one float per parameter; groups: one
+        data-parallel group name per parameter (default all "dp")."""
         self.shards, self.shard_index = int(shards), int(shard_index)
         limit = max(1, int(bucket_mb * 2**20 / 4))           # fp32 elements per bucket
         open_buckets: dict[tuple, list] = {}                 # kind -> slots of its bucket being filled
         buckets: list[tuple] = []                            # (first parameter index, kind, slots)
         for i, (name, shape) in enumerate(params):
-            kind = (float(decay[i]), float(norm_weights[i]))
+            kind = (float(decay[i]), float(norm_weights[i]), "dp" if groups is None else groups[i])
             size = 1
             for d in shape:
                 size *= int(d)

@@ -8,12 +8,14 @@ After backward, on every rank (`GradReducer.to_shards`):
     coalesced layer-norm gradient all-reduce), so SP adds one collective per step, not one per norm;
   - the gradients are laid into the plan's flat fp32 buckets (parallel/buckets.py), one collective per bucket:
     summed over cp (each cp rank holds a part of the one global loss), then over dp: reduce-scattered into
-    this rank's shard with the distributed optimizer, else all-reduced (the shard is the whole bucket). The
+    this rank's shard with the distributed optimizer, else all-reduced (the shard is the whole bucket); the
+    buckets of experts split over dp ranks (expert parallel over dp) are summed over their dp/ep replicas only
+    (group "edp"), each rank's expert gradients already holding the contributions of its ep group's tokens. The
     loss of every rank is already weighted by the global batch's label-token count (train/step.py), so the
     sum is the gradient of the global per-token mean.
 The global gradient norm counts each distinct value once: sum_b w_b |shard_b|^2, summed over the dp shards,
 tp and pp, with w_b = 1 for tp-split tensors and 1/(number of holders) for replicated ones (a bucket holds
-one kind only).
+one kind only); the experts split over dp count once per ep group: their squares are summed over "ep".
 """
 from __future__ import annotations
 
@@ -45,13 +47,27 @@ def gradient_holders(model, params, mesh) -> list[list[int]]:
     return [replicas.get(p.name) or ([mesh.rank] if p.name in specs else tp_ranks) for p in params]
 
 
+def dp_groups(model) -> dict[str, str]:
+    """{parameter name: data-parallel group} for the parameters not summed over all of dp (experts split over
+    dp ranks: "edp", model/moe.py)."""
+    groups = {}
+    for _, cell in model.cells_and_names():
+        if getattr(cell, "dp_group", "dp") != "dp":
+            for p in cell.get_parameters(expand=False):
+                groups[p.name] = cell.dp_group
+    return groups
+
+
 def bucket_plan(model, params, mesh, *, decay, shard: bool, bucket_mb: float = 25.0) -> BucketPlan:
     """The flat-bucket plan of `params` on this rank (shared by the optimizer, checkpoints and the inventory)."""
     holders = gradient_holders(model, params, mesh)
+    groups = dp_groups(model)
+    if shard and groups:
+        raise ValueError("the distributed optimizer with experts split over data-parallel ranks is not implemented")
     dp, dp_rank = (mesh.dp, mesh.dp_rank) if shard else (1, 0)
     return BucketPlan([(p.name, tuple(p.shape)) for p in params], decay=decay,
                       norm_weights=[1.0 / len(h) for h in holders], shards=dp, shard_index=dp_rank,
-                      bucket_mb=bucket_mb)
+                      bucket_mb=bucket_mb, groups=[groups.get(p.name, "dp") for p in params])
 
 
 class GradReducer(nn.Cell):
@@ -75,6 +91,11 @@ class GradReducer(nn.Cell):
         self.dp_scatter = GroupCollective(mesh.groups["dp"], mesh.dp, mesh.dp_rank, "dp") if plan.shards > 1 \
             else None
         self.weights = tuple(bk.norm_weight for bk in plan.buckets)
+        # experts split over dp: gradients summed over their replicas (edp), squares over the ep group
+        self.expert = tuple(bk.group == "edp" for bk in plan.buckets)
+        self.edp_sum = GroupCollective(mesh.groups["edp"], mesh.dp // mesh.ep, 0, "edp") if "edp" in mesh.groups \
+            else None
+        self.ep_sum = GroupCollective(mesh.groups["ep"], mesh.ep, mesh.ep_rank, "ep") if "ep" in mesh.groups else None
 
     @staticmethod
     def _sum_over(mesh, axis: str, size: int):
@@ -99,7 +120,10 @@ class GradReducer(nn.Cell):
             flat = self.plan.flat(grads, b, ms.float32)
             if self.cp_sum is not None:
                 flat = self.cp_sum.all_reduce(flat)
-            if self.dp_scatter is not None:
+            if self.expert[b]:
+                if self.edp_sum is not None:
+                    flat = self.edp_sum.all_reduce(flat)
+            elif self.dp_scatter is not None:
                 flat = self.dp_scatter.reduce_scatter(flat, 0)
             elif self.dp_sum is not None:
                 flat = self.dp_sum.all_reduce(flat)
@@ -114,13 +138,18 @@ class GradReducer(nn.Cell):
 
     def global_norm(self, shards):
         """(norm of the full model's gradient, finite), identical on every rank."""
-        squares = []
+        squares, expert = [], []
         for b in range(len(shards)):
             rows = ops.square(shards[b]).reshape(-1, ROW).sum(1)      # deterministic (parallel/buckets.py)
-            squares.append(rows.sum() * self.weights[b])
+            if self.expert[b]:
+                expert.append(rows.sum() * self.weights[b])
+            else:
+                squares.append(rows.sum() * self.weights[b])
         total = ops.addn(squares)
         if self.dp_scatter is not None:              # each dp rank holds one shard of every bucket
             total = self.dp_sum.all_reduce(total)
+        if len(expert) > 0:                          # each ep rank holds different experts
+            total = total + self.ep_sum.all_reduce(ops.addn(expert))
         if self.tp_sum is not None:
             total = self.tp_sum.all_reduce(total)
         if self.pp_sum is not None:                  # every stage holds different parameters

@@ -165,5 +165,8 @@ def tp_collective(cls, mesh):
 
 
 def group_collective(cls, mesh, axis: str):
-    """An instance of collective `cls` over this rank's group along mesh axis `axis` (e.g. "cp")."""
+    """An instance of collective `cls` over this rank's group along mesh axis `axis` (e.g. "cp"; "ep": the
+    expert-parallel group inside dp, parallel/mesh.py)."""
+    if axis == "ep":
+        return cls(mesh.groups["ep"], mesh.ep, mesh.ep_rank, "ep")
     return cls(mesh.groups[axis], mesh.layout.sizes[axis], mesh.coord(axis), axis)

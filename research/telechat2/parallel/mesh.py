@@ -2,6 +2,14 @@
 
 Axes, outermost first: dp x pp x cp x tp. tp is innermost so tensor-parallel peers are neighbouring ranks
 (the same node); rank = ((dp_rank * pp + pp_rank) * cp + cp_rank) * tp + tp_rank.
+
+Expert parallel over data-parallel ranks (`ep`, parallel_config.expert_parallel without moe_config.ep_extend_tp)
+is not an axis of its own but a split of dp: the dp ranks form dp/ep groups of ep consecutive dp ranks (group
+"ep": the ranks that exchange tokens and hold different experts, ep_rank = dp_rank % ep), and the ranks with the
+same ep_rank across those groups hold the same experts (group "edp": the dp/ep replicas of an expert, whose
+gradients are summed together). This is MindFormers' split of dp into outer_dp = dp/ep x inner_dp = ep (its ep
+group: ranks [rank // ep * ep, + ep) with model_parallel 1) and Megatron's expert-parallel / expert-data-parallel
+groups.
 """
 from __future__ import annotations
 
@@ -26,6 +34,7 @@ class Layout:
     sequence_parallel: bool = False   # parallel_config.use_seq_parallel
     micro_batch_num: int = 1          # parallel_config.micro_batch_num
     optimizer_shard: bool = False     # parallel.enable_parallel_optimizer (ZeRO-1 over dp)
+    ep: int = 1                       # parallel_config.expert_parallel over dp (1 with moe_config.ep_extend_tp)
 
     @property
     def world(self) -> int:
@@ -52,16 +61,26 @@ class Layout:
         c = self.coords(rank)
         return [self.rank_of(**{**c, axis: i}) for i in range(self.sizes[axis])]
 
+    def ep_groups(self, rank: int) -> dict[str, list[int]]:
+        """{"ep": the ep consecutive dp ranks exchanging tokens with `rank`, "edp": the dp/ep ranks holding its
+        experts} (ranks sharing every other coordinate), for expert parallel over dp (ep > 1)."""
+        c, ep = self.coords(rank), self.ep
+        first = c["dp"] - c["dp"] % ep
+        return {"ep": [self.rank_of(**{**c, "dp": first + i}) for i in range(ep)],
+                "edp": [self.rank_of(**{**c, "dp": c["dp"] % ep + k * ep}) for k in range(self.dp // ep)]}
+
     def describe(self) -> str:
-        s = f"dp{self.dp} tp{self.tp} pp{self.pp} cp{self.cp}"
+        s = f"dp{self.dp}" + (f"(ep{self.ep})" if self.ep > 1 else "") + f" tp{self.tp} pp{self.pp} cp{self.cp}"
         return s + (" sp" if self.sequence_parallel and self.tp > 1 else "") + (" zero1" if self.optimizer_shard else "")
 
     @classmethod
     def from_run_config(cls, cfg: dict) -> "Layout":
         pc, par = cfg["parallel_config"], cfg["parallel"]
+        ep = 1 if (cfg.get("moe_config") or {}).get("ep_extend_tp") else pc.get("expert_parallel", 1)
         return cls(dp=pc["data_parallel"], tp=pc["model_parallel"], pp=pc["pipeline_stage"],
                    cp=pc["context_parallel"], sequence_parallel=bool(pc["use_seq_parallel"]),
-                   micro_batch_num=pc["micro_batch_num"], optimizer_shard=bool(par["enable_parallel_optimizer"]))
+                   micro_batch_num=pc["micro_batch_num"], optimizer_shard=bool(par["enable_parallel_optimizer"]),
+                   ep=ep)
 
 
 def validate_layout(layout: Layout, config, *, devices: int | None = None, seq_length: int | None = None) -> None:
@@ -98,6 +117,11 @@ def validate_layout(layout: Layout, config, *, devices: int | None = None, seq_l
         need((seq // layout.cp) % tp == 0,
              f"use_seq_parallel: seq_length {seq} / context_parallel {layout.cp} is not divisible by "
              f"model_parallel {tp}")
+    need(isinstance(layout.ep, int) and layout.ep >= 1 and layout.dp % layout.ep == 0,
+         f"parallel_config.expert_parallel {layout.ep} does not divide data_parallel {layout.dp}")
+    if layout.ep > 1:
+        need(c.num_experts % layout.ep == 0, f"parallel_config.expert_parallel {layout.ep} does not divide the "
+                                             f"{c.num_experts} experts (model_config.num_experts)")
     if layout.sequence_parallel and tp == 1:
         warnings.warn("use_seq_parallel has no effect with model_parallel 1", stacklevel=2)
     if layout.optimizer_shard and layout.dp == 1:
@@ -146,6 +170,10 @@ class ParallelMesh:
             if layout.sizes[axis] > 1:
                 ranks = layout.group_ranks(axis, rank)
                 groups[axis] = ensure_group(f"{axis}_" + "_".join(map(str, ranks)), ranks)
+        if layout.ep > 1:
+            for axis, ranks in layout.ep_groups(rank).items():
+                if len(ranks) > 1:
+                    groups[axis] = ensure_group(f"{axis}_" + "_".join(map(str, ranks)), ranks)
         return cls(layout, rank, groups, stage_offset)
 
     stage_offset: tuple | int | None = None       # model_config.offset (layers per stage vs the even split)
@@ -178,6 +206,20 @@ class ParallelMesh:
     @property
     def dp_rank(self) -> int:
         return self.coord("dp")
+
+    @property
+    def ep(self) -> int:
+        """Expert parallel over dp (1 when the experts are split over tp or not at all)."""
+        return self.layout.ep
+
+    @property
+    def ep_rank(self) -> int:
+        return self.dp_rank % self.layout.ep
+
+    @property
+    def edp(self) -> int:
+        """The ranks holding the same experts: dp / ep."""
+        return self.layout.dp // self.layout.ep
 
     @property
     def sequence_parallel(self) -> bool:

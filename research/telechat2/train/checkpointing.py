@@ -96,14 +96,29 @@ def rank_folder(step_dir: str, layout, rank: int) -> str:
 
 
 def weight_writer(layout, rank: int) -> int:
-    """The rank that writes (and whose folder holds) the weights of `rank`'s model shard."""
-    return layout.rank_of(**{**layout.coords(rank), "dp": 0, "cp": 0})
+    """The rank that writes (and whose folder holds) the weights of `rank`'s model shard: dp 0, or with the
+    experts split over dp ranks the rank of the first ep group holding the same experts (dp = ep_rank)."""
+    c = layout.coords(rank)
+    return layout.rank_of(**{**c, "dp": c["dp"] % layout.ep, "cp": 0})
 
 
 def optimizer_writer(layout, rank: int, sharded: bool) -> int:
-    """The rank whose folder holds `rank`'s optimizer state (its own dp shard, or the dp = 0 copy)."""
+    """The rank whose folder holds `rank`'s optimizer state (its own dp shard, or the copy of weight_writer)."""
     c = layout.coords(rank)
-    return layout.rank_of(**{**c, "cp": 0, **({} if sharded else {"dp": 0})})
+    return layout.rank_of(**{**c, "cp": 0, **({} if sharded else {"dp": c["dp"] % layout.ep})})
+
+
+def layout_record(layout) -> dict:
+    """The layout as a checkpoint's state.json records it (expert_parallel only when the experts are split
+    over dp ranks, so that the other checkpoints read as before)."""
+    return {"layout": layout.sizes, "optimizer_shard": layout.optimizer_shard and layout.dp > 1,
+            **({"expert_parallel": layout.ep} if layout.ep > 1 else {})}
+
+
+def same_layout(state: dict, layout) -> bool:
+    """Whether a checkpoint's state.json was written in `layout` (then each rank reads its own files)."""
+    return (state.get("layout"), bool(state.get("optimizer_shard")), state.get("expert_parallel", 1)) == \
+        (layout.sizes, layout.optimizer_shard and layout.dp > 1, layout.ep)
 
 
 def files_read(step_dir: str, layout, rank: int, sharded: bool) -> list[str]:
@@ -225,7 +240,7 @@ def latest_valid(ckpt_root: str, mesh=None, layout=None) -> str | None:
             return None
         state = load_state(step_dir)
         sharded = bool(state.get("optimizer_shard")) and layout.dp > 1
-        if state.get("layout") != layout.sizes or sharded != (layout.optimizer_shard and layout.dp > 1):
+        if not same_layout(state, layout):
             return None
         return files_read(step_dir, layout, mesh.rank, sharded)
 
@@ -262,9 +277,11 @@ class StoredOptimizer:
         self.step_dir = step_dir
         state = load_state(step_dir)
         sizes = state["layout"]
-        self.layout = Layout(dp=sizes["dp"], tp=sizes["tp"], pp=sizes["pp"], cp=sizes["cp"])
-        self.writers = {}          # model-shard position (tp, pp) -> [(file, plan location map, shard length)]
-        self.blocks = {}           # parameter name -> {(tp, pp): (axis, start, length)}
+        self.layout = Layout(dp=sizes["dp"], tp=sizes["tp"], pp=sizes["pp"], cp=sizes["cp"],
+                             ep=state.get("expert_parallel", 1))
+        # a model shard's position: (tp, pp, ep_rank), ep_rank = dp % ep (0 unless the experts are split over dp)
+        self.writers = {}          # model-shard position -> [(file, plan location map, shard length)]
+        self.blocks = {}           # parameter name -> {position: (axis, start, length)}
         for r in range(self.layout.world):
             folder = rank_folder(step_dir, self.layout, r)
             path = os.path.join(folder, "optimizer.safetensors")
@@ -272,9 +289,9 @@ class StoredOptimizer:
             if self.layout.world > 1:
                 with open(os.path.join(folder, "rank.json"), encoding="utf-8") as fh:
                     info = json.load(fh)
-                if c["dp"] == 0 and c["cp"] == 0:
+                if weight_writer(self.layout, r) == r:     # one copy of each block (dp / edp / cp replicas)
                     for name, spec in info["shards"].items():
-                        self.blocks.setdefault(name, {})[(c["tp"], c["pp"])] = tuple(spec)
+                        self.blocks.setdefault(name, {})[self._position(c)] = tuple(spec)
             if not os.path.exists(path):
                 continue
             f = SafetensorsFile(path)
@@ -283,12 +300,15 @@ class StoredOptimizer:
             except (KeyError, json.JSONDecodeError):
                 raise CheckpointError(f"{path}: no bucket plan in its metadata (written by an older telechat2?)") \
                     from None
-            self.writers.setdefault((c["tp"], c["pp"]), []).append((f, locate(plan), plan))
+            self.writers.setdefault(self._position(c), []).append((f, locate(plan), plan))
         self.step_value = None
         for files in self.writers.values():
             if "adam_step" in files[0][0].keys():
                 self.step_value = np.array(files[0][0].read_raw("adam_step"))
         self.has_master = any(k.startswith("master.") for files in self.writers.values() for k in files[0][0].keys())
+
+    def _position(self, c: dict) -> tuple:
+        return c["tp"], c["pp"], c["dp"] % self.layout.ep
 
     def _local(self, kind: str, name: str, position) -> np.ndarray | None:
         """The tensor of one model shard's block of parameter `name`, joined from its dp shards."""

@@ -277,9 +277,7 @@ def restore(run: Run, model, optimizer, scaler) -> Progress:
     check_resume(run.resume_from, model)                # LoRA: same settings, same base (or neither LoRA)
     state = checkpointing.load_state(run.resume_from)
     layout = run.layout
-    same_layout = state["layout"] == layout.sizes and \
-        state.get("optimizer_shard", False) == (layout.optimizer_shard and layout.dp > 1)
-    if same_layout:
+    if checkpointing.same_layout(state, layout):
         checkpointing.load_same_layout(run.resume_from, run.mesh, model, optimizer)
     else:                                       # written by another layout: re-slice weights and AdamW state
         if state["global_batch"] != run.global_batch:
@@ -396,7 +394,7 @@ def save_checkpoint(run: Run, done: Progress, model, optimizer, scaler) -> None:
     layout = run.layout
     state = {"step": done.step, "consumed_samples": done.consumed, "loss_scale": scaler.state_dict(),
              "seed": run.cfg["seed"], "global_batch": run.global_batch,
-             "layout": layout.sizes, "optimizer_shard": layout.optimizer_shard and layout.dp > 1}
+             **checkpointing.layout_record(layout)}
     ckpt = callback(run.cfg, "CheckpointMonitor")
     checkpointing.save(os.path.join(run.out, "checkpoint"), done.step, model=model, optimizer=optimizer,
                        state=state, keep=ckpt["keep_checkpoint_max"])

@@ -52,6 +52,10 @@ def virtual_mesh(layout, rank: int, stage_offset=None):
     """The mesh rank `rank` would have, with placeholder group names (nothing joins a cluster)."""
     from ..parallel.mesh import AXES, ParallelMesh
     groups = {axis: f"{axis}_virtual" for axis in AXES if layout.sizes[axis] > 1}
+    if layout.ep > 1:                                # experts split over dp ranks (parallel/mesh.py)
+        groups["ep"] = "ep_virtual"
+        if layout.dp > layout.ep:
+            groups["edp"] = "edp_virtual"
     return ParallelMesh(layout, rank, groups, stage_offset)
 
 
@@ -114,11 +118,14 @@ def weights_by_dtype(buffers) -> dict[str, int]:
 
 def _stage_inventory(config, layout, rank, stage_offset, optimizer_shard: bool, accumulation: int,
                      shard_accumulation: bool, weight_decay: float) -> tuple:
-    """Rank `rank`'s buffers. Its parameters depend only on its tp and pp coordinates, and its buffer sizes on
-    those and the shard count: one model per (tp, pp, stage) and one inventory per shard count are built."""
+    """Rank `rank`'s buffers. Its parameters depend only on its tp and pp coordinates (and on ep: the experts
+    split over dp ranks, as many on each), and its buffer sizes on those and the shard count: one model per
+    (tp, pp, stage) and one inventory per shard count are built."""
     from ..parallel.mesh import Layout
     c = layout.coords(rank)
-    model_layout = Layout(tp=layout.tp, pp=layout.pp, sequence_parallel=layout.sequence_parallel)
+    # the model of ep rank 0 (the ep ranks hold as many experts each; dp does not change it otherwise)
+    model_layout = Layout(tp=layout.tp, pp=layout.pp, sequence_parallel=layout.sequence_parallel, dp=layout.ep,
+                          ep=layout.ep)
     model = _cached_model(_config_key(config), model_layout, model_layout.rank_of(dp=0, cp=0, tp=c["tp"], pp=c["pp"]),
                           stage_offset)
     shards = layout.dp if optimizer_shard and layout.dp > 1 else 1
@@ -141,7 +148,7 @@ def _cached_model(config_json: str, layout, rank: int, stage_offset):
 @functools.lru_cache(maxsize=1024)
 def _cached_inventory(model, shards: int, per_parameter: bool, weight_decay: float, stage_offset) -> tuple:
     from dataclasses import replace
-    layout = replace(model.mesh.layout, dp=shards, optimizer_shard=shards > 1)
+    layout = replace(model.mesh.layout, dp=max(shards, model.mesh.layout.ep), optimizer_shard=shards > 1)
     rank = layout.rank_of(**{**model.mesh.layout.coords(model.mesh.rank), "dp": 0})
     return tuple(persistent_buffers(model, optimizer_shard=shards > 1, accumulation=2 if per_parameter else 1,
                                     weight_decay=weight_decay, mesh=virtual_mesh(layout, rank, stage_offset)))

@@ -199,7 +199,8 @@ USED = {
     "moe_config.expert_num": "model_config (num_experts)", "moe_config.num_experts_chosen": "model_config (moe_top_k)",
     "moe_config.capacity_factor": "model_config (capacity_factor)", "moe_config.aux_loss_coef": "model_config (aux_loss_coef)",
     "moe_config.aux_loss_factors": "model_config (aux_loss_coef = the one factor)",
-    "parallel_config.expert_parallel": "check_moe_layout (1, or = model_parallel with moe_config.ep_extend_tp)",
+    "parallel_config.expert_parallel": "check_moe_layout (dividing data_parallel, or = model_parallel with "
+                                       "moe_config.ep_extend_tp)",
     "moe_config.ep_extend_tp": "check_moe_layout (the experts split over the tp group: model/moe.py)",
     "moe_config.comm_chunks": "model_config (moe_comm_chunks: dispatch -> experts -> combine in chunks)",
     "callbacks.MFLossMonitor.per_print_times": "train loop (a log line every N steps and at the end)",
@@ -227,7 +228,7 @@ ACCEPTED_VALUES = {
     "train_dataset.python_multiprocessing": ((False,), "no Python map operations run in the loader"),
     "parallel.gradients_mean": ((True, False), "the loss is normalised by the global batch's label tokens, so "
                                 "gradients are summed over dp either way"),
-    "parallel.enable_alltoall": ((False,), "no all-to-all (mixture-of-experts) layer is implemented"),
+    "parallel.enable_alltoall": ((False,), "no all-to-all is used: the expert dispatch all-gathers over the ep group"),
     "parallel.full_batch": ((True, False), "each data-parallel rank reads only its own samples"),
     "parallel.search_mode": (("sharding_propagation", "recursive_programming", "dynamic_programming"),
                              "layouts are explicit (no strategy search)"),
@@ -270,7 +271,7 @@ ACCEPTED_VALUES = {
     "moe_config.shared_expert_num": ((None, 0), "no shared experts (39B-A12B has none)"),
     "moe_config.enable_sdrop": ((None, False), "assignments beyond capacity are dropped in token order"),
     "moe_config.use_fused_ops_topkrouter": ((None, True, False), "the router is written with primitives"),
-    "moe_config.group_wise_a2a": ((None, False), "no all-to-all: experts are split over the tp group only"),
+    "moe_config.group_wise_a2a": ((None, False), "no all-to-all: tokens are all-gathered over the expert group"),
     "moe_config.comp_comm_parallel": ((None, False), "no dispatch/compute overlap is implemented"),
     "moe_config.comp_comm_parallel_degree": (ANY_PATH, "read only with comp_comm_parallel: True"),
     "moe_config.balance_via_topk_bias": ((None, False), "load balance comes from the aux loss only"),
@@ -588,11 +589,12 @@ def _with_moe_config(config: TeleChat2Config, moe: dict, source: str) -> TeleCha
 
 
 def check_moe_layout(config: TeleChat2Config, cfg: dict, source: str) -> None:
-    """The layouts a MoE model runs with: data parallel, and tensor parallel without sequence parallel with the
-    experts split over the tp group (moe_config.ep_extend_tp, expert_parallel = model_parallel). Expert parallel
-    over data-parallel ranks (all-to-all) is not implemented; everything else is refused by name."""
+    """The layouts a MoE model runs with (model/moe.py): data parallel; the experts split over dp ranks
+    (expert_parallel dividing data_parallel, model_parallel 1, without the distributed optimizer); tensor parallel
+    without sequence parallel with the experts split over the tp group (moe_config.ep_extend_tp, expert_parallel
+    = model_parallel). Pipeline and context parallel, and everything else, are refused by name."""
     pc, moe = cfg["parallel_config"], cfg.get("moe_config") or {}
-    ep, tp, extend = pc["expert_parallel"], pc["model_parallel"], moe.get("ep_extend_tp")
+    ep, tp, dp, extend = pc["expert_parallel"], pc["model_parallel"], pc["data_parallel"], moe.get("ep_extend_tp")
     _need(isinstance(ep, int) and not isinstance(ep, bool) and ep >= 1, source, "parallel_config.expert_parallel",
           f"must be an integer >= 1, got {ep!r}")
     _need(extend in (None, True, False), source, "moe_config.ep_extend_tp", f"must be True or False, got {extend!r}")
@@ -606,10 +608,19 @@ def check_moe_layout(config: TeleChat2Config, cfg: dict, source: str) -> None:
     if extend:
         _need(ep == tp, source, "parallel_config.expert_parallel", f"{ep}: with moe_config.ep_extend_tp the expert "
               f"domain is the tensor-parallel group, so expert_parallel must equal model_parallel={tp}")
+    elif ep > 1:                                        # the experts split over groups of ep data-parallel ranks
+        _need(isinstance(dp, int) and dp % ep == 0, source, "parallel_config.expert_parallel",
+              f"{ep} does not divide data_parallel={dp} (the experts are split over groups of expert_parallel "
+              "data-parallel ranks)")
+        _need(config.num_experts % ep == 0, source, "parallel_config.expert_parallel",
+              f"{ep} does not divide the {config.num_experts} experts (model_config.num_experts / moe_config.expert_num)")
+        _need(tp == 1, source, "parallel_config.model_parallel", f"{tp}: expert parallel over data-parallel ranks is "
+              "implemented with model_parallel 1; under tensor parallel split the experts over the tp group "
+              f"(moe_config.ep_extend_tp: True, expert_parallel: {tp})")
+        _need(not cfg["parallel"]["enable_parallel_optimizer"], source, "parallel.enable_parallel_optimizer",
+              "the distributed optimizer with the experts split over data-parallel ranks (expert_parallel "
+              f"{ep} without moe_config.ep_extend_tp) is not implemented; set it False")
     else:
-        _need(ep == 1, source, "parallel_config.expert_parallel", f"{ep}: expert parallel over data-parallel ranks "
-              "(all-to-all dispatch) is not implemented; the experts can be split over the tensor-parallel group "
-              "with moe_config.ep_extend_tp: True and expert_parallel = model_parallel")
         _need(tp == 1, source, "parallel_config.model_parallel", f"{tp}: a mixture-of-experts model under tensor "
               "parallel splits its experts over the tp group: set moe_config.ep_extend_tp: True and "
               f"parallel_config.expert_parallel: {tp}")
