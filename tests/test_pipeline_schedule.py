@@ -92,3 +92,25 @@ def test_interleaved_warmup_and_layout():
         rank_layers(6, 2, 2)
     with pytest.raises(TeleChat2Error, match="micro_batch_num 3 is not a multiple of pipeline_stage 2"):
         interleaved_order(0, 2, 2, 3)
+
+
+@pytest.mark.parametrize("sets,message", [
+    (["model.model_config.pp_interleave_num=2"], "2 chunks need parallel.pipeline_config.pipeline_interleave: True"),
+    (["parallel.pipeline_config.pipeline_interleave=True", "model.model_config.pp_interleave_num=2"],
+     "an interleaved pipeline needs parallel_config.pipeline_stage > 1"),
+    (["parallel.pipeline_config.pipeline_interleave=True", "model.model_config.pp_interleave_num=2",
+      "parallel_config.pipeline_stage=2", "parallel_config.micro_batch_num=3"],
+     "micro_batch_num: 3: interleaved 1F1B takes the micro-batches in groups of pipeline_stage 2"),
+])
+def test_interleave_keys_refused_by_name(sets, message):
+    """MindFormers' keys: parallel.pipeline_config.pipeline_interleave + model_config.pp_interleave_num."""
+    import os
+    from telechat2.config import ConfigError
+    from telechat2.train.run_config import load_run_config, pipeline_chunks
+    tiny = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "cpu",
+                        "pretrain_tiny.yaml")
+    with pytest.raises(ConfigError, match=message):
+        load_run_config(tiny, sets)
+    ok = load_run_config(tiny, ["parallel.pipeline_config.pipeline_interleave=True", "parallel_config.pipeline_stage=2",
+                                "model.model_config.pp_interleave_num=2", "parallel_config.micro_batch_num=4"])
+    assert pipeline_chunks(ok) == 2 and pipeline_chunks(load_run_config(tiny, [])) == 1
