@@ -30,7 +30,7 @@ from reference import telechat2_torch as ref
 from telechat2 import TeleChat2Config
 from telechat2.cli import main
 from telechat2.plan.check import check_config
-from telechat2.train.run_config import load_run_config, model_config
+from telechat2.train.run_config import load_run_config, model_config, pipeline_chunks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASCEND = os.path.join(REPO, "configs", "ascend")
@@ -182,27 +182,34 @@ def scaled_run(name: str, data: dict, init: dict, out: str, amp_level: str | Non
     for key in ("recompute", "select_recompute"):      # per-stage lists would need rescaling: none are shipped
         assert isinstance(cfg["recompute_config"][key], bool), (name, key)
     assert not (cfg["model"].get("model_config") or {}).get("offset"), name
+    # interleaved 1F1B (115B: 3 chunks per stage) scales to 2 chunks of one layer per pp2 stage: 4 layers
+    chunks = _two(pipeline_chunks(cfg)) if pp > 1 else 1
+    layers = 2 if chunks == 1 else pp * chunks
     feats = FEATURES[size_of(name)]
     level = amp_level or cfg["amp"]["level"]
     common = ["model.preset=tiny", "model.model_config.seq_length=64", "model.model_config.base_seqlen=64",
+              f"model.model_config.num_layers={layers}",
               *[f"model.model_config.{k}={v}" for k, v in feats.items()],
               "amp.dtype=float16", f"amp.level={level}", "context.device_target=CPU",
               f"runner_config.max_steps={STEPS if amp_level == 'O0' else FP16_STEPS}",
               "lr_schedule.learning_rate=1.0e-3", "lr_schedule.lr_end=1.0e-4",
               "lr_schedule.warmup_ratio=0.0", "callbacks.CheckpointMonitor.save_checkpoint_steps=100",
               f"train_dataset.data_loader.dataset_dir={data[kind_of(name)]}",
-              f"load_checkpoint={init[feats.get('n_kv_heads', 4)]}"]
+              f"load_checkpoint={init[feats.get('n_kv_heads', 4), layers]}"]
     layout = [f"parallel_config.data_parallel={dp}", f"parallel_config.model_parallel={tp}",
               f"parallel_config.pipeline_stage={pp}", f"parallel_config.context_parallel={cp}",
               f"parallel_config.micro_batch_num={micro}", f"runner_config.gradient_accumulation_steps={accum}",
-              f"runner_config.batch_size={GLOBAL_BATCH // (dp * micro * accum)}", f"output_dir={out}"]
+              f"runner_config.batch_size={GLOBAL_BATCH // (dp * micro * accum)}", f"output_dir={out}",
+              f"parallel.pipeline_config.pipeline_interleave={chunks > 1}",
+              f"model.model_config.pp_interleave_num={chunks}"]
     single = ["use_parallel=False", "parallel_config.data_parallel=1", "parallel_config.model_parallel=1",
               "parallel_config.pipeline_stage=1", "parallel_config.context_parallel=1",
               "parallel_config.use_seq_parallel=False", "parallel_config.micro_batch_num=1",
               "parallel.enable_parallel_optimizer=False",
               "runner_config.gradient_accumulation_steps=1", f"runner_config.batch_size={GLOBAL_BATCH}",
-              "recompute_config.recompute=False", "recompute_config.select_recompute=False"]
-    key = (kind_of(name), level, json.dumps(feats, sort_keys=True))
+              "recompute_config.recompute=False", "recompute_config.select_recompute=False",
+              "parallel.pipeline_config.pipeline_interleave=False", "model.model_config.pp_interleave_num=1"]
+    key = (kind_of(name), level, json.dumps(feats, sort_keys=True), layers)
     return dp * tp * pp * cp, common + layout, key, common + single
 
 
@@ -215,9 +222,10 @@ def topology_runs(tmp_path_factory):
     preprocess_bundled("pretrain", data["pretrain"], 64, "--reset-position-ids", "--reset-attention-mask")
     preprocess_bundled("sft", data["sft"], 64)
     init = {}
-    for kv in (4, 2):
-        cfg = TeleChat2Config.from_preset("tiny", n_kv_heads=kv)
-        init[kv] = write_hf_folder(str(tmp / f"init_kv{kv}"), cfg, ref.random_state_dict(cfg.to_hf_dict(), seed=5))
+    for kv, layers in ((4, 2), (2, 2), (2, 4)):        # (2, 4): 115B's interleaved pipeline, 2 chunks x pp2
+        cfg = TeleChat2Config.from_preset("tiny", n_kv_heads=kv, num_layers=layers)
+        init[kv, layers] = write_hf_folder(str(tmp / f"init_kv{kv}_l{layers}"), cfg,
+                                           ref.random_state_dict(cfg.to_hf_dict(), seed=5))
     jobs_by_world, baselines, runs = {}, {}, {}
     for name, level in [(n, None) for n in FP16_CONFIGS] + [(n, "O0") for n in FP32_CONFIGS]:
         tag = tag_of(name)
@@ -274,7 +282,8 @@ def test_twins_differ_only_in_the_amp_level(name):
     trained there, and its AMP level trains in the same layout with the other kind."""
     twin = twin_of(name)
     assert twin in RUN_CONFIGS, (name, twin)
-    data, init = {"pretrain": "/data/pretrain", "sft": "/data/sft"}, {4: "/init4", 2: "/init2"}
+    data = {"pretrain": "/data/pretrain", "sft": "/data/sft"}
+    init = {(4, 2): "/init4", (2, 2): "/init2", (2, 4): "/init2_l4"}
     own = scaled_run(name, data, init, "/out", "O0" if twin in FP32_CONFIGS else None)
     other = scaled_run(twin, data, init, "/out", "O0" if twin in FP32_CONFIGS else None)
     a, b = (load_run_config(path(n), sets) for n, (_, sets, _, _) in ((name, own), (twin, other)))

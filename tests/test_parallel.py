@@ -197,25 +197,43 @@ def test_each_collective_forward_and_backward(tmp_path):
 PIPELINE = {
     # name: (workers, per-rank micro batch, num_layers, --set overrides)
     "pp2_uneven_3_layers": (2, 1, 3, ["parallel_config.pipeline_stage=2", "parallel_config.micro_batch_num=4"]),
+    # interleaved 1F1B: 2 chunks of 1 layer per rank (rank 0: layers 0 and 2, rank 1: layers 1 and 3)
+    "pp2_interleaved_2_chunks_4_layers": (2, 1, 4, ["parallel_config.pipeline_stage=2",
+                                                    "parallel_config.micro_batch_num=4",
+                                                    "parallel.pipeline_config.pipeline_interleave=True",
+                                                    "model.model_config.pp_interleave_num=2"]),
 }
 
 
-@pytest.fixture(scope="module")
-def single_3_layers(tmp_path_factory, data):
-    cfg = TeleChat2Config.from_preset("tiny", num_layers=3)
-    init = write_hf_folder(str(tmp_path_factory.mktemp("init_l3")), cfg, ref.random_state_dict(cfg.to_hf_dict(), seed=6))
-    out = str(tmp_path_factory.mktemp("single_l3"))
-    r = subprocess.run([sys.executable, "-m", "telechat2", *run_args(out, data, init, 4, 4, "model.model_config.num_layers=3")],
+def _single_layers(tmp_path_factory, data, layers, seed):
+    cfg = TeleChat2Config.from_preset("tiny", num_layers=layers)
+    init = write_hf_folder(str(tmp_path_factory.mktemp(f"init_l{layers}")), cfg,
+                           ref.random_state_dict(cfg.to_hf_dict(), seed=seed))
+    out = str(tmp_path_factory.mktemp(f"single_l{layers}"))
+    r = subprocess.run([sys.executable, "-m", "telechat2",
+                        *run_args(out, data, init, 4, 4, f"model.model_config.num_layers={layers}")],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     return init, out, r.stdout
 
 
+@pytest.fixture(scope="module")
+def single_3_layers(tmp_path_factory, data):
+    return _single_layers(tmp_path_factory, data, 3, seed=6)
+
+
+@pytest.fixture(scope="module")
+def single_4_layers(tmp_path_factory, data):
+    """The interleaved run's baseline: 4 layers, 5 steps on one device."""
+    return _single_layers(tmp_path_factory, data, 4, seed=7)
+
+
 @pytest.mark.parametrize("name", list(PIPELINE))
-def test_pipeline_matches_single_device(name, single, single_3_layers, two_worker_runs):
-    """1F1B over 4 micro-batches of 1 sample == one device on the same 4 samples."""
+def test_pipeline_matches_single_device(name, single_3_layers, single_4_layers, two_worker_runs):
+    """1F1B (and interleaved 1F1B) over 4 micro-batches of 1 sample == one device on the same 4 samples:
+    losses and final weights within 1e-5 over 5 steps."""
     workers, batch, layers, sets = PIPELINE[name]
-    init, base_out, base_stdout = single[4] if layers == 2 else single_3_layers
+    init, base_out, base_stdout = {3: single_3_layers, 4: single_4_layers}[layers]
     out, logs = two_worker_runs[name]
     assert np.allclose(report_losses(out), report_losses(base_out), rtol=0, atol=1e-5)
     for rank in range(workers):        # the last stage's loss on every rank's log line
@@ -226,8 +244,31 @@ def test_pipeline_matches_single_device(name, single, single_3_layers, two_worke
     assert max(float(np.abs(a[k] - b[k]).max()) for k in a) <= 1e-5
 
 
+def _compute_records(out):
+    import glob
+    import json
+    return [json.load(open(f)) for f in sorted(glob.glob(os.path.join(out, "report", "compute_rank_*.json")))]
+
+
+@pytest.mark.parametrize("name,per_stage", [("pp2_uneven_3_layers", [2, 1]),
+                                             ("pp2_interleaved_2_chunks_4_layers", [2, 2])])
+def test_pipeline_stages_keep_activations(name, per_stage, single_3_layers, single_4_layers, two_worker_runs):
+    """pp2 (4 micro-batches of 1) runs each layer forward once per micro-batch, as one device does on its
+    batch of 4: the step's forward FLOPs summed over the stages equal the single-device step's (the stage
+    backward reuses the kept activations; recompute is off)."""
+    layers = sum(per_stage)
+    single, = _compute_records({3: single_3_layers, 4: single_4_layers}[layers][1])
+    stages = {r["pipeline_stage"]: r for r in _compute_records(two_worker_runs[name][0])}
+    assert sorted(stages) == [0, 1] and [stages[s]["stage_layers"] for s in (0, 1)] == per_stage
+    assert [stages[s]["layer_forwards_per_step"] for s in (0, 1)] == [n * 4 for n in per_stage]
+    if "interleaved" in name:       # rank s holds virtual stages s and 2 + s
+        assert [stages[s]["layers"] for s in (0, 1)] == [[0, 2], [1, 3]] and stages[0]["chunks"] == 2
+    assert single["layer_forwards_per_step"] == layers and single["recomputed_layers"] == 0
+    assert sum(r["layer_forward_flops_per_step"] for r in stages.values()) == single["layer_forward_flops_per_step"]
+
+
 @pytest.fixture(scope="module")
-def two_worker_runs(single, single_3_layers, data, tmp_path_factory):
+def two_worker_runs(single, single_3_layers, single_4_layers, data, tmp_path_factory):
     """Every 2-worker layout of LAYOUTS and PIPELINE, one msrun job (the driver trains them one after the
     other in each worker): name -> (output dir, [that run's part of each rank's log])."""
     import json
@@ -239,7 +280,7 @@ def two_worker_runs(single, single_3_layers, data, tmp_path_factory):
         jobs.append(_overrides(run_args(outs[name], data, single[kv][0], kv, batch, *sets)))
     for name, (workers, batch, layers, sets) in PIPELINE.items():
         assert workers == 2, name
-        init = single[4][0] if layers == 2 else single_3_layers[0]
+        init = {3: single_3_layers, 4: single_4_layers}[layers][0]
         outs[name] = str(tmp / name)
         jobs.append(_overrides(run_args(outs[name], data, init, 4, batch,
                                         f"model.model_config.num_layers={layers}", *sets)))

@@ -325,7 +325,7 @@ YAML_ALIASES = {"theta": "rope_theta", "num_key_value_heads": "n_kv_heads", "ffn
 # MindFormers model_config keys read by MindFormers' own runtime, not by the network math
 YAML_IGNORED = {
     "type", "auto_register", "batch_size", "use_past", "parallel_optimizer", "pretrain_seqlen",
-    "extend_method", "offset", "use_past_shard", "repetition_penalty", "max_decode_length", "top_k", "top_p",
+    "extend_method", "offset", "pp_interleave_num", "use_past_shard", "repetition_penalty", "max_decode_length", "top_k", "top_p",
     "do_sample", "temperature", "max_new_tokens", "embed_dropout_prob", "hidden_dropout_prob", "attention_dropout_prob", "checkpoint_name_or_path",
     "block_size", "num_blocks", "is_dynamic", "use_past_shape_reorder", "qkv_concat", "out_proj_has_bias",
 }

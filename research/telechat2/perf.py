@@ -17,6 +17,13 @@ def matmul_params(config: TeleChat2Config) -> int:
     return parts["attention"] - L * h + ffn + parts["lm_head"]            # without wo.bias
 
 
+def layer_forward_flops(config: TeleChat2Config, seq_len: int) -> float:
+    """Forward FLOPs per token of one decoder layer: 2 per matmul parameter of the layer plus the attention
+    scores and context (`flops_per_token` is num_layers of these plus the lm_head)."""
+    head = config.param_breakdown()["lm_head"]
+    return (2 * (matmul_params(config) - head)) / config.num_layers + 4 * seq_len * config.num_heads * config.head_dim
+
+
 def flops_per_token(config: TeleChat2Config, seq_len: int, training: bool = True) -> float:
     """Model FLOPs per token: 2 per matmul parameter forward, plus attention scores and context
     (2 * 2 * S * H per layer forward, the full S x S square as MindFormers and Megatron count it).

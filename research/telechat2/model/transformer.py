@@ -61,11 +61,15 @@ class TeleChat2Model(nn.Cell):
     (`layer_ids`; parameter names keep the global layer index), the embedding on the first stage and the
     final norm on the last. MoE: returns (hidden, sum of the layers' aux losses)."""
 
-    def __init__(self, config: TeleChat2Config, mesh: ParallelMesh, layer_ids=None, first=True, last=True):
+    def __init__(self, config: TeleChat2Config, mesh: ParallelMesh, layer_ids=None, first=True, last=True,
+                 layer_chunk=None):
         super().__init__()
         self.res_dtype = ms_dtype(config.res_dtype)
         self.moe = bool(config.num_experts)
         self.first, self.last = first, last
+        # interleaved pipeline: the model chunk of each held layer, in layer order (chunk_forward)
+        self.layer_chunk = tuple(layer_chunk) if layer_chunk is not None else (0,) * len(layer_ids or ())
+        self.chunks = max(self.layer_chunk) + 1 if self.layer_chunk else 1
         if first:
             self.tok_embeddings = VocabParallelEmbedding(config.vocab_size, config.hidden_size, mesh=mesh,
                                                          init_std=config.initializer_range,
@@ -98,6 +102,24 @@ class TeleChat2Model(nn.Cell):
                 i += 1
         x = self.norm_out(x) if self.last else x
         return (x, aux) if self.moe else x
+
+    def chunk_forward(self, chunk, x, cos, sin, allowed):
+        """Model chunk `chunk` (a Python int) of an interleaved pipeline rank: its layers, after the embedding
+        on the first stage's chunk 0, before the final norm on the last stage's last chunk (MoE aux losses
+        are dropped, as in the pipeline's stage forward)."""
+        if self.first and chunk == 0:
+            x = self.tok_embeddings(x).astype(self.res_dtype)
+        i = 0
+        for layer in self.layers.values():
+            if self.layer_chunk[i] == chunk:
+                if self.moe:
+                    x, _ = layer(x, cos, sin, allowed)
+                else:
+                    x = layer(x, cos, sin, allowed)
+            i += 1
+        if self.last and chunk == self.chunks - 1:
+            x = self.norm_out(x)
+        return x
 
 
 class HeadLossChunk(nn.Cell):
@@ -142,8 +164,15 @@ class TeleChat2ForCausalLM(nn.Cell):
         self.first_stage, self.last_stage = stage == 0, stage == pp - 1
         # hidden-state inputs of later stages are split over the sequence under SP; attention gathers it
         self.input_seq_split = mesh.tp if not self.first_stage and mesh.sequence_parallel else 1
-        layer_ids = mesh.stage_layers(config.num_layers)[stage] if pp > 1 else None
-        self.model = TeleChat2Model(config, mesh, layer_ids, self.first_stage, self.last_stage)
+        layer_ids = layer_chunk = None
+        if pp > 1:                              # this rank's layers, one block per model chunk
+            blocks = mesh.rank_layers(config.num_layers)
+            layer_ids = [i for block in blocks for i in block]
+            layer_chunk = [c for c, block in enumerate(blocks) for _ in block]
+            # SP: hidden-state inputs (every chunk but the first stage's chunk 0) are split over the sequence
+            self.chunk_seq_split = tuple(1 if (self.first_stage and c == 0) or not mesh.sequence_parallel
+                                         else mesh.tp for c in range(len(blocks)))
+        self.model = TeleChat2Model(config, mesh, layer_ids, self.first_stage, self.last_stage, layer_chunk)
         if not self.last_stage:
             return
         # logits stay split over the vocabulary: the loss reduces over tp, logits() gathers them
@@ -223,6 +252,13 @@ class TeleChat2ForCausalLM(nn.Cell):
         allowed: `attention_inputs(...)` (packed documents, padding); None: the plain causal sequence."""
         cos, sin, allowed = self._full_inputs(inputs, cos, sin, allowed)
         return self.forward(inputs, cos, sin, allowed)
+
+    def chunk_hidden_states(self, chunk, inputs, cos=None, sin=None, allowed=None):
+        """`hidden_states` of model chunk `chunk` (a Python int) of an interleaved pipeline rank: token ids
+        [B, S] into the first stage's chunk 0, else hidden states [B, S, H] (SP: [B, S/tp, H])."""
+        if cos is None:
+            cos, sin, allowed = self.attention_inputs(inputs.shape[1] * self.chunk_seq_split[chunk])
+        return self.model.chunk_forward(chunk, inputs, cos, sin, allowed)
 
     def _full_inputs(self, inputs, cos, sin, allowed):
         if cos is None:

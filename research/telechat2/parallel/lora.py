@@ -90,7 +90,7 @@ def apply_lora(model, pet, source: str = PET_SOURCE) -> list[str]:
     targets = lora_targets(model, s)
     if not targets:
         raise LoRAConfigError(f"{source}.target_modules {s.target_modules!r} matches no layer of this pipeline "
-                              f"stage ({model.mesh.stage_layers(model.config.num_layers)[model.mesh.coord('pp')]}): "
+                              f"stage (layers {', '.join(str(list(b)) for b in model.mesh.rank_layers(model.config.num_layers))}): "
                               "every stage needs at least one adapted layer")
     replicated = {f"{n}.wk_v" for n, c in model.cells_and_names() if getattr(c, "kv_replicas", None)}
     for name, _ in targets:

@@ -154,7 +154,7 @@ class ParallelMesh:
         return cls()
 
     @classmethod
-    def from_world(cls, layout: Layout, stage_offset=None) -> "ParallelMesh":
+    def from_world(cls, layout: Layout, stage_offset=None, chunks: int = 1) -> "ParallelMesh":
         """Join the msrun world, check its size, and create this rank's dp/pp/cp/tp groups."""
         from mindspore.communication import get_group_size, get_rank, init
         if "world" not in _GROUPS:         # init() once per process
@@ -174,9 +174,10 @@ class ParallelMesh:
             for axis, ranks in layout.ep_groups(rank).items():
                 if len(ranks) > 1:
                     groups[axis] = ensure_group(f"{axis}_" + "_".join(map(str, ranks)), ranks)
-        return cls(layout, rank, groups, stage_offset)
+        return cls(layout, rank, groups, stage_offset, chunks)
 
     stage_offset: tuple | int | None = None       # model_config.offset (layers per stage vs the even split)
+    chunks: int = 1                               # model chunks per pipeline rank (interleaved 1F1B), else 1
 
     def coord(self, axis: str) -> int:
         return self.layout.coords(self.rank)[axis]
@@ -185,10 +186,15 @@ class ParallelMesh:
         from .pipeline import stage_layers
         return stage_layers(num_layers, self.layout.pp, self.stage_offset)
 
+    def rank_layers(self, num_layers: int) -> list:
+        """This rank's layer blocks, one range per model chunk (one block without interleaving)."""
+        from .pipeline import rank_layers
+        return rank_layers(num_layers, self.layout.pp, self.chunks, self.stage_offset)[self.coord("pp")]
+
     def neighbour(self, step: int) -> int:
         """Global rank of the pipeline stage `step` away from this one (same dp/cp/tp coordinates)."""
         c = self.layout.coords(self.rank)
-        return self.layout.rank_of(**{**c, "pp": c["pp"] + step})
+        return self.layout.rank_of(**{**c, "pp": (c["pp"] + step) % self.layout.pp})     # a ring (interleaving)
 
     # the names the layers read
     @property

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field, replace
 
 from ..errors import TeleChat2Error
 from ..parallel.mesh import Layout, LayoutError
-from ..train.run_config import load_run_config, micro_batches_per_step, model_config
+from ..parallel.pipeline import bubble_fraction, rank_layers
+from ..train.run_config import load_run_config, micro_batches_per_step, model_config, pipeline_chunks
 from .hardware import ATLAS_800T_A2, GB, HOST_GRAPH, HOST_PYNATIVE, MIB, Hardware
 from .model import Estimate, Plan, estimate, host_training_memory, inference_memory, validate_plan
 
@@ -107,7 +108,8 @@ def _params(n: int) -> str:
 
 def training_plan(cfg: dict, layout: Layout) -> Plan:
     """The plan of a training config: its layout with every micro-batch of a step (pipeline x accumulation)."""
-    as_written = Plan(layout, recompute_mode(cfg), micro_batch_size=cfg["runner_config"]["batch_size"])
+    vpp = pipeline_chunks(cfg) if layout.pp > 1 else 1               # interleaved 1F1B: chunks per rank
+    as_written = Plan(layout, recompute_mode(cfg), vpp=vpp, micro_batch_size=cfg["runner_config"]["batch_size"])
     return replace(as_written, layout=replace(layout, micro_batch_num=micro_batches_per_step(cfg, layout)))
 
 
@@ -169,10 +171,15 @@ def _check(path, devices, cfg, mc, hbm_gb, peak_tflops) -> CheckResult:
         micro = plan.micro_batches
         summary.append(f"layout {plan.describe()} for {devices} device(s); global batch {plan.global_batch} "
                        f"= dp {layout.dp} x {micro} micro-batch(es) x batch_size {rc['batch_size']}")
+        if layout.pp > 1:
+            rank_layers(mc.num_layers, layout.pp, plan.vpp, (cfg["model"].get("model_config") or {}).get("offset"))
+            kind = f"interleaved 1F1B, {plan.vpp} chunks per stage" if plan.vpp > 1 else "1F1B"
+            summary.append(f"pipeline bubble {bubble_fraction(layout.pp, micro, plan.vpp):.3f} of the step "
+                           f"({kind}: (p-1)/(v*m+p-1) with p {layout.pp}, m {micro}, v {plan.vpp})")
         if target == "CPU" and devices > 1:
             notes.append("CPU estimate is per process of a one-process run; other processes add their own")
         memory, est = training_memory_of(cfg, mc, plan, hbm_gb, peak_tflops)
-        if est is not None and layout.pp > 1:           # the stage placement the cost model prefers
+        if est is not None and layout.pp > 1 and plan.vpp == 1:    # the stage placement the cost model prefers
             from .balance import balance
             b = balance(mc, plan, mc.seq_length, ATLAS_800T_A2.with_(hbm_gb=hbm_gb or ATLAS_800T_A2.hbm_gb,
                         peak_tflops=peak_tflops or ATLAS_800T_A2.peak_tflops), budget)

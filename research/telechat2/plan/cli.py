@@ -29,13 +29,14 @@ def _hardware(args) -> Hardware:
 
 def _table(rows: list[Estimate]) -> str:
     head = (f"{'#':>3} {'dp':>4} {'tp':>3} {'pp':>3} {'cp':>3} {'mb':>4} {'vpp':>3} {'sp':>3} {'zero':>4} "
-            f"{'recompute':>9} {'mem GB':>7} {'fits':>4} {'step s':>8} {'tok/s/p':>8} {'MFU':>6}")
+            f"{'recompute':>9} {'bubble':>6} {'mem GB':>7} {'fits':>4} {'step s':>8} {'tok/s/p':>8} {'MFU':>6}")
     out = [head]
     for i, e in enumerate(rows, 1):
         j = e.to_json()
         out.append(f"{i:>3} {j['dp']:>4} {j['tp']:>3} {j['pp']:>3} {j['cp']:>3} {j['micro_batch_num']:>4} "
                    f"{j['vpp']:>3} {'on' if j['sequence_parallel'] else '-':>3} "
-                   f"{'on' if j['optimizer_shard'] else '-':>4} {j['recompute']:>9} {e.memory_gb:>7.1f} "
+                   f"{'on' if j['optimizer_shard'] else '-':>4} {j['recompute']:>9} "
+                   f"{j['pipeline_bubble_fraction']:>6.3f} {e.memory_gb:>7.1f} "
                    f"{'yes' if e.fits else 'NO':>4} {e.step_time_s:>8.3f} {e.tokens_per_s_per_device:>8.1f} "
                    f"{100 * e.mfu:>5.1f}%")
     return "\n".join(out)

@@ -27,7 +27,7 @@ T = b * s/cp tokens on this rank, A = T * h activation bytes (compute dtype), L 
                            gradient norm's square summed over tp, pp (and dp with the distributed optimizer);
                            under pp the loss summed over pp
 
-Dense models without LoRA or a chunked loss head (anything else raises). Bucket lengths are the run's
+Dense models without LoRA, a chunked loss head or an interleaved pipeline (anything else raises). Bucket lengths are the run's
 (parallel/buckets.py, in the report next to the measurement); everything else is computed here.
 """
 from __future__ import annotations
@@ -38,11 +38,11 @@ from .model import DTYPE_BYTES
 
 
 def step_collectives(c: TeleChat2Config, layout: Layout, *, stage: int, layers: int, micro_batches: int,
-                     micro_batch_size: int, bucket_lengths: list[int], shard_accumulation: bool = False
-                     ) -> dict[tuple[str, str], tuple[int, int]]:
+                     micro_batch_size: int, bucket_lengths: list[int], shard_accumulation: bool = False,
+                     chunks: int = 1) -> dict[tuple[str, str], tuple[int, int]]:
     """{(kind, axis): (count, bytes)} of one step on a rank of pipeline stage `stage` holding `layers` layers."""
-    if c.num_experts or c.loss_chunk_tokens:
-        raise ValueError("step_collectives: dense models without loss_chunk_tokens only")
+    if c.num_experts or c.loss_chunk_tokens or chunks != 1:
+        raise ValueError("step_collectives: dense models without loss_chunk_tokens or pipeline chunks only")
     out: dict[tuple[str, str], list[int]] = {}
 
     def add(kind, axis, count, nbytes):

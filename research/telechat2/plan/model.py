@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from ..config import TeleChat2Config
 from ..parallel.mesh import Layout, LayoutError, validate_layout
+from ..parallel.pipeline import bubble_fraction
 from ..perf import flops_per_token
 from .hardware import GB, MIB, Hardware, HostRuntime
 
@@ -232,7 +233,7 @@ def training_time(c: TeleChat2Config, plan: Plan, seq_length: int, hw: Hardware)
     else:
         t["context_parallel"] = 0.0
 
-    # pipeline bubble: (pp-1) idle slots out of (vpp*mb + pp - 1)
+    # pipeline bubble: (pp-1) idle slots out of (vpp*mb + pp - 1) (parallel/pipeline.py bubble_fraction)
     slots = plan.vpp * mb
     busy = t["compute"] + t["tensor_parallel"] + t["context_parallel"]
     t["pipeline_bubble"] = busy * (lay.pp - 1) / slots
@@ -295,6 +296,7 @@ class Estimate:
             "sequence_parallel": bool(lay.sequence_parallel and lay.tp > 1),
             "optimizer_shard": bool(lay.optimizer_shard and lay.dp > 1),
             "recompute": self.plan.recompute, "vpp": self.plan.vpp,
+            "pipeline_bubble_fraction": round(bubble_fraction(lay.pp, self.plan.micro_batches, self.plan.vpp), 4),
             "micro_batch_size": self.plan.micro_batch_size, "global_batch": self.plan.global_batch,
             "budget_gb": round(self.budget_gb, 3),
             "memory_breakdown_gb": {k: round(v / GB, 3) for k, v in self.memory.items()},

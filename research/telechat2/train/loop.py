@@ -30,13 +30,14 @@ import numpy as np
 from ..data.check import check_dataset
 from ..dtypes import ms_dtype
 from ..errors import TeleChat2Error
-from ..perf import flops_per_token
+from ..perf import flops_per_token, layer_forward_flops
 from . import checkpointing, memory
 from .checkpointing import fault_point
 from .optim import AdamW, LossScaler, lr_at
 from .output_dir import claim_for_run
-from .report import append_history, log_line, read_history, write_rank_comm, write_rank_memory, write_report
-from .run_config import callback, micro_batches_per_step, model_config, save_resolved
+from .report import (append_history, log_line, read_history, write_rank_comm, write_rank_compute, write_rank_memory,
+                     write_report)
+from .run_config import callback, micro_batches_per_step, model_config, pipeline_chunks, save_resolved
 from .runtime import host_memory_mb, peak_host_memory_mb
 
 
@@ -148,10 +149,11 @@ def set_up(cfg: dict, resume: bool, progress: bool, force: bool = False) -> Run:
     validate_layout(layout, model_cfg)
     check_launch(cfg, layout)                   # msrun worker count, use_parallel, device_id
     stage_offset = (cfg["model"].get("model_config") or {}).get("offset")
+    chunks = pipeline_chunks(cfg)                       # model chunks per pipeline rank (interleaved 1F1B)
     if layout.pp > 1:
-        from ..parallel.pipeline import stage_layers
-        stage_layers(model_cfg.num_layers, layout.pp, stage_offset)      # a bad offset list fails here
-    recompute_layers(cfg["recompute_config"], model_cfg.num_layers, layout.pp, stage_offset)   # bad lists fail here
+        from ..parallel.pipeline import rank_layers
+        rank_layers(model_cfg.num_layers, layout.pp, chunks, stage_offset)   # a bad offset list / split fails here
+    recompute_layers(cfg["recompute_config"], model_cfg.num_layers, layout.pp, stage_offset, chunks)   # bad lists too
     check_memory(cfg, model_cfg, layout)        # the layout fits the device (train/memory.py's inventory)
     load_path = cfg["load_checkpoint"]
     if load_path and not os.path.exists(load_path):
@@ -159,7 +161,7 @@ def set_up(cfg: dict, resume: bool, progress: bool, force: bool = False) -> Run:
     os.makedirs(out, exist_ok=True)
     configure_mindspore(cfg, layout)
     ms.set_seed(cfg["seed"])
-    mesh = ParallelMesh.from_world(layout, stage_offset) if layout.world > 1 else ParallelMesh.single()
+    mesh = ParallelMesh.from_world(layout, stage_offset, chunks) if layout.world > 1 else ParallelMesh.single()
     if mesh.rank == 0:                          # output_dir ownership: --resume / --force (train/output_dir.py)
         claim_for_run(cfg, out, resume=resume, force=force)
     progress = progress and mesh.rank == 0
@@ -214,13 +216,15 @@ def check_columns(cfg, data_dir, columns, layout) -> None:
                          "causal mask; preprocess without --reset-attention-mask or set context_parallel 1")
 
 
-def recompute_layers(rc: dict, num_layers: int, pp: int, offset) -> dict[int, str]:
+def recompute_layers(rc: dict, num_layers: int, pp: int, offset, chunks: int = 1) -> dict[int, str]:
     """{global layer index: "full" | "select"} from recompute_config.recompute / select_recompute.
 
     Each is a bool (every layer) or, as MindFormers writes it, a list with one entry per pipeline stage:
-    the number of that stage's first layers to recompute. Full recompute wins over selective."""
-    from ..parallel.pipeline import stage_layers
-    stages = stage_layers(num_layers, pp, offset) if pp > 1 else [range(num_layers)]
+    the number of that stage's first layers to recompute (with model chunks: of its layers in order, over
+    its chunks). Full recompute wins over selective."""
+    from ..parallel.pipeline import rank_layers
+    stages = [[i for block in blocks for i in block] for blocks in rank_layers(num_layers, pp, chunks, offset)] \
+        if pp > 1 else [range(num_layers)]
     chosen: dict[int, str] = {}
     for key, kind in (("select_recompute", "select"), ("recompute", "full")):
         value = rc[key]
@@ -324,11 +328,18 @@ class Stepper:
                 return loss, aux
             self.accumulate = accumulate
         self.apply = compile_(self.train_step.apply) if graph else self.train_step.apply
+        # the per-stage forward counter: decoder-layer forwards per step (a fully recomputed layer runs twice)
+        marks = recompute_layers(cfg["recompute_config"], run.model_cfg.num_layers, layout.pp, run.mesh.stage_offset,
+                                 run.mesh.chunks)
+        self.stage_layers = len(model.model.layers)
+        recomputed = frozenset(int(i) for i in model.model.layers if marks.get(int(i)) == "full")
+        self.recomputed_layers, self.recomputed = len(recomputed), recomputed
+        self.layer_forwards = 0
         self.pipeline = None
         if layout.pp > 1:
             mc, rc = run.model_cfg, cfg["runner_config"]
-            self.pipeline = PipelineStep(model, self.train_step, run.mesh,
-                                         jit=compile_ if jit_model else None)
+            self.pipeline = PipelineStep(model, self.train_step, run.mesh, jit=compile_ if jit_model else None,
+                                         recomputed=recomputed)
             seq_local = mc.seq_length // layout.cp // (layout.tp if run.mesh.sequence_parallel else 1)
             self.act_like = ms.Tensor(np.zeros((rc["batch_size"], seq_local, mc.hidden_size), np.float32)).astype(
                 ms_dtype(mc.res_dtype))             # the activations stages exchange
@@ -364,7 +375,7 @@ class Stepper:
             accumulate, apply = ts.accumulate, ts.apply
             if pipeline is not None:
                 from .step import PipelineStep
-                pipeline = PipelineStep(self.model, ts, self.run.mesh, jit=None)
+                pipeline = PipelineStep(self.model, ts, self.run.mesh, jit=None, recomputed=self.recomputed)
         if self.fused is not None and not eager:       # one micro-batch: one graph, one fetch
             mb, = micro
             loss, aux, norm, finite = self.fused(mb.inputs, mb.targets, *mb.attn, loss_weight, lr,
@@ -380,7 +391,20 @@ class Stepper:
             loss, aux, norm, finite = ms.ops.concat([ts.data_sum(losses), ms.ops.stack(
                 [norm, finite.astype(ms.float32)])]).asnumpy().tolist()
         finite = bool(finite)
+        self.layer_forwards = len(micro) * (self.stage_layers + self.recomputed_layers) if pipeline is None \
+            else pipeline.layer_forwards
         return loss / scale, aux / scale, (norm if finite else float("inf")), finite
+
+    def compute_record(self) -> dict:
+        """This rank's forward work in the last step: decoder-layer forwards (each over one micro-batch) and
+        their forward FLOPs (whole layers, as if tp = 1; the lm_head is left out)."""
+        run, rc = self.run, self.run.cfg["runner_config"]
+        seq = run.model_cfg.seq_length
+        tokens = rc["batch_size"] * seq // run.layout.cp                 # one micro-batch on this rank
+        return {"pipeline_stage": run.mesh.coord("pp"), "chunks": run.mesh.chunks,
+                "layers": sorted(int(i) for i in self.model.model.layers), "stage_layers": self.stage_layers,
+                "recomputed_layers": self.recomputed_layers, "layer_forwards_per_step": self.layer_forwards,
+                "layer_forward_flops_per_step": self.layer_forwards * tokens * layer_forward_flops(run.model_cfg, seq)}
 
 
 def ops_sum(values):
@@ -472,7 +496,8 @@ def train(cfg: dict, *, resume: bool = False, progress: bool = True, force: bool
                 loss, aux_loss, norm, finite = stepper(micro, lr, loss_scale, eager=True)
             plan = optimizer.plan
             write_rank_comm(run.out, run.mesh.rank, done.step + 1, rows(inventory),
-                            {"stage": run.mesh.coord("pp"), "layers": len(model.model.layers),
+                            {"stage": run.mesh.coord("pp"), "chunks": run.mesh.chunks,
+                             "layers": len(model.model.layers),
                              "micro_batches": run.accum, "micro_batch_size": cfg["runner_config"]["batch_size"],
                              "bucket_lengths": [bk.length for bk in plan.buckets]})
             profile_next = False
@@ -498,5 +523,6 @@ def train(cfg: dict, *, resume: bool = False, progress: bool = True, force: bool
     allocated = memory.allocated_buffers(model, optimizer, stepper.train_step)
     host_mb["peak"] = peak_host_memory_mb()
     write_rank_memory(run.out, run.mesh.rank, memory.by_kind(allocated), memory.weights_by_dtype(allocated), host_mb)
+    write_rank_compute(run.out, run.mesh.rank, stepper.compute_record())
     barrier(run.mesh)
     return run.out

@@ -3,7 +3,8 @@
 report.json: {"run": {...}, "summary": {...}, "steps": [{step, loss, lr, loss_scale, overflow, global_norm,
 step_time_s, samples_per_s_per_device, tokens_per_s_per_device}, ...]}; report.md and report.png are
 rendered from it (`telechat2 report RUN_DIR` re-renders them). report/memory_rank_R.json: each rank's
-persistent buffers as allocated, by kind, and its peak RSS.
+persistent buffers as allocated, by kind, and its peak RSS. report/compute_rank_R.json: each rank's forward
+work per step (decoder-layer forwards and their FLOPs; a pipeline stage counts only its own layers).
 """
 from __future__ import annotations
 
@@ -95,6 +96,19 @@ def write_rank_comm(run_dir: str, rank: int, step: int, rows: list[dict], contex
     path = os.path.join(out, f"comm_rank_{rank}.json")
     with open(path + ".tmp", "w", encoding="utf-8") as fh:
         json.dump({"rank": rank, "step": step, **context, "collectives": rows}, fh, indent=1)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def write_rank_compute(run_dir: str, rank: int, record: dict) -> str:
+    """report/compute_rank_R.json: this rank's forward counter of the last step (loop.Stepper.compute_record).
+    Every rank writes its own; summed over the pipeline stages of one (dp, tp, cp) coordinate it is the
+    step's forward work, which equals the non-pipelined step's unless layers are recomputed."""
+    out = os.path.join(run_dir, "report")
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, f"compute_rank_{rank}.json")
+    with open(path + ".tmp", "w", encoding="utf-8") as fh:
+        json.dump({"rank": rank, **record}, fh, indent=1)
     os.replace(path + ".tmp", path)
     return path
 

@@ -75,6 +75,8 @@ SCHEMA: dict = {
         "enable_parallel_optimizer": False,
         "strategy_ckpt_save_file": "./ckpt_strategy.ckpt",
         "parallel_optimizer_config": {"gradient_accumulation_shard": False, "parallel_optimizer_threshold": 64},
+        # interleaved 1F1B: True with model.model_config.pp_interleave_num chunks per pipeline rank
+        "pipeline_config": {"pipeline_interleave": False, "pipeline_scheduler": "1f1b"},
     },
     "parallel_config": {
         "data_parallel": 1,
@@ -180,6 +182,7 @@ USED = {
     "parallel.parallel_mode": "validate_run_config",
     "parallel.enable_parallel_optimizer": "Layout (the distributed optimizer over dp)",
     "parallel.parallel_optimizer_config.gradient_accumulation_shard": "TrainStep (gradient_buffers)",
+    "parallel.pipeline_config.pipeline_interleave": "pipeline_chunks (interleaved 1F1B, parallel/pipeline.py)",
     "parallel_config.data_parallel": "Layout", "parallel_config.model_parallel": "Layout",
     "parallel_config.pipeline_stage": "Layout", "parallel_config.context_parallel": "Layout",
     "parallel_config.use_seq_parallel": "Layout", "parallel_config.micro_batch_num": "Layout, micro-batches",
@@ -239,6 +242,8 @@ ACCEPTED_VALUES = {
                                      "model_parallel"),
     "parallel_config.gradient_aggregation_group": (ANY_PATH, "gradients are reduced in ~25 MB buckets"),
     "micro_batch_interleave_num": ((1,), "micro-batch interleaving is not implemented"),
+    "parallel.pipeline_config.pipeline_scheduler": (("1f1b",), "the pipeline runs 1F1B, interleaved with "
+                                                    "pipeline_interleave (seqpipe is not implemented)"),
     "recompute_config.select_comm_recompute": ((False, True), "collective outputs are recomputed with their layer"),
     "recompute_config.parallel_optimizer_comm_recompute": ((False, True), "the optimizer all-gather runs after "
                                                            "the step, nothing to recompute"),
@@ -479,6 +484,7 @@ def validate_run_config(cfg: dict, source: str) -> None:
         _need(isinstance(cfg["parallel"][key], bool), source, f"parallel.{key}", "must be True or False")
     _need(isinstance(cfg["report"]["comm_profile"], bool), source, "report.comm_profile",
           f"must be True or False, got {cfg['report']['comm_profile']!r}")
+    check_pipeline_interleave(cfg, source)
     gas = cfg["parallel"]["parallel_optimizer_config"]["gradient_accumulation_shard"]
     _need(isinstance(gas, bool), source, "parallel.parallel_optimizer_config.gradient_accumulation_shard",
           f"must be True or False, got {gas!r}")
@@ -629,6 +635,32 @@ def check_moe_layout(config: TeleChat2Config, cfg: dict, source: str) -> None:
               "sequence parallel with a mixture-of-experts model is not implemented")
         _need(config.num_experts % tp == 0, source, "parallel_config.expert_parallel",
               f"{ep} does not divide the {config.num_experts} experts (model_config.num_experts / moe_config.expert_num)")
+
+
+def pipeline_chunks(cfg: dict) -> int:
+    """Model chunks per pipeline rank: model_config.pp_interleave_num with
+    parallel.pipeline_config.pipeline_interleave: True (MindFormers' pair of keys), else 1."""
+    v = (cfg["model"].get("model_config") or {}).get("pp_interleave_num", 1)
+    return v if cfg["parallel"]["pipeline_config"]["pipeline_interleave"] else 1
+
+
+def check_pipeline_interleave(cfg: dict, source: str) -> None:
+    interleave = cfg["parallel"]["pipeline_config"]["pipeline_interleave"]
+    v = (cfg["model"].get("model_config") or {}).get("pp_interleave_num", 1)
+    pc = cfg["parallel_config"]
+    _need(isinstance(interleave, bool), source, "parallel.pipeline_config.pipeline_interleave",
+          f"must be True or False, got {interleave!r}")
+    _need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, source, "model.model_config.pp_interleave_num",
+          f"must be an integer >= 1, got {v!r}")
+    if v > 1:
+        _need(interleave, source, "model.model_config.pp_interleave_num", f"{v} chunks need "
+              "parallel.pipeline_config.pipeline_interleave: True")
+    if interleave and v > 1:
+        _need(pc["pipeline_stage"] > 1, source, "parallel.pipeline_config.pipeline_interleave",
+              "an interleaved pipeline needs parallel_config.pipeline_stage > 1")
+        _need(pc["micro_batch_num"] % pc["pipeline_stage"] == 0, source, "parallel_config.micro_batch_num",
+              f"{pc['micro_batch_num']}: interleaved 1F1B takes the micro-batches in groups of pipeline_stage "
+              f"{pc['pipeline_stage']}; use a multiple of it")
 
 
 def micro_batches_per_step(cfg: dict, layout) -> int:

@@ -96,59 +96,123 @@ class TrainStep(nn.Cell):
         return norm, finite
 
 
-class PipelineStep:
-    """One optimizer step's micro-batches through this pipeline stage with the 1F1B schedule.
+class StageForward(nn.Cell):
+    """A stage's forward as the top cell PyNative records: called after `set_grad()`, it keeps the forward's
+    activations (of the compiled graph when `fn` is an ms.jit function) until GradOperation runs its
+    backward with the output's cotangent. Each in-flight micro-batch is one recorded forward, found again by
+    the identity of its input tensors, so backwards may run in any order (1F1B runs them first-in first-out;
+    `mindspore.vjp` finds only the newest pending forward on MindSpore 2.9)."""
 
-    Compiled pieces (no communication inside): the stage forward, the stage backward (recomputes the
-    forward; gradients of weights, and of the input activation except on the first stage), and on the last
-    stage the loss with its backward. Gradients land in TrainStep's buffers; `TrainStep.apply` follows.
+    def __init__(self, fn):
+        super().__init__(auto_prefix=False)
+        self.fn = fn
+        self.calls = 0          # forwards executed (this Python body runs again if a backward re-ran it)
+
+    def construct(self, x, cos, sin, allowed):
+        self.calls += 1
+        return self.fn(x, cos, sin, allowed)
+
+
+class PipelineStep:
+    """One optimizer step's micro-batches through this pipeline rank: 1F1B, or with model chunks
+    (`mesh.chunks` > 1, MindFormers' pp_interleave_num) interleaved 1F1B (parallel/pipeline.py).
+
+    Like Megatron, a rank keeps the activations of its in-flight micro-batches: the forward of chunk c on
+    micro-batch i (compiled with the config's jit_level when the step is compiled) is recorded by PyNative
+    (StageForward), and its backward, run when the gradient dy arrives, is the compiled backward graph of that
+    forward, which reuses the kept activations (no second stage forward). Layers marked for recompute
+    (recompute_config) are recomputed inside that backward, as in the non-pipelined step. The last virtual
+    stage runs its layers, the loss and their backward as one value_and_grad when the loss is needed. No
+    communication happens inside the compiled pieces; gradients land in TrainStep's buffers;
+    `TrainStep.apply` follows.
+
+    `layer_forwards`: decoder-layer forwards the last `run` executed on this rank, the per-stage forward
+    counter of the run's report: the chunk forwards StageForward counts as they execute times the chunk's
+    layers, plus the recomputed layers of each backward (and on the last virtual stage the layers of each loss).
     """
 
-    def __init__(self, model, train_step: TrainStep, mesh, jit=None):
+    def __init__(self, model, train_step: TrainStep, mesh, jit=None, recomputed=frozenset()):
         self.model, self.train_step, self.mesh = model, train_step, mesh
-        self.stage, self.stages = mesh.coord("pp"), mesh.layout.pp
-        params = list(train_step.params)
+        self.stage, self.stages, self.chunks = mesh.coord("pp"), mesh.layout.pp, mesh.chunks
+        blocks = mesh.rank_layers(model.config.num_layers)
+        self.chunk_layers = [len(b) for b in blocks]
+        self.chunk_recomputed = [sum(1 for i in b if i in recomputed) for b in blocks]   # forward again in B
+        self.layer_forwards = 0
+        params = ParameterTuple(list(train_step.params))
         jit = jit or (lambda f: f)          # ms.jit (with the config's jit_level), or eager
-        first, last = model.first_stage, model.last_stage
-        # every stage gets the micro-batch's attention inputs (packed documents) or None (plain causal)
-        if last:
-            def loss_fn(x, targets, cos, sin, allowed, loss_weight):
-                return model.loss_sum(model.hidden_states(x, cos, sin, allowed), targets) * loss_weight
-            self.loss_grad = jit(ms.value_and_grad(loss_fn, grad_position=0, weights=params))
-        else:
-            def vjp_fn(x, cos, sin, allowed, dy):
-                return (model.hidden_states(x, cos, sin, allowed) * dy).sum()
-            self.forward_fn = jit(model.hidden_states)
-            self.backward_fn = jit(ms.value_and_grad(vjp_fn, grad_position=None if first else 0, weights=params))
+        v = self.chunks
+        # virtual stage c * pp + stage: the first holds the embedding, the last the head and the loss
+        self.first = [model.first_stage and c == 0 for c in range(v)]
+        self.last = [model.last_stage and c == v - 1 for c in range(v)]
+        self.loss_grad, self.stage_forward, self.stage_backward = {}, {}, {}
+        for c in range(v):
+            hidden = model.hidden_states if v == 1 else _chunk_function(model, c)
+            if self.last[c]:
+                self.loss_grad[c] = jit(ms.value_and_grad(_loss_function(model, hidden), grad_position=0,
+                                                          weights=params))
+            else:
+                # every chunk gets the micro-batch's attention inputs (packed documents) or None (causal)
+                self.stage_forward[c] = StageForward(jit(hidden))
+                self.stage_forward[c].set_grad()
+                # token ids into the first virtual stage: weights only; the others also need dx
+                self.stage_backward[c] = ops.GradOperation(get_all=not self.first[c], get_by_list=True,
+                                                           sens_param=True)(self.stage_forward[c], params)
         self.add_grads = jit(train_step.add_grads)
 
     def run(self, micro_batches, loss_weight, act_like):
         """micro_batches: [MicroBatch] of Tensors; returns the sum of the weighted losses (last stage, else 0)."""
-        from ..parallel.pipeline import run_1f1b
-        first, last = self.model.first_stage, self.model.last_stage
+        from ..parallel.pipeline import run_1f1b, run_interleaved
         total = [ms.Tensor(0.0, ms.float32)]
+        self.layer_forwards = 0
+        calls = {c: f.calls for c, f in self.stage_forward.items()}
 
-        def forward(i, x):
-            if last:
+        def forward(c, i, x):
+            if self.last[c]:
                 return None
             mb = micro_batches[i]
-            return self.forward_fn(mb.inputs if first else x, *mb.attn)
+            return self.stage_forward[c](mb.inputs if self.first[c] else x, *mb.attn)
 
-        def backward(i, x, dy):
+        def backward(c, i, x, dy):
             mb = micro_batches[i]
-            if last:
-                loss, (dx, grads) = self.loss_grad(mb.inputs if first else x, mb.targets, *mb.attn, loss_weight)
+            self.layer_forwards += self.chunk_recomputed[c]
+            if self.last[c]:
+                self.layer_forwards += self.chunk_layers[c]
+                loss, (dx, grads) = self.loss_grad[c](mb.inputs if self.first[c] else x, mb.targets, *mb.attn,
+                                                      loss_weight)
                 total[0] = total[0] + loss
-            elif first:
-                _, grads = self.backward_fn(mb.inputs, *mb.attn, dy)
+            elif self.first[c]:
+                grads = self.stage_backward[c](mb.inputs, *mb.attn, dy)   # the tensors its forward was given
                 dx = None
             else:
-                _, (dx, grads) = self.backward_fn(x, *mb.attn, dy)
+                (dx, *_), grads = self.stage_backward[c](x, *mb.attn, dy)
             self.add_grads(grads)
             return dx
 
-        prev = self.mesh.neighbour(-1) if not first else None
-        nxt = self.mesh.neighbour(1) if not last else None
-        run_1f1b(stage=self.stage, stages=self.stages, micro_batches=len(micro_batches), prev_rank=prev,
-                 next_rank=nxt, forward=forward, backward=backward, act_like=act_like)
+        first, last = self.model.first_stage, self.model.last_stage
+        if self.chunks == 1:
+            prev = self.mesh.neighbour(-1) if not first else None
+            nxt = self.mesh.neighbour(1) if not last else None
+            run_1f1b(stage=self.stage, stages=self.stages, micro_batches=len(micro_batches), prev_rank=prev,
+                     next_rank=nxt, forward=lambda i, x: forward(0, i, x),
+                     backward=lambda i, x, dy: backward(0, i, x, dy), act_like=act_like)
+        else:                                   # a ring: the last rank's chunk c feeds rank 0's chunk c + 1
+            run_interleaved(stage=self.stage, stages=self.stages, chunks=self.chunks,
+                            micro_batches=len(micro_batches), prev_rank=self.mesh.neighbour(-1),
+                            next_rank=self.mesh.neighbour(1), forward=forward, backward=backward, act_like=act_like)
+        for c, f in self.stage_forward.items():
+            self.layer_forwards += (f.calls - calls[c]) * self.chunk_layers[c]
         return total[0]
+
+
+def _chunk_function(model, chunk: int):
+    """model.chunk_hidden_states of one chunk as a function of the stage inputs (chunk a graph constant)."""
+    def hidden(x, cos, sin, allowed):
+        return model.chunk_hidden_states(chunk, x, cos, sin, allowed)
+    return hidden
+
+
+def _loss_function(model, hidden):
+    """The last virtual stage's weighted summed loss of its input activation (or token ids)."""
+    def loss_fn(x, targets, cos, sin, allowed, loss_weight):
+        return model.loss_sum(hidden(x, cos, sin, allowed), targets) * loss_weight
+    return loss_fn
