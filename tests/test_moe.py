@@ -227,13 +227,6 @@ def test_bad_expert_parallel_layout_on_the_command_line_is_one_line():
     assert "step" not in r.stdout
 
 
-def test_planner_refuses_moe_by_name():
-    from telechat2.config import ConfigError
-    from telechat2.plan.search import planning_config
-    with pytest.raises(ConfigError, match="--model 39b-a12b: the planner does not model mixture-of-experts"):
-        planning_config("39b-a12b", 8192)
-
-
 def test_expert_groups_and_checkpoint_writers_of_ep_over_dp():
     """dp4 with expert_parallel 2: ep groups of 2 consecutive dp ranks, each expert on the 2 ranks with the same
     ep rank; the first ep group writes the weights and AdamW state, the replicas read them."""

@@ -75,9 +75,6 @@ def check_config(path: str, devices: int, *, hbm_gb: float | None = None, peak_t
         raise TeleChat2Error(f"--devices must be a positive integer, got {devices!r}")
     cfg = load_run_config(path, list(overrides))
     mc = model_config(cfg, path)
-    if mc.num_experts:
-        raise TeleChat2Error(f"{path}: model: a mixture-of-experts model (num_experts={mc.num_experts}); the memory "
-                             "inventory and planner do not model MoE layers yet")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:

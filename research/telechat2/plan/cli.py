@@ -155,8 +155,8 @@ def add_plan_parsers(sub) -> None:
     p.add_argument("--micro-batch-size", type=POSITIVE_INT.arg("--micro-batch-size"), default=1, help="sequences per micro-batch (default 1)")
     p.add_argument("--amp", choices=["O1", "O2"], default="O1", help="AMP level: residual stream fp32 (O1) or bf16")
     p.add_argument("--layout", help="evaluate one layout, e.g. dp=8,tp=1,pp=1,cp=1,mb=1 (optional: vpp=N, "
-                                    "recompute=none|selective|full, zero=0|1, sp=0|1, mbs=N; options left out are "
-                                    "chosen by the planner)")
+                                    "recompute=none|selective|full, zero=0|1, sp=0|1, mbs=N, ep=N (MoE: experts "
+                                    "over ep dp ranks); options left out are chosen by the planner)")
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.add_argument("--top", type=NON_NEGATIVE_INT.arg("--top"), default=10, help="layouts to list (0: all)")
     p.add_argument("--all", action="store_true", help="list layouts that do not fit memory too")

@@ -27,6 +27,9 @@ class Plan:
     recompute: str = "none"          # none | selective (norms, SwiGLU products) | full (each layer's input only)
     vpp: int = 1                     # interleaved pipeline: model chunks per device (1: plain 1F1B)
     micro_batch_size: int = 1        # sequences per micro-batch (runner_config.batch_size)
+    # layers of the first stage fully recomputed on top of `recompute` (MindFormers' `recompute: [n, 0, ...]`,
+    # a list per stage; the trainer's recompute is all layers or none): that stage, the heaviest, sets the step
+    recompute_layers: int = 0
 
     @property
     def micro_batches(self) -> int:
@@ -41,7 +44,8 @@ class Plan:
         s = f"{self.layout.describe()} mb{self.micro_batches}"
         if self.vpp > 1:
             s += f" vpp{self.vpp}"
-        return s + (f" recompute={self.recompute}" if self.recompute != "none" else "")
+        s += f" recompute={self.recompute}" if self.recompute != "none" else ""
+        return s + (f" recompute_layers={self.recompute_layers}" if self.recompute_layers else "")
 
 
 def validate_plan(plan: Plan, config: TeleChat2Config, *, devices: int | None = None,
@@ -55,6 +59,12 @@ def validate_plan(plan: Plan, config: TeleChat2Config, *, devices: int | None = 
     if not (isinstance(plan.vpp, int) and plan.vpp >= 1):
         raise LayoutError(f"vpp (pipeline interleave) must be an integer >= 1, got {plan.vpp!r}")
     pp = plan.layout.pp
+    n = plan.recompute_layers
+    if not (isinstance(n, int) and 0 <= n <= math.ceil(config.num_layers / pp)):
+        raise LayoutError(f"recompute_layers must be an integer in [0, layers per stage], got {n!r}")
+    if config.num_experts and config.num_experts % plan.layout.tp:
+        raise LayoutError(f"model_parallel {plan.layout.tp} does not divide the {config.num_experts} experts "
+                          "(each tp rank holds E/tp of them)")
     if plan.vpp > 1:
         if pp == 1:
             raise LayoutError(f"vpp {plan.vpp} needs pipeline_stage > 1 (an interleaved pipeline)")
@@ -67,20 +77,52 @@ def validate_plan(plan: Plan, config: TeleChat2Config, *, devices: int | None = 
 
 # ---- sizes ----------------------------------------------------------------------------------------
 
-def layer_params_per_device(c: TeleChat2Config, tp: int) -> float:
-    """One decoder layer's parameters on one tensor-parallel rank (kv heads replicate when tp exceeds them)."""
+def layer_params_per_device(c: TeleChat2Config, tp: int, ep: int = 1) -> float:
+    """One decoder layer's parameters on one tensor-parallel rank (kv heads replicate when tp exceeds them).
+
+    MoE: the E experts are split over the expert domain of tp x ep devices (E/tp whole experts per rank under
+    moe_config.ep_extend_tp; E/ep per rank with expert_parallel over dp; MindFormers' ep over dp with each expert
+    split over tp, a layout the trainer does not run, holds as many), the router [E, H] is replicated."""
+    return layer_dense_params(c, tp) + layer_expert_params(c, tp, ep)
+
+
+def layer_dense_params(c: TeleChat2Config, tp: int) -> float:
+    """The part of a layer's parameters (per tp rank) that every data-parallel rank holds: all but the experts."""
     h, f, hd = c.hidden_size, c.intermediate_size, c.head_dim
-    split = c.num_heads * hd * h + h * h + 3 * h * f          # wq, wo and the MLP weights are split over tp
+    split = c.num_heads * hd * h + h * h                      # wq and wo are split over tp
     kv = 2 * c.kv_heads * hd * h / min(tp, c.kv_heads)       # wk_v: whole kv heads per rank
-    return split / tp + kv + 4 * h                            # + wo/w2 biases and the two norms, replicated
+    if c.num_experts:
+        return split / tp + kv + c.num_experts * h + 3 * h   # + the router, the wo bias and the two norms
+    return (split + 3 * h * f) / tp + kv + 4 * h              # + the MLP split over tp; wo/w2 biases, the norms
 
 
-def stage_params(c: TeleChat2Config, tp: int, pp: int) -> float:
+def layer_expert_params(c: TeleChat2Config, tp: int, ep: int = 1) -> float:
+    """A layer's expert weights on one device: E SwiGLU experts (down with its bias) over tp x ep devices."""
+    if not c.num_experts:
+        return 0.0
+    h, f = c.hidden_size, c.intermediate_size
+    return c.num_experts * (3 * h * f + h) / (tp * ep)
+
+
+def stage_params(c: TeleChat2Config, tp: int, pp: int, ep: int = 1) -> float:
     """Parameters one device holds on the heaviest pipeline stage: ceil(L/pp) layers plus the embedding
     (first stage) or lm_head and the final norm (last stage); both ends on one stage when pp is 1."""
+    return stage_expert_params(c, tp, pp, ep) + stage_dense_params(c, tp, pp)
+
+
+def stage_dense_params(c: TeleChat2Config, tp: int, pp: int) -> float:
     vocab = c.vocab_size * c.hidden_size / tp
     ends = 2 * vocab + c.hidden_size if pp == 1 else vocab + c.hidden_size
-    return math.ceil(c.num_layers / pp) * layer_params_per_device(c, tp) + ends
+    return math.ceil(c.num_layers / pp) * layer_dense_params(c, tp) + ends
+
+
+def stage_expert_params(c: TeleChat2Config, tp: int, pp: int, ep: int = 1) -> float:
+    return math.ceil(c.num_layers / pp) * layer_expert_params(c, tp, ep)
+
+
+def routed_copies(c: TeleChat2Config) -> float:
+    """Expert slots per token: top-k, times the capacity factor when the routing has one (dropless: k)."""
+    return c.moe_top_k * (c.capacity_factor or 1.0)
 
 
 def layer_activation_bytes(c: TeleChat2Config, tp: int, sequence_parallel: bool, recompute: str) -> float:
@@ -99,6 +141,14 @@ def layer_activation_bytes(c: TeleChat2Config, tp: int, sequence_parallel: bool,
         attn += c.num_heads / tp * c.seq_length * (4 + cb)
     gate_up = 2 * cb * f / tp
     swiglu = 2 * cb * f / tp                               # silu(gate) and silu(gate) * up
+    if c.num_experts:
+        # each token's k slots (x capacity factor) through experts of f columns; a device runs 1/(tp) of the
+        # slots' expert work (E/tp experts of all tokens, or E/ep experts of ep x the tokens under ep over dp).
+        # Kept besides: the dispatched inputs and the expert outputs before the combine, the fp32 router
+        # probabilities and the gate weights
+        k = routed_copies(c)
+        gate_up, swiglu = k * gate_up, k * swiglu
+        gate_up += 2 * cb * k * h / tp + 2 * 4 * c.num_experts
     if recompute == "full":
         return rb * h / seq_split
     if recompute == "selective":
@@ -121,20 +171,35 @@ def persistent_formula(c: TeleChat2Config, plan: Plan, shard_accumulation: bool 
     """The inventory's totals by formula (the search ranks thousands of layouts; tests/test_plan.py checks this
     against the inventory): P parameters of the heaviest stage, shards = dp with the distributed optimizer."""
     lay = plan.layout
-    P = stage_params(c, lay.tp, lay.pp)
+    dense, experts = stage_dense_params(c, lay.tp, lay.pp), stage_expert_params(c, lay.tp, lay.pp, lay.ep)
     pb = DTYPE_BYTES[c.param_init_type]
-    shards = lay.dp if lay.optimizer_shard and lay.dp > 1 else 1
+    zero = lay.optimizer_shard and lay.dp > 1
+    # the distributed optimizer shards a weight over the ranks holding it: dp, or dp/ep for the experts
+    sharded = dense / lay.dp + experts / (lay.dp // lay.ep) if zero else dense + experts
     per_parameter = plan.micro_batches > 1 and not shard_accumulation
-    return {"weights": P * pb, "master": 4 * P / shards if pb != 4 else 0.0, "moments": 8 * P / shards,
-            "gradients": 4 * P if per_parameter else 4 * P / shards}
+    P = dense + experts
+    return {"weights": P * pb, "master": 4 * sharded if pb != 4 else 0.0, "moments": 8 * sharded,
+            "gradients": 4 * P if per_parameter else 4 * sharded}
+
+
+def trainer_builds(c: TeleChat2Config, lay: Layout) -> bool:
+    """Whether the trainer builds this layout (so its inventory can be taken): a MoE model runs with dp and tp
+    without sequence parallel, its experts over tp, or over dp at tp 1 without the distributed optimizer
+    (train/run_config.py: check_moe_layout). The planner estimates the others by formula."""
+    if not c.num_experts:
+        return True
+    if lay.pp > 1 or lay.cp > 1 or (lay.sequence_parallel and lay.tp > 1):
+        return False
+    return lay.ep == 1 or (lay.tp == 1 and not (lay.optimizer_shard and lay.dp > 1))
 
 
 def training_memory(c: TeleChat2Config, plan: Plan, seq_length: int, *, shard_accumulation: bool = False,
                     stage_offset=None, exact: bool = True) -> dict[str, float]:
-    """Bytes per device by part, for the heaviest stage (Ascend: flash attention as configured)."""
+    """Bytes per device by part, for the heaviest stage (Ascend: flash attention as configured). `exact`: the
+    persistent buffers from the trainer's inventory where it builds the layout, else by formula."""
     lay = plan.layout
     cb = DTYPE_BYTES[c.compute_dtype]
-    if exact:
+    if exact and trainer_builds(c, lay):
         # the persistent buffers: the trainer's own inventory of its heaviest rank (train/memory.py)
         from ..train.memory import by_kind, heaviest_rank
         _, buffers = heaviest_rank(c, lay, accumulation=plan.micro_batches, shard_accumulation=shard_accumulation,
@@ -147,8 +212,11 @@ def training_memory(c: TeleChat2Config, plan: Plan, seq_length: int, *, shard_ac
     sp = lay.sequence_parallel and lay.tp > 1
     kept = layer_activation_bytes(c, lay.tp, sp, plan.recompute)
     whole = layer_activation_bytes(c, lay.tp, sp, "none")
-    mem["activations"] = tokens * layers * kept * inflight_micro_batches(plan)
-    mem["recompute_working"] = tokens * (whole - kept)           # one layer re-run during its backward
+    n_full = plan.recompute_layers if plan.recompute != "full" else 0
+    kept_stage = (layers - n_full) * kept + n_full * layer_activation_bytes(c, lay.tp, sp, "full")
+    mem["activations"] = tokens * kept_stage * inflight_micro_batches(plan)
+    # one layer re-run during its backward
+    mem["recompute_working"] = tokens * (whole - (layer_activation_bytes(c, lay.tp, sp, "full") if n_full else kept))
     # last stage: lm_head output in compute dtype, fp32 logits and their gradient, one micro-batch (with
     # model_config.loss_chunk_tokens: one chunk of positions at a time)
     head_tokens = min(tokens, c.loss_chunk_tokens) if c.loss_chunk_tokens else tokens
@@ -206,7 +274,15 @@ def training_time(c: TeleChat2Config, plan: Plan, seq_length: int, hw: Hardware)
     step_tokens = plan.global_batch * seq_length
     full = plan.recompute == "full"
 
-    t = {"compute": flops_per_token(c, seq_length) * step_tokens / devices * (4 / 3 if full else 1) / rate}
+    # full recompute runs the forward twice (4/3 of forward + backward); recompute_layers does it for that
+    # share of the first stage's layers, and the first stage sets the pace
+    rerun = 1 / 3 if full else plan.recompute_layers / math.ceil(c.num_layers / lay.pp) / 3
+    t = {"compute": flops_per_token(c, seq_length) * step_tokens / devices * (1 + rerun) / rate}
+    if c.num_experts and c.capacity_factor > 1:
+        # with a capacity the experts run on every slot, k x capacity factor per token, filled or padded:
+        # the (factor - 1) beyond the active FLOPs (the model FLOPs, and the MFU, count the k routed ones)
+        padded = 6 * c.num_layers * c.moe_top_k * (c.capacity_factor - 1) * 3 * c.hidden_size * c.intermediate_size
+        t["compute"] += padded * step_tokens / devices * (1 + rerun) / rate
     if c.loss_chunk_tokens:                     # the chunked head's forward runs again in its backward
         t["compute"] += 2 * c.hidden_size * c.vocab_size * step_tokens / devices / rate
     # selective recompute re-runs memory-bound elementwise work (the norms, SiLU and the gate product):
@@ -233,26 +309,41 @@ def training_time(c: TeleChat2Config, plan: Plan, seq_length: int, hw: Hardware)
     else:
         t["context_parallel"] = 0.0
 
+    # MoE dispatch and combine with the experts split over dp (expert_parallel ep, the Ascend all-to-all over
+    # the ep group): each device sends the (ep-1)/ep of its tokens' k slots (x capacity factor) that go to
+    # other ranks' experts, forward dispatch + combine, their gradients backward (+2 re-run under full
+    # recompute). Its tokens are the micro-batch's / tp (sequence parallel holds that share; without it the tp
+    # ranks split the replicated tokens). The experts over tp (moe_config.ep_extend_tp, our formulation without
+    # sequence parallel) move no tokens: the partial outputs' all-reduce over tp replaces the dense MLP's and is
+    # among the tensor-parallel all-reduces above. The CPU's all-gather formulation of ep over dp is not modelled.
+    if c.num_experts and lay.ep > 1:
+        a2a = (4 + (2 if full else 0)) * (lay.ep - 1) / lay.ep * routed_copies(c) * tokens / tp * c.hidden_size * cb
+        span = lay.ep * lay.pp * lay.cp * tp            # ep consecutive dp ranks (rank order dp, pp, cp, tp)
+        t["moe_all_to_all"] = a2a * layers * mb / hw.group_bandwidth(lay.ep, span)
+    else:
+        t["moe_all_to_all"] = 0.0
+
     # pipeline bubble: (pp-1) idle slots out of (vpp*mb + pp - 1) (parallel/pipeline.py bubble_fraction)
     slots = plan.vpp * mb
-    busy = t["compute"] + t["tensor_parallel"] + t["context_parallel"]
+    busy = t["compute"] + t["tensor_parallel"] + t["context_parallel"] + t["moe_all_to_all"]
     t["pipeline_bubble"] = busy * (lay.pp - 1) / slots
     # pipeline sends: activation forward, its gradient backward, per micro-batch and model chunk
     act = tokens * c.hidden_size * cb / (tp if sp else 1)
     t["pipeline_p2p"] = 2 * slots * act / hw.p2p_bandwidth(tp * lay.cp * lay.pp) if lay.pp > 1 else 0.0
 
-    # gradients, once per step, over every rank holding the same weights (dp x cp): an all-reduce of fp32
-    # gradients, or with the distributed optimizer a reduce-scatter of them plus an all-gather of the weights
-    P = stage_params(c, tp, lay.pp)
-    n = lay.dp * lay.cp
-    if n > 1:
-        zero = lay.optimizer_shard and lay.dp > 1
-        # the distributed optimizer gathers the updated weights in their stored dtype
-        volume = (n - 1) / n * P * (GRAD_BYTES + DTYPE_BYTES[c.param_init_type] if zero else 2 * GRAD_BYTES)
-        span = lay.world if lay.dp > 1 else tp * lay.cp
-        t["data_parallel"] = volume / hw.group_bandwidth(n, span)
-    else:
-        t["data_parallel"] = 0.0
+    # gradients, once per step, over every rank holding the same weights (dp x cp; dp/ep x cp for the experts
+    # split over dp): an all-reduce of fp32 gradients, or with the distributed optimizer a reduce-scatter of
+    # them plus an all-gather of the weights (in their stored dtype)
+    zero = lay.optimizer_shard and lay.dp > 1
+    per_weight = GRAD_BYTES + DTYPE_BYTES[c.param_init_type] if zero else 2 * GRAD_BYTES
+    t["data_parallel"] = 0.0
+    for P, replicas in ((stage_dense_params(c, tp, lay.pp), lay.dp),
+                        (stage_expert_params(c, tp, lay.pp, lay.ep), lay.dp // lay.ep)):
+        n = replicas * lay.cp
+        if n > 1 and P:
+            span = lay.world if replicas > 1 else tp * lay.cp
+            t["data_parallel"] += (n - 1) / n * P * per_weight / hw.group_bandwidth(n, span)
+
     return t
 
 
@@ -289,7 +380,7 @@ class Estimate:
     def to_json(self) -> dict:
         lay = self.plan.layout
         return {
-            "dp": lay.dp, "tp": lay.tp, "pp": lay.pp, "cp": lay.cp, "micro_batch_num": lay.micro_batch_num,
+            "dp": lay.dp, "tp": lay.tp, "pp": lay.pp, "cp": lay.cp, "ep": lay.ep, "micro_batch_num": lay.micro_batch_num,
             "memory_gb_per_device": round(self.memory_gb, 3), "fits": self.fits,
             "step_time_s": round(self.step_time_s, 4),
             "tokens_per_s_per_device": round(self.tokens_per_s_per_device, 2), "mfu": round(self.mfu, 4),

@@ -1,6 +1,7 @@
 """Enumerate the valid training layouts of a model on N devices, estimate each, rank them."""
 from __future__ import annotations
 
+import itertools
 import math
 
 from ..config import PRESETS, ConfigError, TeleChat2Config
@@ -10,7 +11,8 @@ from .model import RECOMPUTE, Estimate, Plan, estimate, validate_plan
 
 VPP_CHOICES = (1, 2, 3, 4)
 LAYOUT_KEYS = {"dp": "dp", "tp": "tp", "mp": "tp", "pp": "pp", "cp": "cp", "mb": "mb", "vpp": "vpp",
-               "recompute": "recompute", "rc": "recompute", "zero": "zero", "sp": "sp", "mbs": "mbs"}
+               "recompute": "recompute", "rc": "recompute", "zero": "zero", "sp": "sp", "mbs": "mbs",
+               "ep": "ep"}
 
 
 def planning_config(model: str, seq_length: int, amp: str = "O1") -> TeleChat2Config:
@@ -21,9 +23,6 @@ def planning_config(model: str, seq_length: int, amp: str = "O1") -> TeleChat2Co
         raise ConfigError(f"unknown model {model!r}; known: {', '.join(p for p in PRESETS)}")
     if amp not in ("O1", "O2"):
         raise ConfigError(f"--amp must be O1 or O2, got {amp!r}")
-    if PRESETS[model].get("num_experts"):
-        raise ConfigError(f"--model {model}: the planner does not model mixture-of-experts layers (expert memory, "
-                          "active FLOPs, all-to-all) yet")
     low = "float32" if amp == "O1" else "bfloat16"
     return TeleChat2Config.from_preset(model, compute_dtype="bfloat16", param_init_type=low, res_dtype=low,
                                        use_flash_attention=True, use_fused_rms_norm=True, loss_chunk_tokens=2048,
@@ -40,7 +39,9 @@ def _divisors(n: int, limit: int | None = None) -> list[int]:
 def candidates(c: TeleChat2Config, devices: int, seq_length: int, global_batch: int,
                micro_batch_size: int = 1):
     """Every valid plan: dp x tp x pp x cp = devices, micro-batches from the global batch, sequence parallel
-    whenever tp > 1, optimizer sharding on or off when dp > 1, each recompute mode, interleave 1-4."""
+    whenever tp > 1, optimizer sharding on or off when dp > 1, each recompute mode, interleave 1-4; for a MoE
+    model each expert_parallel over dp dividing dp and the experts (the planner estimates layouts the trainer
+    does not run yet: MoE with pp, cp, sequence parallel, or ep over dp with tp or zero)."""
     # bounds every valid layout obeys (heads split over tp, >= 1 layer per stage, 2 cp chunks per sequence)
     for tp in _divisors(devices, c.num_heads):
         for cp in _divisors(devices // tp, max(1, seq_length // 2)):
@@ -49,17 +50,19 @@ def candidates(c: TeleChat2Config, devices: int, seq_length: int, global_batch: 
                 if global_batch % (dp * micro_batch_size):
                     continue
                 mb = global_batch // (dp * micro_batch_size)
-                for vpp in VPP_CHOICES if pp > 1 else (1,):
-                    for zero in (False, True) if dp > 1 else (False,):
-                        layout = Layout(dp=dp, tp=tp, pp=pp, cp=cp, sequence_parallel=tp > 1,
-                                        micro_batch_num=mb, optimizer_shard=zero)
-                        for rc in RECOMPUTE:
-                            plan = Plan(layout, rc, vpp, micro_batch_size)
-                            try:
-                                validate_plan(plan, c, devices=devices, seq_length=seq_length)
-                            except LayoutError:
-                                continue
-                            yield plan
+                # MoE: the experts over tp (ep 1), or also split over groups of ep data-parallel ranks
+                eps = [e for e in _divisors(dp) if c.num_experts % e == 0] if c.num_experts else [1]
+                for vpp, zero, ep in itertools.product(VPP_CHOICES if pp > 1 else (1,),
+                                                       (False, True) if dp > 1 else (False,), eps):
+                    layout = Layout(dp=dp, tp=tp, pp=pp, cp=cp, sequence_parallel=tp > 1,
+                                    micro_batch_num=mb, optimizer_shard=zero, ep=ep)
+                    for rc in RECOMPUTE:
+                        plan = Plan(layout, rc, vpp, micro_batch_size)
+                        try:
+                            validate_plan(plan, c, devices=devices, seq_length=seq_length)
+                        except LayoutError:
+                            continue
+                        yield plan
 
 
 def rank(estimates: list[Estimate]) -> list[Estimate]:
@@ -77,7 +80,8 @@ def search(c: TeleChat2Config, devices: int, seq_length: int, hw: Hardware, *, g
 
 
 def parse_layout(text: str) -> dict:
-    """`dp=8,tp=1,pp=1,cp=1,mb=1[,vpp=3][,recompute=none|selective|full][,zero=0|1][,sp=0|1][,mbs=1]`."""
+    """`dp=8,tp=1,pp=1,cp=1,mb=1[,vpp=3][,recompute=none|selective|full][,zero=0|1][,sp=0|1][,mbs=1][,ep=2]`
+    (ep: MoE experts split over groups of ep data-parallel ranks besides tp)."""
     out: dict = {}
     for item in filter(None, (s.strip() for s in text.split(","))):
         if "=" not in item:
@@ -135,7 +139,7 @@ def plans_for_layout(spec: dict, c: TeleChat2Config, devices: int, seq_length: i
     zeros = (spec["zero"],) if "zero" in spec else ((False, True) if dp > 1 else (False,))
     rcs = (spec["recompute"],) if "recompute" in spec else RECOMPUTE
     sp = spec.get("sp", tp > 1)
-    plans = [Plan(Layout(dp=dp, tp=tp, pp=pp, cp=cp, sequence_parallel=sp, micro_batch_num=mb, optimizer_shard=z),
-                  rc, spec.get("vpp", 1), mbs) for z in zeros for rc in rcs]
+    plans = [Plan(Layout(dp=dp, tp=tp, pp=pp, cp=cp, sequence_parallel=sp, micro_batch_num=mb, optimizer_shard=z,
+                         ep=spec.get("ep", 1)), rc, spec.get("vpp", 1), mbs) for z in zeros for rc in rcs]
     validate_plan(plans[0], c, devices=devices, seq_length=seq_length)    # the same mesh for all of them
     return plans
