@@ -333,7 +333,7 @@ class Stepper:
                                  run.mesh.chunks)
         self.stage_layers = len(model.model.layers)
         recomputed = frozenset(int(i) for i in model.model.layers if marks.get(int(i)) == "full")
-        self.recomputed_layers, self.recomputed = len(recomputed), recomputed
+        self.recomputed = recomputed
         self.layer_forwards = 0
         self.pipeline = None
         if layout.pp > 1:
@@ -391,7 +391,7 @@ class Stepper:
             loss, aux, norm, finite = ms.ops.concat([ts.data_sum(losses), ms.ops.stack(
                 [norm, finite.astype(ms.float32)])]).asnumpy().tolist()
         finite = bool(finite)
-        self.layer_forwards = len(micro) * (self.stage_layers + self.recomputed_layers) if pipeline is None \
+        self.layer_forwards = len(micro) * (self.stage_layers + len(self.recomputed)) if pipeline is None \
             else pipeline.layer_forwards
         return loss / scale, aux / scale, (norm if finite else float("inf")), finite
 
@@ -403,7 +403,7 @@ class Stepper:
         tokens = rc["batch_size"] * seq // run.layout.cp                 # one micro-batch on this rank
         return {"pipeline_stage": run.mesh.coord("pp"), "chunks": run.mesh.chunks,
                 "layers": sorted(int(i) for i in self.model.model.layers), "stage_layers": self.stage_layers,
-                "recomputed_layers": self.recomputed_layers, "layer_forwards_per_step": self.layer_forwards,
+                "recomputed_layers": len(self.recomputed), "layer_forwards_per_step": self.layer_forwards,
                 "layer_forward_flops_per_step": self.layer_forwards * tokens * layer_forward_flops(run.model_cfg, seq)}
 
 
