@@ -2,7 +2,6 @@
 the exit code (2: argparse refused the option; 1: a named error), the text naming the option/file/key, and
 that the inputs are unchanged."""
 import os
-import time
 
 import pytest
 
@@ -56,15 +55,16 @@ def test_plan_bad_input(case, ctx):
     check_case(case, ctx, [ctx["root"], PRETRAIN])
 
 
-def test_plan_answers_any_device_count_in_under_a_second():
+def test_plan_answers_any_device_count():
+    """Device counts with many divisors (2^30) or none (a prime): the layouts are found from the divisors
+    (trial division up to sqrt(n)), so the candidate set stays small."""
+    from telechat2.plan.search import _divisors, candidates, planning_config
     for devices in ("1073741824", "1000000007"):         # 2^30 and a prime
-        t = time.perf_counter()
         r = run_cli(["plan", "--model", "7b", "--devices", devices, "--top", "3"])
-        wall = time.perf_counter() - t
         assert r.returncode == 0, r.stderr.decode()
         assert b"valid layouts" in r.stdout
-        assert wall < 2.0, wall            # the process with its imports; the search itself well under a second
-    from telechat2.plan.search import _divisors
-    t = time.perf_counter()
-    assert _divisors(2**30) == [2**k for k in range(31)]
-    assert time.perf_counter() - t < 0.1
+    assert _divisors(2**30) == [2**k for k in range(31)] and _divisors(1000000007) == [1, 1000000007]
+    assert _divisors(2**30, 32) == [1, 2, 4, 8, 16, 32]
+    c = planning_config("7b", 4096)
+    assert sum(1 for _ in candidates(c, 1000000007, 4096, global_batch=1000000007)) == 6     # dp = the prime
+    assert sum(1 for _ in candidates(c, 2**30, 4096, global_batch=2**30)) < 10_000

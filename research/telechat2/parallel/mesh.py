@@ -156,8 +156,14 @@ class ParallelMesh:
     @classmethod
     def from_world(cls, layout: Layout, stage_offset=None, chunks: int = 1) -> "ParallelMesh":
         """Join the msrun world, check its size, and create this rank's dp/pp/cp/tp groups."""
+        import os
+        import mindspore as ms
         from mindspore.communication import get_group_size, get_rank, init
         if "world" not in _GROUPS:         # init() once per process
+            if ms.get_context("device_target") == "CPU":
+                # the CPU backend fails a collective or receive after waiting 30 s for its peer (MS_NODE_TIMEOUT);
+                # a peer still compiling its first step's graphs on a loaded host takes longer than that
+                os.environ.setdefault("MS_NODE_TIMEOUT", "600")
             init()
             _GROUPS.add("world")
         rank, world = get_rank(), get_group_size()
