@@ -30,10 +30,13 @@ class Case:
 
 
 def run_cli(args, stdin: bytes | None = None, env: dict | None = None, timeout: float = 300):
-    """`python -m telechat2 ARGS` (bytes arguments pass non-UTF-8 text through as a shell would)."""
-    cmd = [sys.executable, "-m", "telechat2", *[a if isinstance(a, bytes) else str(a) for a in args]]
-    return subprocess.run(cmd, input=stdin if stdin is not None else b"", capture_output=True, timeout=timeout,
-                          env={**os.environ, "GLOG_v": "3", **(env or {})}, cwd=REPO)
+    """`python -m telechat2 ARGS` (bytes arguments pass non-UTF-8 text through as a shell would), in a process
+    forked from one that has already imported the CLI (tests/cli_server.py: the same process a user starts,
+    without ~5 s of imports per command)."""
+    from cli_server import CliServer
+    return CliServer.run([a if isinstance(a, bytes) else str(a) for a in args],
+                         stdin if stdin is not None else b"", {**os.environ, "GLOG_v": "3", **(env or {})}, REPO,
+                         timeout)
 
 
 def snapshot(*roots) -> dict:
