@@ -13,6 +13,7 @@ groups.
 """
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass, field
 
@@ -156,7 +157,6 @@ class ParallelMesh:
     @classmethod
     def from_world(cls, layout: Layout, stage_offset=None, chunks: int = 1) -> "ParallelMesh":
         """Join the msrun world, check its size, and create this rank's dp/pp/cp/tp groups."""
-        import os
         import mindspore as ms
         from mindspore.communication import get_group_size, get_rank, init
         if "world" not in _GROUPS:         # init() once per process
