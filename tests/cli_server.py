@@ -105,3 +105,13 @@ class CliServer:
                     out[name] = fh.read()
         return subprocess.CompletedProcess([sys.executable, "-m", "telechat2", *args], reply["code"],
                                            out["stdout"], out["stderr"])
+
+
+def run_telechat2(args, input: str | None = None, env: dict | None = None,
+                  timeout: float = 900) -> subprocess.CompletedProcess:
+    """Text-mode `subprocess.run([python, -m, telechat2, *args], capture_output=True, text=True, input=input)`,
+    forked from the server, in the test process's environment plus `env`."""
+    r = CliServer.run([str(a) for a in args], (input or "").encode(), {**os.environ, "GLOG_v": "3", **(env or {})},
+                      os.getcwd(), timeout)
+    return subprocess.CompletedProcess(r.args, r.returncode, r.stdout.decode("utf-8", "replace"),
+                                       r.stderr.decode("utf-8", "replace"))

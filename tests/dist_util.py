@@ -22,12 +22,14 @@ def free_port() -> int:
 
 
 def msrun(workers: int, args: list[str], log_dir: str, timeout: int = 600,
-          script: str = ENTRY) -> subprocess.CompletedProcess:
-    """Run `telechat2 ARGS` (or `script ARGS`) on `workers` local CPU workers; logs in log_dir/worker_N.log."""
+          script: str = ENTRY, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `telechat2 ARGS` (or `script ARGS`) on `workers` local CPU workers; logs in log_dir/worker_N.log.
+    `env`: additions to this process's environment."""
     msrun_bin = os.path.join(os.path.dirname(sys.executable), "msrun")
     cmd = [msrun_bin, f"--worker_num={workers}", f"--local_worker_num={workers}", f"--master_port={free_port()}",
            f"--log_dir={log_dir}", "--join=True", "--cluster_time_out=300", script, *args]
-    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+           **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 

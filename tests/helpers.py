@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import torch
@@ -48,7 +46,9 @@ TINY_TOKENIZER = os.path.join(REPO, "configs", "cpu", "tokenizer", "tokenizer.mo
 def preprocess_bundled(kind: str, out: str, seq_length: int = 64, *options: str) -> str:
     """`telechat2 preprocess pretrain|sft` of the bundled sample corpus into `out` (a new folder)."""
     source = os.path.join(REPO, "configs", "cpu", "data", "pretrain.jsonl" if kind == "pretrain" else "sft.jsonl")
-    subprocess.run([sys.executable, "-m", "telechat2", "preprocess", kind, "--input", source, "--tokenizer",
-                    TINY_TOKENIZER, "--seq-length", str(seq_length), "--output", out, *options],
-                   check=True, capture_output=True)
+    from cli_server import run_telechat2
+    r = run_telechat2(["preprocess", kind, "--input", source, "--tokenizer", TINY_TOKENIZER, "--seq-length",
+                       str(seq_length), "--output", out, *options])
+    if r.returncode != 0:
+        raise AssertionError(f"preprocess {kind} exited {r.returncode}: {r.stderr[-2000:]}")
     return out

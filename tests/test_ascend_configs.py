@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 import numpy as np
-from dist_util import msrun, report_losses, worker_log
+from dist_util import gathered_weights, msrun, report_losses, worker_log
 from helpers import preprocess_bundled, write_hf_folder
 from reference import telechat2_torch as ref
 from telechat2 import TeleChat2Config
@@ -272,11 +272,26 @@ def test_training_config_in_its_topology_equals_one_device(topology_runs, name):
 
 @pytest.mark.parametrize("name", FP32_CONFIGS)
 def test_named_layouts_equal_one_device_in_fp32(topology_runs, name):
-    """dp2 x tp2 x pp2 + SP and dp2 with the distributed optimizer, pretraining (packed documents) and SFT:
-    losses within 1e-5 of one device over 5 steps."""
+    """dp2 x tp2 x pp2 + SP (interleaved: 2 chunks of one layer per stage) and dp2 with the distributed optimizer,
+    pretraining (packed documents) and SFT: losses and final weights within 1e-5 of one device over 5 steps."""
     run = topology_runs["runs"][name.removesuffix(".yaml") + "_fp32"]
-    got, want = report_losses(run["out"]), report_losses(topology_runs["single"][run["key"]])
+    base = topology_runs["single"][run["key"]]
+    got, want = report_losses(run["out"]), report_losses(base)
     assert len(got) == STEPS and np.allclose(got, want, rtol=0, atol=1e-5), (got, want)
+    step = f"step_{STEPS:08d}"
+    a = gathered_weights(os.path.join(base, "checkpoint", step))
+    b = gathered_weights(os.path.join(run["out"], "checkpoint", step))
+    assert set(a) == set(b)
+    worst = max(a, key=lambda k: float(np.abs(a[k] - b[k]).max()))
+    assert float(np.abs(a[worst] - b[worst]).max()) <= 1e-5, worst
+    if size_of(name) == "115b":           # interleaved 1F1B: rank (dp d, stage s) holds virtual stages s and 2 + s
+        for rank in range(run["workers"]):
+            with open(os.path.join(run["out"], "report", f"compute_rank_{rank}.json")) as fh:
+                rec = json.load(fh)
+            s = rec["pipeline_stage"]
+            assert rec["chunks"] == 2 and rec["layers"] == [s, 2 + s] and rec["stage_layers"] == 2, (rank, rec)
+            # each of the 2 micro-batches through both chunks once (selective recompute re-runs no whole layer)
+            assert rec["layer_forwards_per_step"] == 2 * 2 and rec["recomputed_layers"] == 0, (rank, rec)
 
 
 @pytest.mark.parametrize("name", [n for n in TRAIN_CONFIGS if n not in RUN_CONFIGS + MOE_CONFIGS])

@@ -1,12 +1,11 @@
 import json
 import re
-import subprocess
-import sys
 
 import pytest
 
 from telechat2 import TeleChat2Config
 from telechat2.config import PRESETS, ConfigError
+from cli_server import run_telechat2
 
 
 @pytest.mark.parametrize("preset,count", [
@@ -17,6 +16,12 @@ def test_presets_reproduce_published_parameter_counts(preset, count):
     cfg = TeleChat2Config.from_preset(preset)
     assert cfg.num_parameters() == count
     assert cfg.head_dim == 128 and cfg.vocab_size == 131072
+
+
+def _stdout(args):
+    r = run_telechat2(args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
 
 
 def test_published_counts_rounded():
@@ -44,8 +49,7 @@ def test_39b_a12b_total_and_active_counts_from_the_facts():
 
 
 def test_cli_info_prints_moe_counts():
-    out = subprocess.run([sys.executable, "-m", "telechat2", "info", "--preset", "39b-a12b"],
-                         capture_output=True, text=True, check=True).stdout
+    out = _stdout(["info", "--preset", "39b-a12b"])
     assert "parameters: 39,330,099,200" in out and "active parameters per token: 12,149,534,720" in out
     assert "16 experts of ffn 6144, top-4, dropless" in out
 
@@ -128,11 +132,9 @@ def test_model_config_block_from_mindformers_yaml():
 
 
 def test_cli_info_prints_115b_count():
-    out = subprocess.run([sys.executable, "-m", "telechat2", "info", "--preset", "115b"],
-                         capture_output=True, text=True, check=True).stdout
+    out = _stdout(["info", "--preset", "115b"])
     assert "113,282,916,352" in out and "lm_head" in out and "mlp" in out
-    js = subprocess.run([sys.executable, "-m", "telechat2", "info", "--preset", "7b", "--format", "json"],
-                        capture_output=True, text=True, check=True).stdout
+    js = _stdout(["info", "--preset", "7b", "--format", "json"])
     info = json.loads(js)
     assert info["parameters"] == 7_617_351_680 == sum(info["breakdown"].values())
 
@@ -140,7 +142,7 @@ def test_cli_info_prints_115b_count():
 def test_cli_info_bad_config_is_one_line_on_stderr(tmp_path):
     bad = tmp_path / "config.json"
     bad.write_text('{"hidden_size": 64, "n_layer": 2, "n_head": 3, "ffn_hidden_size": 8, "vocab_size": 16}')
-    r = subprocess.run([sys.executable, "-m", "telechat2", "info", "--config", str(bad)], capture_output=True, text=True)
+    r = run_telechat2(["info", "--config", str(bad)])
     assert r.returncode == 1 and r.stdout == ""
     assert "hidden_size: 64 is not divisible by num_heads=3" in r.stderr and "Traceback" not in r.stderr
 

@@ -18,12 +18,13 @@ from telechat2.checkpoint.ckpt_io import CkptFile, write_ckpt_tensor
 from telechat2.checkpoint.convert import write_checkpoint
 from telechat2.checkpoint.load import load_weights
 from telechat2.checkpoint.sources import open_checkpoint
+from cli_server import run_telechat2
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def cli(*args, check=True):
-    r = subprocess.run([sys.executable, "-m", "telechat2", *args], capture_output=True, text=True)
+    r = run_telechat2([*args])
     if check and r.returncode != 0:
         raise AssertionError(f"exit {r.returncode}\n{r.stdout}\n{r.stderr}")
     return r

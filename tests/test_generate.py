@@ -2,8 +2,6 @@
 and `telechat2 predict` / `telechat2 chat` behave as a user expects."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,6 +12,7 @@ from reference import telechat2_torch as ref
 from telechat2 import TeleChat2Config, TeleChat2ForCausalLM
 from telechat2.infer.generate import Generator
 from telechat2.infer.sampling import GenerationConfig, apply_repetition_penalty, filter_top_k_top_p
+from cli_server import run_telechat2
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREDICT = os.path.join(REPO, "configs", "cpu", "predict_tiny.yaml")
@@ -140,7 +139,7 @@ def tiny_ckpt(tmp_path_factory):
 
 
 def run(*args, stdin=None):
-    return subprocess.run([sys.executable, "-m", "telechat2", *args], capture_output=True, text=True, input=stdin)
+    return run_telechat2(args, input=stdin)
 
 
 def test_predict_file_both_formats(tiny_ckpt, tmp_path):

@@ -1,8 +1,6 @@
 """The MoE model (issue 18) equals the independent torch reference (tests/reference/moe_torch.py): logits,
 the router aux loss and gradients, dropless and with a capacity factor that drops tokens."""
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,6 +12,7 @@ from reference import moe_torch
 from reference import telechat2_torch as ref
 from telechat2 import TeleChat2Config, TeleChat2ForCausalLM
 from telechat2.model.moe import expert_capacity
+from cli_server import run_telechat2
 
 TOL = 1e-4
 
@@ -211,17 +210,16 @@ def test_bad_moe_run_config_is_refused_by_name(sets, needle):
 
 
 def test_bad_moe_config_on_the_command_line_is_one_line():
-    r = subprocess.run([sys.executable, "-m", "telechat2", "train", "--config", PRETRAIN, "--set", "model.preset=tiny-moe",
-                        "--set", "moe_config.num_experts_chosen=9"], capture_output=True, text=True)
+    r = run_telechat2(["train", "--config", PRETRAIN, "--set", "model.preset=tiny-moe",
+                        "--set", "moe_config.num_experts_chosen=9"])
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "moe_config.num_experts_chosen (model_config.moe_top_k): must be an integer in [1, num_experts=4]" in r.stderr
 
 
 def test_bad_expert_parallel_layout_on_the_command_line_is_one_line():
     """expert_parallel over dp that does not divide data_parallel: refused before anything starts (no msrun)."""
-    r = subprocess.run([sys.executable, "-m", "telechat2", "train", "--config", PRETRAIN, "--set", "model.preset=tiny-moe",
-                        "--set", "parallel_config.data_parallel=4", "--set", "parallel_config.expert_parallel=3"],
-                       capture_output=True, text=True)
+    r = run_telechat2(["train", "--config", PRETRAIN, "--set", "model.preset=tiny-moe",
+                        "--set", "parallel_config.data_parallel=4", "--set", "parallel_config.expert_parallel=3"])
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "parallel_config.expert_parallel: 3 does not divide data_parallel=4" in r.stderr, r.stderr[-2000:]
     assert "step" not in r.stdout

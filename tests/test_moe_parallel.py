@@ -15,8 +15,6 @@ dp2 x 2 accumulation steps), the one-device baseline 4 accumulation steps of one
 normalisation), so one baseline serves all three."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -27,6 +25,7 @@ from helpers import preprocess_bundled, write_hf_folder
 from reference import telechat2_torch as ref
 from telechat2 import TeleChat2Config
 from telechat2.train.run_config import load_run_config
+from cli_server import run_telechat2
 
 PRETRAIN = os.path.join(REPO, "configs", "cpu", "pretrain_tiny.yaml")
 DRIVER = os.path.join(REPO, "tests", "scenarios", "train_jobs.py")
@@ -72,8 +71,7 @@ def runs(tmp_path_factory):
     cfg = TeleChat2Config.from_preset("tiny-moe")
     init = write_hf_folder(str(tmp / "init"), cfg, ref.random_state_dict(cfg.to_hf_dict(), seed=5))
     base = str(tmp / "single")
-    r = subprocess.run([sys.executable, "-m", "telechat2", *_args(base, data, init, ACCUMULATE.format(4))],
-                       capture_output=True, text=True)
+    r = run_telechat2([*_args(base, data, init, ACCUMULATE.format(4))])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "aux_loss: " in r.stdout
     out = {"single": (base, [r.stdout])}
@@ -130,9 +128,8 @@ def test_moe_dp2_tp2_experts_over_tp_match_single_device(runs, tmp_path):
     assert shards["model.layers.0.feed_forward.ffn.w2.bias"] == [1, 2, 2]
     # the rank folders export to an HF release with one tensor per expert
     hf_out = str(tmp_path / "hf_out")
-    c = subprocess.run([sys.executable, "-m", "telechat2", "convert", "ms2hf", "--checkpoint",
-                        os.path.join(out, "checkpoint", f"step_{STEPS:08d}"), "--output", hf_out],
-                       capture_output=True, text=True)
+    c = run_telechat2(["convert", "ms2hf", "--checkpoint",
+                        os.path.join(out, "checkpoint", f"step_{STEPS:08d}"), "--output", hf_out])
     assert c.returncode == 0, c.stderr[-2000:]
     hf = load_file(os.path.join(hf_out, "model.safetensors"))
     assert np.array_equal(hf["transformer.h.0.mlp.local_experts.3.down_proj.weight"],

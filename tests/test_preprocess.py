@@ -1,8 +1,6 @@
 """`telechat2 preprocess pretrain|sft` (as a user runs it and in-process) and the training loader."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -10,6 +8,7 @@ import pytest
 from telechat2.data.loader import DataLoader, LoaderError, stream_indices
 from telechat2.data.preprocess import Options, PreprocessError, run
 from telechat2.tokenizer import TeleChat2Tokenizer
+from cli_server import run_telechat2
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 TINY = os.path.abspath(os.path.join(ROOT, "configs", "cpu", "tokenizer", "tokenizer.model"))
@@ -18,8 +17,7 @@ PRETRAIN = os.path.abspath(os.path.join(ROOT, "configs", "cpu", "data", "pretrai
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "telechat2", "preprocess", *map(str, args)],
-                          capture_output=True, text=True)
+    return run_telechat2(["preprocess", *map(str, args)])
 
 
 def opts(kind, inputs, output, seq_length, **kw):

@@ -5,8 +5,6 @@ corpus keeps its perplexity within 2%, and bad inputs are refused with one clear
 (Under tensor parallel: tests/test_generate_parallel.py, the w8a16 jobs.)"""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,6 +16,7 @@ from telechat2.checkpoint.convert import write_checkpoint
 from telechat2.checkpoint.names import is_quantized_weight, ms_to_hf, scale_name
 from telechat2.checkpoint.sources import open_checkpoint, to_f32
 from telechat2.cli import main
+from cli_server import run_telechat2
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAIN = os.path.join(REPO, "configs", "cpu", "pretrain_tiny.yaml")
@@ -112,10 +111,9 @@ def test_trained_tiny_model_perplexity_within_2_percent(tmp_path):
     from telechat2.eval.run import run_eval
     from telechat2.train.run_config import load_run_config
     out = str(tmp_path / "trained")
-    r = subprocess.run([sys.executable, "-m", "telechat2", "train", "--config", PRETRAIN, "--no-progress",
+    r = run_telechat2(["train", "--config", PRETRAIN, "--no-progress",
                         "--set", f"output_dir={out}", "--set", "runner_config.max_steps=40",
-                        "--set", "callbacks.CheckpointMonitor.save_checkpoint_steps=1000"],
-                       capture_output=True, text=True)
+                        "--set", "callbacks.CheckpointMonitor.save_checkpoint_steps=1000"])
     assert r.returncode == 0, r.stderr[-3000:]
     q = str(tmp_path / "w8a16")
     assert main(["convert", "quantize", "--checkpoint", out, "--output", q, "--method", "w8a16"]) == 0

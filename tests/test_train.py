@@ -4,8 +4,6 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,6 +11,7 @@ import pytest
 import mindspore as ms
 from helpers import preprocess_bundled
 from safetensors.numpy import load_file
+from cli_server import run_telechat2
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAIN = os.path.join(REPO, "configs", "cpu", "pretrain_tiny.yaml")
@@ -21,11 +20,11 @@ TOKENIZER = os.path.join(REPO, "configs", "cpu", "tokenizer", "tokenizer.model")
 
 
 def train(config, out, *sets, env=None, check=True, resume=False):
-    cmd = [sys.executable, "-m", "telechat2", "train", "--config", config, "--no-progress",
-           "--set", f"output_dir={out}", *[a for s in sets for a in ("--set", s)]]
+    args = ["train", "--config", config, "--no-progress", "--set", f"output_dir={out}",
+            *[a for s in sets for a in ("--set", s)]]
     if resume:
-        cmd.append("--resume")
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+        args.append("--resume")
+    r = run_telechat2(args, env=env)
     if check and r.returncode != 0:
         raise AssertionError(f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     return r
@@ -74,7 +73,7 @@ def test_pretrain_loss_falls_and_reports(straight_run):
     assert sizes[1] - sizes[0] <= 4 and sizes[1] < 2000, sizes        # only the numbers' digits may grow
     with open(os.path.join(out, "history.jsonl")) as fh:
         assert [json.loads(l)["loss"] for l in fh] == losses
-    r2 = subprocess.run([sys.executable, "-m", "telechat2", "report", out], capture_output=True, text=True)
+    r2 = run_telechat2(["report", out])
     assert r2.returncode == 0 and r2.stdout.strip().endswith("report.md")
 
 
@@ -146,9 +145,9 @@ def test_sft_loss_counts_only_assistant_tokens(tmp_path):
     from telechat2 import TeleChat2Config, TeleChat2ForCausalLM
     from telechat2.data.loader import DataLoader
     out = str(tmp_path / "sft_data")
-    subprocess.run([sys.executable, "-m", "telechat2", "preprocess", "sft", "--input",
-                    os.path.join(REPO, "configs", "cpu", "data", "sft.jsonl"), "--tokenizer", TOKENIZER,
-                    "--seq-length", "64", "--output", out], check=True, capture_output=True)
+    r = run_telechat2(["preprocess", "sft", "--input", os.path.join(REPO, "configs", "cpu", "data", "sft.jsonl"),
+                       "--tokenizer", TOKENIZER, "--seq-length", "64", "--output", out])
+    assert r.returncode == 0, r.stderr[-2000:]
     batch = next(iter(DataLoader(out, 4, shuffle=False)))
     ids, labels = batch["input_ids"], batch["labels"]
     assert (labels == -100).any() and (labels != -100).any()
@@ -302,7 +301,7 @@ def test_bad_config_is_refused_before_training(tmp_path, sets, needle):
 def test_wrong_key_in_yaml_file_names_file_and_key(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"base_config: {PRETRAIN}\nrunner_config:\n  gradient_accumulation: 2\n")
-    r = subprocess.run([sys.executable, "-m", "telechat2", "train", "--config", str(bad)], capture_output=True, text=True)
+    r = run_telechat2(["train", "--config", str(bad)])
     assert r.returncode == 1
     assert f"{bad}: unknown key 'runner_config.gradient_accumulation' (did you mean 'gradient_accumulation_steps'?)" \
         in r.stderr
@@ -332,8 +331,8 @@ def test_trainer_checkpoints_convert_to_hf_and_match_the_reference(straight_run,
     from telechat2.checkpoint.load import load_weights
     straight, _ = straight_run
     hf = str(tmp_path / "hf")
-    r = subprocess.run([sys.executable, "-m", "telechat2", "convert", "ms2hf", "--checkpoint", straight,
-                        "--output", hf], capture_output=True, text=True)
+    r = run_telechat2(["convert", "ms2hf", "--checkpoint", straight,
+                        "--output", hf])
     assert r.returncode == 0, r.stderr
     cfg = TeleChat2Config.from_hf_config(hf)
     model = TeleChat2ForCausalLM(cfg)

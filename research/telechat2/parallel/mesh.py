@@ -164,6 +164,10 @@ class ParallelMesh:
                 # the CPU backend fails a collective or receive after waiting 30 s for its peer (MS_NODE_TIMEOUT);
                 # a peer still compiling its first step's graphs on a loaded host takes longer than that
                 os.environ.setdefault("MS_NODE_TIMEOUT", "600")
+                # ops run on the Python thread instead of MindSpore's launch queue, whose wait is a busy loop:
+                # with several workers per core the ranks waiting for a peer took the CPU from the ones working
+                # (an 8-worker step 18 s instead of 9 s); read at the first op, so set before any
+                os.environ.setdefault("MS_DEV_HOST_BLOCKING_RUN", "1")
             init()
             _GROUPS.add("world")
         rank, world = get_rank(), get_group_size()

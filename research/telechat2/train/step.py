@@ -185,7 +185,8 @@ class PipelineStep:
                 dx = None
             else:
                 (dx, *_), grads = self.stage_backward[c](x, *mb.attn, dy)
-            self.add_grads(grads)
+            # mutable: the gradients are graph inputs (as a plain tuple each call compiled a new graph)
+            self.add_grads(ms.mutable(tuple(grads)))
             return dx
 
         first, last = self.model.first_stage, self.model.last_stage
