@@ -43,11 +43,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")          # peft reads local folders
 
 
 def train_sets(env, out, steps, *more):
-    # lr 3e-3 (constant-ish: cosine over 20 steps) lets the loss fall visibly in 10 steps and keeps layouts within
-    # 1e-5 (AdamW moves near-zero-gradient elements by ~lr on rounding noise)
+    # lr 3e-3 (constant-ish: cosine over 20 steps) lets the loss fall visibly in 10 steps; AdamW's eps 1e-6 keeps
+    # layouts within 1e-5: at 1e-8 an element whose gradient is ~0 (lm_head's lora_b row of a token that never
+    # occurs) has m / sqrt(v) normalised from rounding noise and moved ~lr by it (tp2 vs one device: 1.03e-5
+    # there, <= 2.3e-7 everywhere else; with 1e-6: <= 6.9e-7 everywhere)
     return [f"output_dir={out}", f"train_dataset.data_loader.dataset_dir={env['sft']}", f"load_checkpoint={env['base']}",
             "model.model_config.seq_length=64", "runner_config.batch_size=4", f"runner_config.max_steps={steps}",
             "lr_schedule.learning_rate=3.0e-3", "lr_schedule.lr_end=3.0e-4", "lr_schedule.total_steps=20",
+            "optimizer.eps=1.0e-6",
             "callbacks.CheckpointMonitor.save_checkpoint_steps=5", "callbacks.CheckpointMonitor.keep_checkpoint_max=5",
             f"model.model_config.pet_config={json.dumps(PET)}", *more]
 
