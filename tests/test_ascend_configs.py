@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 import numpy as np
+from cli_server import run_telechat2
 from dist_util import gathered_weights, msrun, report_losses, worker_log
 from helpers import preprocess_bundled, write_hf_folder
 from reference import telechat2_torch as ref
@@ -131,24 +132,26 @@ def test_published_layouts(name, layout):
 STEPS, FP16_STEPS, GLOBAL_BATCH = 5, 3, 4     # the fp32 runs of the named layouts: 5 steps; every config: 3
 # the tiny model with each size's features (the weights only depend on the kv heads)
 FEATURES = {"3b": {}, "7b": {}, "35b": {}, "35b_32k": {"rope_theta": "1.0e+6"},      # YAML spellings of floats
-            "115b": {"n_kv_heads": 2, "rms_norm_eps": "1.0e-8"}}
+            "115b": {"n_kv_heads": 2, "rms_norm_eps": "1.0e-8"}, "39b_a12b": {}}
 TRAIN_CONFIGS = [n for n in CONFIGS if not n.startswith("predict")]
-# the MoE configs do not run in a scaled topology here (the tiny-moe runs of ep_extend_tp over tp2 and ep over
-# dp are tests/test_moe_parallel.py's; the suite has no budget for one more msrun job)
+# the MoE configs scale to the tiny-moe preset (4 experts, top-2) with their capacity factor 1.2 and aux loss;
+# the router's aux loss and the expert capacity are per forward (one micro-batch on one rank), so their
+# single-device baselines forward the same groups of tokens: micro-batches of one sample, accumulated
 MOE_CONFIGS = [n for n in CONFIGS if "39b_a12b" in n]
 # configs that run in fp32 (amp O0, within 1e-5) instead of fp16: the layouts the issues name, dp2 x tp2 x pp2
 # + SP (115B, which contains pp2 x tp2 + SP: 35B's layout runs in fp16 and in tests/test_parallel.py without SP
 # in fp32) and dp2 with the distributed optimizer (3B), pretrain and SFT each. Their topologies' mixed
 # precision runs with the O2 configs of the same size (fp16 weights, residual stream and pipeline sends); the
 # O1 precision path with 7B's dp2 and 35B's pp2 x tp2 + SP.
-FP32_CONFIGS = ["pretrain_115b_o1.yaml", "finetune_115b_o1.yaml", "pretrain_3b_o1.yaml", "finetune_3b_o1.yaml"]
+FP32_CONFIGS = ["pretrain_115b_o1.yaml", "finetune_115b_o1.yaml", "pretrain_3b_o1.yaml", "finetune_3b_o1.yaml",
+                "finetune_39b_a12b_o1.yaml"]
 # each distinct layout runs once per (kind, AMP level): a size's pretrain and finetune configs share its
 # layout, and its O1 and O2 configs differ in nothing else than the AMP level
 # (test_twins_differ_only_in_the_amp_level), so of the fp16 configs of a size one pretrain and one finetune run,
 # at different levels; with FP32_CONFIGS every size's layout trains pretrain and SFT, at O1 and at O2
 FP16_CONFIGS = ["pretrain_3b_o2.yaml", "pretrain_7b_o1.yaml", "finetune_7b_o2.yaml", "pretrain_35b_o2.yaml",
                 "finetune_35b_o1.yaml", "pretrain_35b_32k_o1.yaml", "finetune_35b_32k_o2.yaml",
-                "finetune_115b_o2.yaml"]
+                "finetune_115b_o2.yaml", "pretrain_39b_a12b_o2.yaml"]
 RUN_CONFIGS = FP16_CONFIGS + FP32_CONFIGS
 
 
@@ -180,6 +183,7 @@ def scaled_run(name: str, data: dict, init: dict, out: str, amp_level: str | Non
     cfg = load_run_config(path(name))
     pc, rc = cfg["parallel_config"], cfg["runner_config"]
     dp, tp, pp, cp = (_two(pc[k]) for k in ("data_parallel", "model_parallel", "pipeline_stage", "context_parallel"))
+    moe = name in MOE_CONFIGS
     micro = 2 if pp > 1 else 1
     accum = _two(rc["gradient_accumulation_steps"])
     assert GLOBAL_BATCH % (dp * micro * accum) == 0
@@ -191,7 +195,8 @@ def scaled_run(name: str, data: dict, init: dict, out: str, amp_level: str | Non
     layers = 2 if chunks == 1 else pp * chunks
     feats = FEATURES[size_of(name)]
     level = amp_level or cfg["amp"]["level"]
-    common = ["model.preset=tiny", "model.model_config.seq_length=64", "model.model_config.base_seqlen=64",
+    common = [f"model.preset={'tiny-moe' if moe else 'tiny'}", "model.model_config.seq_length=64",
+              "model.model_config.base_seqlen=64",
               f"model.model_config.num_layers={layers}",
               *[f"model.model_config.{k}={v}" for k, v in feats.items()],
               "amp.dtype=float16", f"amp.level={level}", "context.device_target=CPU",
@@ -199,13 +204,14 @@ def scaled_run(name: str, data: dict, init: dict, out: str, amp_level: str | Non
               "lr_schedule.learning_rate=1.0e-3", "lr_schedule.lr_end=1.0e-4",
               "lr_schedule.warmup_ratio=0.0", "callbacks.CheckpointMonitor.save_checkpoint_steps=100",
               f"train_dataset.data_loader.dataset_dir={data[kind_of(name)]}",
-              f"load_checkpoint={init[feats.get('n_kv_heads', 4), layers]}"]
+              f"load_checkpoint={init['moe' if moe else feats.get('n_kv_heads', 4), layers]}"]
     layout = [f"parallel_config.data_parallel={dp}", f"parallel_config.model_parallel={tp}",
               f"parallel_config.pipeline_stage={pp}", f"parallel_config.context_parallel={cp}",
               f"parallel_config.micro_batch_num={micro}", f"runner_config.gradient_accumulation_steps={accum}",
               f"runner_config.batch_size={GLOBAL_BATCH // (dp * micro * accum)}", f"output_dir={out}",
               f"parallel.pipeline_config.pipeline_interleave={chunks > 1}",
-              f"model.model_config.pp_interleave_num={chunks}"]
+              f"model.model_config.pp_interleave_num={chunks}",
+              *([f"parallel_config.expert_parallel={_two(pc['expert_parallel'])}"] if moe else [])]
     single = ["use_parallel=False", "parallel_config.data_parallel=1", "parallel_config.model_parallel=1",
               "parallel_config.pipeline_stage=1", "parallel_config.context_parallel=1",
               "parallel_config.use_seq_parallel=False", "parallel_config.micro_batch_num=1",
@@ -213,7 +219,12 @@ def scaled_run(name: str, data: dict, init: dict, out: str, amp_level: str | Non
               "runner_config.gradient_accumulation_steps=1", f"runner_config.batch_size={GLOBAL_BATCH}",
               "recompute_config.recompute=False", "recompute_config.select_recompute=False",
               "parallel.pipeline_config.pipeline_interleave=False", "model.model_config.pp_interleave_num=1"]
-    key = (kind_of(name), level, json.dumps(feats, sort_keys=True), layers)
+    if moe:                 # the same forwards as a rank's: one sample each (see MOE_CONFIGS)
+        single = [s for s in single if not s.startswith(("runner_config.gradient_accumulation_steps=",
+                                                          "runner_config.batch_size="))]
+        single += [f"runner_config.gradient_accumulation_steps={GLOBAL_BATCH}", "runner_config.batch_size=1",
+                   "parallel_config.expert_parallel=1"]
+    key = (kind_of(name), level, json.dumps(feats, sort_keys=True), layers, moe)
     return dp * tp * pp * cp, common + layout, key, common + single
 
 
@@ -226,8 +237,9 @@ def topology_runs(tmp_path_factory):
     preprocess_bundled("pretrain", data["pretrain"], 64, "--reset-position-ids", "--reset-attention-mask")
     preprocess_bundled("sft", data["sft"], 64)
     init = {}
-    for kv, layers in ((4, 2), (2, 2), (2, 4)):        # (2, 4): 115B's interleaved pipeline, 2 chunks x pp2
-        cfg = TeleChat2Config.from_preset("tiny", n_kv_heads=kv, num_layers=layers)
+    for kv, layers in ((4, 2), (2, 2), (2, 4), ("moe", 2)):     # (2, 4): 115B's interleaved pipeline, 2 chunks x pp2
+        cfg = TeleChat2Config.from_preset("tiny-moe") if kv == "moe" else \
+            TeleChat2Config.from_preset("tiny", n_kv_heads=kv, num_layers=layers)
         init[kv, layers] = write_hf_folder(str(tmp / f"init_kv{kv}_l{layers}"), cfg,
                                            ref.random_state_dict(cfg.to_hf_dict(), seed=5))
     jobs_by_world, baselines, runs = {}, {}, {}
@@ -294,7 +306,7 @@ def test_named_layouts_equal_one_device_in_fp32(topology_runs, name):
             assert rec["layer_forwards_per_step"] == 2 * 2 and rec["recomputed_layers"] == 0, (rank, rec)
 
 
-@pytest.mark.parametrize("name", [n for n in TRAIN_CONFIGS if n not in RUN_CONFIGS + MOE_CONFIGS])
+@pytest.mark.parametrize("name", [n for n in TRAIN_CONFIGS if n not in RUN_CONFIGS])
 def test_twins_differ_only_in_the_amp_level(name):
     """A training config that does not run in its topology resolves, scaled down, to its run twin (same size
     and kind, the other AMP level) but for amp.level: its layout, recompute, accumulation, SP and optimizer are
@@ -302,7 +314,7 @@ def test_twins_differ_only_in_the_amp_level(name):
     twin = twin_of(name)
     assert twin in RUN_CONFIGS, (name, twin)
     data = {"pretrain": "/data/pretrain", "sft": "/data/sft"}
-    init = {(4, 2): "/init4", (2, 2): "/init2", (2, 4): "/init2_l4"}
+    init = {(4, 2): "/init4", (2, 2): "/init2", (2, 4): "/init2_l4", ("moe", 2): "/init_moe"}
     own = scaled_run(name, data, init, "/out", "O0" if twin in FP32_CONFIGS else None)
     other = scaled_run(twin, data, init, "/out", "O0" if twin in FP32_CONFIGS else None)
     a, b = (load_run_config(path(n), sets) for n, (_, sets, _, _) in ((name, own), (twin, other)))
@@ -316,31 +328,36 @@ def test_topologies_scaled_from_the_shipped_layouts(topology_runs):
     runs = topology_runs["runs"]
     assert sorted(runs) == sorted(tag_of(n) for n in RUN_CONFIGS)
     assert {runs[tag_of(n)]["workers"] for n in RUN_CONFIGS} == {2, 4, 8}
-    for size in ("3b", "7b", "35b", "35b_32k", "115b"):      # each layout: pretrain and SFT, O1 and O2
+    for size in ("3b", "7b", "35b", "35b_32k", "115b", "39b_a12b"):      # each layout: pretrain and SFT, O1 and O2
         ran = [n for n in RUN_CONFIGS if size_of(n) == size]
         assert {kind_of(n) for n in ran} == {"pretrain", "sft"} and {n[-7:-5] for n in ran} == {"o1", "o2"}, ran
     assert runs["finetune_115b_o2"]["workers"] == runs["finetune_115b_o1_fp32"]["workers"] == 8   # dp2 tp2 pp2
     # baselines shared by (kind, level, features): 7B/35B MHA pretrain O1 and O2, SFT O1 and O2 (3B's O2 pretrain
-    # shares 35B's), 35B-32K theta 1e6 pretrain O1 and SFT O2, 115B GQA SFT O2, and fp32 MHA + GQA pretrain + SFT
-    assert topology_runs["distinct_baselines"] == 4 + 2 + 1 + 4
+    # shares 35B's), 35B-32K theta 1e6 pretrain O1 and SFT O2, 115B GQA SFT O2, fp32 MHA + GQA pretrain + SFT, and
+    # the MoE's fp16 pretrain and fp32 SFT (one-sample forwards)
+    assert topology_runs["distinct_baselines"] == 4 + 2 + 1 + 4 + 2
+    assert runs["finetune_39b_a12b_o1_fp32"]["workers"] == runs["pretrain_39b_a12b_o2"]["workers"] == 4
 
 
 _PREDICTED: dict[str, dict] = {}     # configs identical after the tiny overrides generate once
 
 
-@pytest.mark.parametrize("name", [n for n in CONFIGS if n.startswith("predict") and n not in MOE_CONFIGS])
+@pytest.mark.parametrize("name", [n for n in CONFIGS if n.startswith("predict")])
 def test_predict_config_generates_on_cpu(topology_runs, name):
-    """Every dense predict config (tiny, one device here) generates from a fine-tuned dp2 checkpoint (the MoE
-    one needs a MoE checkpoint: tiny-moe generation is tests/test_generate.py's)."""
-    cfg = load_run_config(path(name), TINY_PREDICT)
+    """Every predict config (tiny, one device here) generates from a fine-tuned checkpoint of the scaled
+    topologies: the dense ones from 7B's dp2 run, the MoE one (tiny-moe) from 39B-A12B's dp2 x tp2 run."""
+    moe = name in MOE_CONFIGS
+    sets = [s.replace("model.preset=tiny", "model.preset=tiny-moe") if moe else s for s in TINY_PREDICT]
+    sets += ["parallel_config.expert_parallel=1"] if moe else []            # one device: no expert split
+    cfg = load_run_config(path(name), sets)
     sig = json.dumps({k: v for k, v in cfg.items() if k != "output_dir"}, sort_keys=True, default=str)
     if sig not in _PREDICTED:
-        checkpoint = topology_runs["runs"]["finetune_7b_o2"]["out"]
-        cmd = [sys.executable, "-m", "telechat2", "predict", "--config", path(name), "--checkpoint", checkpoint,
-               "--prompt", "你好", "--max-new-tokens", "4"]
-        for s in TINY_PREDICT:
-            cmd += ["--set", s]
-        r = subprocess.run(cmd, capture_output=True, text=True)
+        checkpoint = topology_runs["runs"]["finetune_39b_a12b_o1_fp32" if moe else "finetune_7b_o2"]["out"]
+        args = ["predict", "--config", path(name), "--checkpoint", checkpoint, "--prompt", "你好",
+                "--max-new-tokens", "4"]
+        for s in sets:
+            args += ["--set", s]
+        r = run_telechat2(args)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         _PREDICTED[sig] = json.loads(r.stdout.strip().splitlines()[-1])
     result = _PREDICTED[sig]

@@ -57,8 +57,12 @@ def _overrides(args):
 
 ACCUMULATE = "runner_config.gradient_accumulation_steps={}"
 FOUR_WORKERS = {          # name -> overrides (per-rank batch 1)
+    # the shipped 39B-A12B layout (configs/ascend/base/telechat2_39b_a12b.yaml) scaled: dp x tp with the experts
+    # over tp, full recompute, the distributed optimizer, gradient accumulation (dropless here; the capacity
+    # factor trains in test_ascend_configs' scaled 39B-A12B runs)
     "dp2_tp2_ep2": ["parallel_config.data_parallel=2", "parallel_config.model_parallel=2", ACCUMULATE.format(2),
-                    "parallel_config.expert_parallel=2", "moe_config.ep_extend_tp=True", "moe_config.comm_chunks=2"],
+                    "parallel_config.expert_parallel=2", "moe_config.ep_extend_tp=True", "moe_config.comm_chunks=2",
+                    "recompute_config.recompute=True", "parallel.enable_parallel_optimizer=True"],
     "dp4_ep2": ["parallel_config.data_parallel=4", "parallel_config.expert_parallel=2"],
 }
 

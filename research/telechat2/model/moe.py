@@ -185,9 +185,10 @@ class MoE(nn.Cell):
         self.tp_edges = mesh.tp > 1
         self.ep_edges = mesh.ep > 1
         if self.tp_edges:
-            from ..parallel.mappings import CopyToTensorParallel, ReduceFromTensorParallel, tp_collective
+            from ..parallel.mappings import (CopyToTensorParallel, CopyToTensorParallelAutodiff,
+                                             ReduceFromTensorParallel, tp_collective)
             self.copy_input = tp_collective(CopyToTensorParallel, mesh)
-            self.copy_gate = tp_collective(CopyToTensorParallel, mesh)
+            self.copy_gate = tp_collective(CopyToTensorParallelAutodiff, mesh)    # trains under full recompute
             self.reduce_output = tp_collective(ReduceFromTensorParallel, mesh)
         if self.ep_edges:            # the token dim of [1, T, H] is the gathered / scattered dim 1
             from ..parallel.mappings import (GatherFromSequenceParallel, ReduceScatterToSequenceParallel,

@@ -7,6 +7,7 @@
     GatherFromSequenceParallel    all-gather over tp              reduce-scatter over tp          1 (seq)
     ReduceScatterToSequenceParallel  reduce-scatter over tp       all-gather over tp              1 (seq)
     ScatterToSequenceParallel     keep own chunk                  all-gather over tp              1 (seq)
+    CopyToTensorParallelAutodiff  identity (one all-reduce, discarded)  all-reduce over tp        -
 
 Every helper is the identity at group size 1 (the layers then never build it). On Ascend the native
 AllGather/ReduceScatter kernels are used; MindSpore's CPU backend has AllGather only on the world group and
@@ -98,6 +99,20 @@ class CopyToTensorParallel(GroupCollective):
 
     def bprop(self, x, out, dout):
         return (self.all_reduce(dout),)
+
+
+class CopyToTensorParallelAutodiff(GroupCollective):
+    """CopyToTensorParallel's function without a custom bprop: x + (AR(x) - stop_gradient(AR(x))) is x, and
+    MindSpore's own AllReduce gradient makes its gradient the tp sum of dout. Costs one forward all-reduce whose
+    value is discarded. For the MoE gate [T, E] (small): inside a fully recomputed layer MindSpore 2.9's
+    recompute pass builds a graph cycle ("Graph cycle exists ... Tile") from the custom-bprop edge there."""
+
+    def construct(self, x):
+        if self.profiled:                       # the forward one and, in the backward, its conjugate
+            record("all_reduce", self.axis, x)
+            record("all_reduce", self.axis, x)
+        s = self.all_reduce_sum(x)
+        return ops.stop_gradient(x) + (s - ops.stop_gradient(s))
 
 
 class ReduceFromTensorParallel(GroupCollective):
