@@ -320,7 +320,8 @@ class Stepper:
             if run.accum == 1:          # the micro-batch and the update: one graph (more micro-batches keep
                 self.fused = compile_(self.train_step.step)   # accumulate + apply: one forward/backward compile)
         else:                                   # eager forward/backward, compiled gradient reduction
-            ts, add_grads = self.train_step, compile_(self.train_step.add_grads) if graph else None
+            ts = self.train_step
+            add_grads = ts.compiled_add_grads(compile_) if graph else None
 
             def accumulate(*args):
                 (loss, aux), grads = ts.grad_fn(*args)

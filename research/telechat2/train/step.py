@@ -69,6 +69,13 @@ class TrainStep(nn.Cell):
         self.add_grads(grads)
         return loss, aux
 
+    def compiled_add_grads(self, jit):
+        """`add_grads` compiled with `jit`, for gradients computed outside a graph (the pipeline's stage
+        backwards, cp's eager backward): they go in as `ms.mutable`, because MindSpore 2.9's jit keys tensors
+        inside a plain tuple argument by value (a new graph every call)."""
+        compiled = jit(self.add_grads)
+        return lambda grads: compiled(ms.mutable(tuple(grads)))
+
     def add_grads(self, grads):
         parts = grads if self.per_parameter else self.reducer.to_shards(grads)
         for i in range(len(parts)):
@@ -157,7 +164,7 @@ class PipelineStep:
                 # token ids into the first virtual stage: weights only; the others also need dx
                 self.stage_backward[c] = ops.GradOperation(get_all=not self.first[c], get_by_list=True,
                                                            sens_param=True)(self.stage_forward[c], params)
-        self.add_grads = jit(train_step.add_grads)
+        self.add_grads = train_step.compiled_add_grads(jit)
 
     def run(self, micro_batches, loss_weight, act_like):
         """micro_batches: [MicroBatch] of Tensors; returns the sum of the weighted losses (last stage, else 0)."""
@@ -185,8 +192,7 @@ class PipelineStep:
                 dx = None
             else:
                 (dx, *_), grads = self.stage_backward[c](x, *mb.attn, dy)
-            # mutable: the gradients are graph inputs (as a plain tuple each call compiled a new graph)
-            self.add_grads(ms.mutable(tuple(grads)))
+            self.add_grads(grads)
             return dx
 
         first, last = self.model.first_stage, self.model.last_stage
