@@ -8,6 +8,8 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Callable
 
+from cli_server import run_cli
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = os.path.join(REPO, "configs", "cpu")
 TOKENIZER = os.path.join(CPU, "tokenizer", "tokenizer.model")
@@ -28,16 +30,6 @@ class Case:
         return self.name
 
 
-def run_cli(args, stdin: bytes | None = None, env: dict | None = None, timeout: float = 300):
-    """`python -m telechat2 ARGS` (bytes arguments pass non-UTF-8 text through as a shell would), in a process
-    forked from one that has already imported the CLI (tests/cli_server.py: the same process a user starts,
-    without ~5 s of imports per command)."""
-    from cli_server import CliServer
-    return CliServer.run([a if isinstance(a, bytes) else str(a) for a in args],
-                         stdin if stdin is not None else b"", {**os.environ, "GLOG_v": "3", **(env or {})}, REPO,
-                         timeout)
-
-
 def snapshot(*roots) -> dict:
     """{path: (size, sha256)} of every file under the roots (and the roots if files)."""
     out = {}
@@ -55,7 +47,7 @@ def snapshot(*roots) -> dict:
 
 def check_case(case: Case, ctx: dict, protected) -> subprocess.CompletedProcess:
     before = snapshot(*protected)
-    r = run_cli(case.args(ctx), stdin=case.stdin, env=case.env)
+    r = run_cli(case.args(ctx), stdin=case.stdin, env=case.env, cwd=REPO, timeout=300)
     err = r.stderr.decode("utf-8", "replace")
     out = r.stdout.decode("utf-8", "replace")
     assert r.returncode == case.code, f"{case.name}: exit {r.returncode}, expected {case.code}\n{out[-2000:]}\n{err[-3000:]}"

@@ -5,7 +5,8 @@ __main__ exactly as `python -m telechat2` does and exits with its status (an unc
 traceback and exits 1, as the interpreter would). Forking is safe here because the server only imports (no
 MindSpore context, device or thread pool is started before the fork).
 
-Used by tests/bad_input.py's `run_cli` (the bad-input tables: about 75 commands, ~5 s of imports each)."""
+`run_cli` (bytes, any working directory: the bad-input tables, about 75 commands, ~5 s of imports each) and its
+text-mode wrapper `run_telechat2` (every other plain `python -m telechat2` command of the tests)."""
 from __future__ import annotations
 
 import atexit
@@ -107,11 +108,18 @@ class CliServer:
                                            out["stdout"], out["stderr"])
 
 
+def run_cli(args, stdin: bytes | None = None, env: dict | None = None, cwd: str | None = None,
+            timeout: float = 900) -> subprocess.CompletedProcess:
+    """`subprocess.run([python, -m, telechat2, *args], capture_output=True)` with bytes output, forked from the
+    server, in the test process's environment plus `env` and in `cwd` (default: the test's working directory).
+    Bytes arguments pass non-UTF-8 text through as a shell would."""
+    return CliServer.run([a if isinstance(a, bytes) else str(a) for a in args], stdin or b"",
+                         {**os.environ, "GLOG_v": "3", **(env or {})}, cwd or os.getcwd(), timeout)
+
+
 def run_telechat2(args, input: str | None = None, env: dict | None = None,
                   timeout: float = 900) -> subprocess.CompletedProcess:
-    """Text-mode `subprocess.run([python, -m, telechat2, *args], capture_output=True, text=True, input=input)`,
-    forked from the server, in the test process's environment plus `env`."""
-    r = CliServer.run([str(a) for a in args], (input or "").encode(), {**os.environ, "GLOG_v": "3", **(env or {})},
-                      os.getcwd(), timeout)
+    """`run_cli` in text mode: like subprocess.run(..., capture_output=True, text=True, input=input)."""
+    r = run_cli(args, (input or "").encode(), env, timeout=timeout)
     return subprocess.CompletedProcess(r.args, r.returncode, r.stdout.decode("utf-8", "replace"),
                                        r.stderr.decode("utf-8", "replace"))
