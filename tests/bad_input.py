@@ -2,17 +2,20 @@
 and check that nothing the user had (inputs, earlier outputs) was modified."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import subprocess
 from dataclasses import dataclass, field
 from typing import Callable
 
-from cli_server import run_cli
+import cli_server
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = os.path.join(REPO, "configs", "cpu")
 TOKENIZER = os.path.join(CPU, "tokenizer", "tokenizer.model")
+# the bad-input commands run in the repo, each within 5 minutes
+run_cli = functools.partial(cli_server.run_cli, cwd=REPO, timeout=300)
 
 
 @dataclass
@@ -47,7 +50,7 @@ def snapshot(*roots) -> dict:
 
 def check_case(case: Case, ctx: dict, protected) -> subprocess.CompletedProcess:
     before = snapshot(*protected)
-    r = run_cli(case.args(ctx), stdin=case.stdin, env=case.env, cwd=REPO, timeout=300)
+    r = run_cli(case.args(ctx), stdin=case.stdin, env=case.env)
     err = r.stderr.decode("utf-8", "replace")
     out = r.stdout.decode("utf-8", "replace")
     assert r.returncode == case.code, f"{case.name}: exit {r.returncode}, expected {case.code}\n{out[-2000:]}\n{err[-3000:]}"

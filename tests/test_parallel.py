@@ -199,6 +199,7 @@ PIPELINE = {
     # name: (workers, per-rank micro batch, num_layers, --set overrides)
     "pp2_uneven_3_layers": (2, 1, 3, ["parallel_config.pipeline_stage=2", "parallel_config.micro_batch_num=4"]),
 }
+PP2 = "pp2_uneven_3_layers"
 
 
 def _single_layers(tmp_path_factory, data, layers, seed):
@@ -219,9 +220,9 @@ def single_3_layers(tmp_path_factory, data):
 def test_pipeline_matches_single_device(single_3_layers, two_worker_runs):
     """1F1B over 4 micro-batches of 1 sample == one device on the same 4 samples: losses and final weights
     within 1e-5 over 5 steps."""
-    workers, batch, layers, sets = PIPELINE["pp2_uneven_3_layers"]
+    workers = PIPELINE[PP2][0]
     init, base_out, base_stdout = single_3_layers
-    out, logs = two_worker_runs["pp2_uneven_3_layers"]
+    out, logs = two_worker_runs[PP2]
     assert np.allclose(report_losses(out), report_losses(base_out), rtol=0, atol=1e-5)
     for rank in range(workers):        # the last stage's loss on every rank's log line
         assert np.allclose(logged_losses(logs[rank]), logged_losses(base_stdout), atol=2e-6)
@@ -250,10 +251,9 @@ def test_pipeline_stages_keep_activations(single_3_layers, two_worker_runs):
     """pp2 (4 micro-batches of 1) runs each layer forward once per micro-batch, as one device does on its
     batch of 4: the step's forward FLOPs summed over the stages equal the single-device step's (the stage
     backward reuses the kept activations; recompute is off)."""
-    per_stage = [2, 1]                                  # 3 layers over 2 stages
-    layers = sum(per_stage)
+    layers, per_stage = PIPELINE[PP2][2], [2, 1]           # 3 layers: the first stage takes the extra one
     single, = _compute_records(single_3_layers[1])
-    stages = {r["pipeline_stage"]: r for r in _compute_records(two_worker_runs["pp2_uneven_3_layers"][0])}
+    stages = {r["pipeline_stage"]: r for r in _compute_records(two_worker_runs[PP2][0])}
     assert sorted(stages) == [0, 1] and [stages[s]["stage_layers"] for s in (0, 1)] == per_stage
     assert [stages[s]["layer_forwards_per_step"] for s in (0, 1)] == [n * 4 for n in per_stage]
     assert single["layer_forwards_per_step"] == layers and single["recomputed_layers"] == 0
