@@ -23,6 +23,8 @@ w2 = [rng.standard_normal((2, 2, 6)).astype(np.float32) for _ in range(2)]
 cases = {
     # copy_to_tp: x identical on all ranks; downstream is tensor-parallel (weights differ per rank)
     "copy": (M.CopyToTensorParallel, xs[0], w4[r], xs[0], w4[0] + w4[1]),
+    # the same function through MindSpore's own AllReduce gradient (the MoE gate's copy under full recompute)
+    "copy_autodiff": (M.CopyToTensorParallelAutodiff, xs[0], w4[r], xs[0], w4[0] + w4[1]),
     # reduce_from_tp: downstream replicated (same weight everywhere)
     "reduce": (M.ReduceFromTensorParallel, xs[r], w4[0], xs[0] + xs[1], w4[0]),
     # gather along the last dim, downstream replicated
