@@ -190,8 +190,6 @@ PRETRAIN = os.path.join(REPO, "configs", "cpu", "pretrain_tiny.yaml")
      "parallel_config.model_parallel: 2: a mixture-of-experts model under tensor parallel splits its experts"),
     (["parallel_config.model_parallel=4", "parallel_config.expert_parallel=4", "moe_config.ep_extend_tp=True",
       "moe_config.expert_num=6"], "parallel_config.expert_parallel: 4 does not divide the 6 experts"),
-    (["parallel_config.model_parallel=2", "parallel_config.expert_parallel=2", "moe_config.ep_extend_tp=True",
-      "parallel_config.use_seq_parallel=True"], "parallel_config.use_seq_parallel: sequence parallel with a mixture"),
     (["parallel_config.pipeline_stage=2"], "parallel_config.pipeline_stage: 2: a mixture-of-experts model"),
     (["moe_config.ep_extend_tp=2"], "moe_config.ep_extend_tp: must be True or False, got 2"),
     (["model.preset=tiny", "parallel_config.expert_parallel=2"],

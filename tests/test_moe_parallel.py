@@ -1,8 +1,11 @@
 """The MoE model under expert parallelism trains like one device (msrun, local CPU workers): losses, aux losses,
 global gradient norms and final weights (the expert blocks gathered from the ranks' checkpoint blocks).
 
-  dp2_tp2_ep2  4 workers  the experts split over the tp group (moe_config.ep_extend_tp, expert_parallel 2), the
-                          tokens through dispatch -> experts -> combine in 2 chunks (moe_config.comm_chunks)
+  dp2_tp2_ep2  4 workers  the experts split over the tp group (moe_config.ep_extend_tp, expert_parallel 2) under
+                          sequence parallel (each rank routes its sequence shard; the tokens gathered over tp,
+                          the outputs reduce-scattered back), the tokens through dispatch -> experts -> combine in
+                          2 chunks (moe_config.comm_chunks); without SP this path trains in test_ascend_configs'
+                          scaled 39B-A12B runs
   dp4_ep2      4 workers  the experts split over groups of 2 consecutive dp ranks (expert_parallel 2 without
                           ep_extend_tp): each expert on 2 ranks, its gradients summed over those 2 only
   dp2_ep2      2 workers  the same with one ep group
@@ -59,9 +62,10 @@ ACCUMULATE = "runner_config.gradient_accumulation_steps={}"
 FOUR_WORKERS = {          # name -> overrides (per-rank batch 1)
     # the shipped 39B-A12B layout (configs/ascend/base/telechat2_39b_a12b.yaml) scaled: dp x tp with the experts
     # over tp, full recompute, the distributed optimizer, gradient accumulation (dropless here; the capacity
-    # factor trains in test_ascend_configs' scaled 39B-A12B runs)
+    # factor trains in test_ascend_configs' scaled 39B-A12B runs), and sequence parallel on top
     "dp2_tp2_ep2": ["parallel_config.data_parallel=2", "parallel_config.model_parallel=2", ACCUMULATE.format(2),
                     "parallel_config.expert_parallel=2", "moe_config.ep_extend_tp=True", "moe_config.comm_chunks=2",
+                    "parallel_config.use_seq_parallel=True",
                     "recompute_config.recompute=True", "parallel.enable_parallel_optimizer=True"],
     "dp4_ep2": ["parallel_config.data_parallel=4", "parallel_config.expert_parallel=2"],
 }

@@ -186,7 +186,7 @@ def test_each_collective_forward_and_backward(tmp_path):
                env={**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]})
     for rank in (0, 1):
         lines = [l for l in worker_log(logs, rank).splitlines() if l.startswith("CHECK ")]
-        assert len(lines) == 7 * 3 + 2, worker_log(logs, rank)[-3000:]
+        assert len(lines) == 10 * 3 + 2, worker_log(logs, rank)[-3000:]
         failed = [l for l in lines if " FAIL " in l]
         assert not failed, failed
     assert r.returncode == 0

@@ -143,10 +143,14 @@ class RouterDense(nn.Cell):
 class Router(nn.Cell):
     """fp32 logits, softmax, top-k, renormalised weights; returns (gate [T, E], selected [T, E] 0/1, aux)."""
 
-    def __init__(self, config: TeleChat2Config):
+    def __init__(self, config: TeleChat2Config, shard_sum=None):
         super().__init__()
         self.dense = RouterDense(config)
         self.experts, self.top_k = config.num_experts, config.moe_top_k
+        # sequence parallel: this rank routes its sequence shard, and the aux loss's token means are taken over
+        # the whole micro-batch (the shards' means summed over tp: ReduceFromTensorParallel, the loss replicated)
+        self.shard_sum = shard_sum
+        self.shards = 1 if shard_sum is None else shard_sum.size
 
     def construct(self, x):
         # x: [T, H]
@@ -157,7 +161,11 @@ class Router(nn.Cell):
         selected = ops.stop_gradient(onehot.sum(1))                                                 # [T, E]
         gate = (onehot * weights.expand_dims(-1)).sum(1)                                            # [T, E]
         share = selected.mean(0) / self.top_k                   # f_e: share of the assignments (no gradient)
-        aux = self.experts * (share * probs.mean(0)).sum()
+        mean_p = probs.mean(0)                                  # P_e: mean router probability
+        if self.shard_sum is not None:
+            share = ops.stop_gradient(self.shard_sum(share)) / self.shards
+            mean_p = self.shard_sum(mean_p) / self.shards
+        aux = self.experts * (share * mean_p).sum()
         return gate, selected, aux
 
 
@@ -166,9 +174,9 @@ class MoE(nn.Cell):
 
     def __init__(self, config: TeleChat2Config, mesh: ParallelMesh):
         super().__init__()
-        if mesh.layout.pp > 1 or mesh.layout.cp > 1 or mesh.sequence_parallel:
-            raise ValueError("num_experts > 0 is implemented with data parallel and tensor parallel without "
-                             "sequence parallel (pipeline_stage, context_parallel 1, use_seq_parallel False)")
+        if mesh.layout.pp > 1 or mesh.layout.cp > 1:
+            raise ValueError("num_experts > 0 is implemented with data and tensor parallel (pipeline_stage, "
+                             "context_parallel 1)")
         if mesh.ep > 1 and mesh.tp > 1:
             raise ValueError("expert parallel over data-parallel ranks is implemented with model_parallel 1")
         split, rank = (mesh.ep, mesh.ep_rank) if mesh.ep > 1 else (mesh.tp, mesh.tp_rank)
@@ -176,13 +184,18 @@ class MoE(nn.Cell):
             raise ValueError(f"num_experts={config.num_experts} is not divisible by the expert-parallel size {split}")
         self.config = config
         self.compute_dtype = ms_dtype(config.compute_dtype)
-        self.router = Router(config)
+        self.seq_edges = mesh.sequence_parallel          # tp > 1: the layer's input is this rank's sequence shard
+        shard_sum = None
+        if self.seq_edges:
+            from ..parallel.mappings import ReduceFromTensorParallelAutodiff, tp_collective
+            shard_sum = tp_collective(ReduceFromTensorParallelAutodiff, mesh)
+        self.router = Router(config, shard_sum)
         self.local = config.num_experts // split                    # experts on this rank
         self.first = rank * self.local
         self.split = split > 1
         self.ffn = Experts(config, (self.first, self.local) if self.split else None,
                            dp_group="edp" if mesh.ep > 1 else "dp")
-        self.tp_edges = mesh.tp > 1
+        self.tp_edges = mesh.tp > 1 and not self.seq_edges
         self.ep_edges = mesh.ep > 1
         if self.tp_edges:
             from ..parallel.mappings import (CopyToTensorParallel, CopyToTensorParallelAutodiff,
@@ -190,6 +203,14 @@ class MoE(nn.Cell):
             self.copy_input = tp_collective(CopyToTensorParallel, mesh)
             self.copy_gate = tp_collective(CopyToTensorParallelAutodiff, mesh)    # trains under full recompute
             self.reduce_output = tp_collective(ReduceFromTensorParallel, mesh)
+        if self.seq_edges:           # the sequence gathered over tp in, the experts' partial outputs scattered out
+            # (no custom bprops: inside a fully recomputed layer MindSpore 2.9's recompute pass builds a graph cycle
+            # from them, as for copy_gate)
+            from ..parallel.mappings import (GatherFromSequenceParallelAutodiff,
+                                             ReduceScatterToSequenceParallelAutodiff, tp_collective)
+            self.gather_seq_input = tp_collective(GatherFromSequenceParallelAutodiff, mesh)
+            self.gather_seq_routing = tp_collective(GatherFromSequenceParallelAutodiff, mesh)
+            self.scatter_seq_output = tp_collective(ReduceScatterToSequenceParallelAutodiff, mesh)
         if self.ep_edges:            # the token dim of [1, T, H] is the gathered / scattered dim 1
             from ..parallel.mappings import (GatherFromSequenceParallel, ReduceScatterToSequenceParallel,
                                              group_collective)
@@ -203,6 +224,12 @@ class MoE(nn.Cell):
         gate, selected, aux = self.router(xt)                  # over all tokens (the aux loss too)
         if self.tp_edges:
             xt, gate = self.copy_input(xt), self.copy_gate(gate)
+        if self.seq_edges:            # [B, S/tp, .] -> [B, S, .]: the tokens in the order of the unsplit sequence
+            E = selected.shape[1]
+            full = self.gather_seq_input(x)
+            routing = self.gather_seq_routing(ops.cat((gate, selected), -1).reshape(shape[0], shape[1], 2 * E))
+            xt, routing = full.reshape(-1, shape[-1]), routing.reshape(-1, 2 * E)
+            gate, selected = routing[:, :E], ops.stop_gradient(routing[:, E:])
         if self.ep_edges:                                      # every token of the ep group, in ep-rank order
             E = selected.shape[1]
             xt = self.gather_input(xt.expand_dims(0)).squeeze(0)                               # [ep*T, H]
@@ -222,6 +249,8 @@ class MoE(nn.Cell):
             y = ops.cat(parts, 0)
         if self.tp_edges:
             y = self.reduce_output(y)
+        if self.seq_edges:
+            y = self.scatter_seq_output(y.reshape(shape[0], -1, shape[-1]))                  # [B, S/tp, H]
         if self.ep_edges:                                      # the partial outputs summed back to the token owners
             y = self.scatter_output(y.expand_dims(0)).squeeze(0)                                  # [T, H]
         return y.reshape(shape), aux

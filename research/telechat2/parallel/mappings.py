@@ -8,6 +8,8 @@
     ReduceScatterToSequenceParallel  reduce-scatter over tp       all-gather over tp              1 (seq)
     ScatterToSequenceParallel     keep own chunk                  all-gather over tp              1 (seq)
     CopyToTensorParallelAutodiff  identity (one all-reduce, discarded)  all-reduce over tp        -
+    ReduceFromTensorParallelAutodiff, GatherFromSequenceParallelAutodiff, ReduceScatterToSequenceParallelAutodiff
+                                  the same functions through MindSpore's own gradients (no custom bprop)
 
 Every helper is the identity at group size 1 (the layers then never build it). On Ascend the native
 AllGather/ReduceScatter kernels are used; MindSpore's CPU backend has AllGather only on the world group and
@@ -113,6 +115,38 @@ class CopyToTensorParallelAutodiff(GroupCollective):
             record("all_reduce", self.axis, x)
         s = self.all_reduce_sum(x)
         return ops.stop_gradient(x) + (s - ops.stop_gradient(s))
+
+
+class ReduceFromTensorParallelAutodiff(GroupCollective):
+    """ReduceFromTensorParallel without a custom bprop: x + stop_gradient(AR(x) - x) has AR(x)'s value and the
+    identity gradient. For the MoE router's token means under sequence parallel (a recomputed layer's custom-bprop
+    edge builds the graph cycle described above)."""
+
+    def construct(self, x):
+        return x + ops.stop_gradient(self.all_reduce(x) - x)
+
+
+class GatherFromSequenceParallelAutodiff(GroupCollective):
+    """GatherFromSequenceParallel through MindSpore's own gradients: the CPU formulation (zeros around the chunk,
+    all-reduce, so the gradient is the own chunk of the all-reduced dout) and the native AllGather both
+    differentiate to the reduce-scatter. For the MoE layer's edges under sequence parallel and full recompute."""
+
+    def construct(self, x):
+        y = self.all_gather(x, 1)
+        if self.profiled:                       # its conjugate, in the backward
+            record("reduce_scatter", self.axis, y)
+        return y
+
+
+class ReduceScatterToSequenceParallelAutodiff(GroupCollective):
+    """ReduceScatterToSequenceParallel through MindSpore's own gradients (the all-reduce then own chunk, or the
+    native ReduceScatter, differentiate to the all-gather)."""
+
+    def construct(self, x):
+        y = self.reduce_scatter(x, 1)
+        if self.profiled:
+            record("all_gather", self.axis, x)
+        return y
 
 
 class ReduceFromTensorParallel(GroupCollective):

@@ -596,9 +596,9 @@ def _with_moe_config(config: TeleChat2Config, moe: dict, source: str) -> TeleCha
 
 def check_moe_layout(config: TeleChat2Config, cfg: dict, source: str) -> None:
     """The layouts a MoE model runs with (model/moe.py): data parallel; the experts split over dp ranks
-    (expert_parallel dividing data_parallel, model_parallel 1, without the distributed optimizer); tensor parallel
-    without sequence parallel with the experts split over the tp group (moe_config.ep_extend_tp, expert_parallel
-    = model_parallel). Pipeline and context parallel, and everything else, are refused by name."""
+    (expert_parallel dividing data_parallel, model_parallel 1, without the distributed optimizer); tensor parallel,
+    with or without sequence parallel, with the experts split over the tp group (moe_config.ep_extend_tp,
+    expert_parallel = model_parallel). Pipeline and context parallel, and everything else, are refused by name."""
     pc, moe = cfg["parallel_config"], cfg.get("moe_config") or {}
     ep, tp, dp, extend = pc["expert_parallel"], pc["model_parallel"], pc["data_parallel"], moe.get("ep_extend_tp")
     _need(isinstance(ep, int) and not isinstance(ep, bool) and ep >= 1, source, "parallel_config.expert_parallel",
@@ -631,8 +631,6 @@ def check_moe_layout(config: TeleChat2Config, cfg: dict, source: str) -> None:
               "parallel splits its experts over the tp group: set moe_config.ep_extend_tp: True and "
               f"parallel_config.expert_parallel: {tp}")
     if tp > 1:
-        _need(not pc["use_seq_parallel"], source, "parallel_config.use_seq_parallel",
-              "sequence parallel with a mixture-of-experts model is not implemented")
         _need(config.num_experts % tp == 0, source, "parallel_config.expert_parallel",
               f"{ep} does not divide the {config.num_experts} experts (model_config.num_experts / moe_config.expert_num)")
 
