@@ -35,13 +35,13 @@ cases = {
     # reduce-scatter along the sequence, downstream on sequence shards
     "reduce_scatter_seq": (M.ReduceScatterToSequenceParallel, xs[r], w2[r], (xs[0] + xs[1])[:, 2 * r:2 * r + 2],
                            np.concatenate(w2, 1)),
-    # scatter along the sequence: x identical on all ranks, downstream on shards
     # the MoE layer's sequence-parallel edges through MindSpore's own gradients: the same numbers as above
     "reduce_autodiff": (M.ReduceFromTensorParallelAutodiff, xs[r], w4[0], xs[0] + xs[1], w4[0]),
     "gather_seq_autodiff": (M.GatherFromSequenceParallelAutodiff, xs[r], ws[r], np.concatenate(xs, 1),
                             (ws[0] + ws[1])[:, 4 * r:4 * r + 4]),
     "reduce_scatter_seq_autodiff": (M.ReduceScatterToSequenceParallelAutodiff, xs[r], w2[r],
                                     (xs[0] + xs[1])[:, 2 * r:2 * r + 2], np.concatenate(w2, 1)),
+    # scatter along the sequence: x identical on all ranks, downstream on shards
     "scatter_seq": (M.ScatterToSequenceParallel, xs[0], w2[r], xs[0][:, 2 * r:2 * r + 2], np.concatenate(w2, 1)),
 }
 

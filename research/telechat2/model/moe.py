@@ -148,7 +148,7 @@ class Router(nn.Cell):
         self.dense = RouterDense(config)
         self.experts, self.top_k = config.num_experts, config.moe_top_k
         # sequence parallel: this rank routes its sequence shard, and the aux loss's token means are taken over
-        # the whole micro-batch (the shards' means summed over tp: ReduceFromTensorParallel, the loss replicated)
+        # the whole micro-batch (the shards' means summed over tp: ReduceFromTensorParallelAutodiff, the loss replicated)
         self.shard_sum = shard_sum
         self.shards = 1 if shard_sum is None else shard_sum.size
 
