@@ -225,16 +225,10 @@ class MoE(nn.Cell):
         if self.tp_edges:
             xt, gate = self.copy_input(xt), self.copy_gate(gate)
         if self.seq_edges:            # [B, S/tp, .] -> [B, S, .]: the tokens in the order of the unsplit sequence
-            E = selected.shape[1]
-            full = self.gather_seq_input(x)
-            routing = self.gather_seq_routing(ops.cat((gate, selected), -1).reshape(shape[0], shape[1], 2 * E))
-            xt, routing = full.reshape(-1, shape[-1]), routing.reshape(-1, 2 * E)
-            gate, selected = routing[:, :E], ops.stop_gradient(routing[:, E:])
+            xt, gate, selected = self.gather_tokens(self.gather_seq_input, self.gather_seq_routing,
+                                                    xt, gate, selected, shape[0])
         if self.ep_edges:                                      # every token of the ep group, in ep-rank order
-            E = selected.shape[1]
-            xt = self.gather_input(xt.expand_dims(0)).squeeze(0)                               # [ep*T, H]
-            routing = self.gather_routing(ops.cat((gate, selected), -1).expand_dims(0)).squeeze(0)  # [ep*T, 2E]
-            gate, selected = routing[:, :E], ops.stop_gradient(routing[:, E:])
+            xt, gate, selected = self.gather_tokens(self.gather_input, self.gather_routing, xt, gate, selected, 1)
         chunks = self.config.moe_comm_chunks
         if chunks == 1:
             y = self.dispatch_ffn_combine(xt, gate, selected, expert_capacity(xt.shape[0], self.config))
@@ -249,11 +243,21 @@ class MoE(nn.Cell):
             y = ops.cat(parts, 0)
         if self.tp_edges:
             y = self.reduce_output(y)
-        if self.seq_edges:
-            y = self.scatter_seq_output(y.reshape(shape[0], -1, shape[-1]))                  # [B, S/tp, H]
+        if self.seq_edges:                                     # [B, S/tp, H]
+            y = self.scatter_seq_output(y.reshape(shape[0], -1, shape[-1]))
         if self.ep_edges:                                      # the partial outputs summed back to the token owners
-            y = self.scatter_output(y.expand_dims(0)).squeeze(0)                                  # [T, H]
+            y = self.scatter_output(y.reshape(1, -1, shape[-1]))
         return y.reshape(shape), aux
+
+    @staticmethod
+    def gather_tokens(gather_x, gather_routing, xt, gate, selected, rows):
+        """Tokens [T, H] and their routing [T, E] viewed as [rows, T/rows, .] and gathered along dim 1 over the
+        collectives' group -> [group*T, H], [group*T, E], [group*T, E] (the sequence edges: rows = batch; the
+        expert-parallel edges: one row, the ranks' tokens one after another)."""
+        E, H = selected.shape[1], xt.shape[-1]
+        xt = gather_x(xt.reshape(rows, -1, H)).reshape(-1, H)
+        routing = gather_routing(ops.cat((gate, selected), -1).reshape(rows, -1, 2 * E)).reshape(-1, 2 * E)
+        return xt, routing[:, :E], ops.stop_gradient(routing[:, E:])
 
     def dispatch_ffn_combine(self, xt, gate, selected, C):
         """Tokens xt [T, H] with their routing (gate, selected [T, E_all]) through this rank's experts with C
