@@ -33,6 +33,19 @@ def msrun(workers: int, args: list[str], log_dir: str, timeout: int = 600,
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def msrun_failure(proc: subprocess.CompletedProcess, log_dir: str, chars: int = 3000) -> str:
+    """What a failed msrun job left: msrun's own verdict (which worker or the scheduler exited, with its code)
+    and the tail of every worker's log."""
+    verdict = [line for line in f"{proc.stdout}\n{proc.stderr}".splitlines()
+               if "exit with exception" in line or "Error code" in line]
+    logs = sorted(f for f in os.listdir(log_dir) if f.endswith(".log")) if os.path.isdir(log_dir) else []
+    tails = []
+    for f in logs:
+        with open(os.path.join(log_dir, f), errors="replace") as fh:
+            tails.append(f"--- {f}\n{fh.read()[-chars:]}")
+    return "\n".join([f"msrun exit {proc.returncode}", *verdict, proc.stderr[-1000:], *tails])
+
+
 def worker_log(log_dir: str, rank: int) -> str:
     with open(os.path.join(log_dir, f"worker_{rank}.log"), errors="replace") as fh:
         return fh.read()

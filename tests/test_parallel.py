@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from dist_util import REPO, gathered_weights, logged_losses, msrun, report_losses, worker_log
+from dist_util import REPO, gathered_weights, logged_losses, msrun, msrun_failure, report_losses, worker_log
 from helpers import preprocess_bundled, write_hf_folder
 from reference import telechat2_torch as ref
 from telechat2 import TeleChat2Config
@@ -142,7 +142,7 @@ def test_pp2_cp2_pretrain_and_sft_match_single_device(single, data, tmp_path):
     jobs_file.write_text(json.dumps(jobs))
     logs = str(tmp_path / "logs")
     r = msrun(4, [str(jobs_file)], logs, script=DRIVER)
-    assert r.returncode == 0, worker_log(logs, 0)[-4000:]
+    assert r.returncode == 0, msrun_failure(r, logs)
     for kind, base in (("pretrain", single[4][1]), ("sft", base_sft)):
         got, want = report_losses(outs[kind]), report_losses(base)
         assert len(got) == STEPS and np.allclose(got, want, rtol=0, atol=1e-5), (kind, got, want)
@@ -284,7 +284,7 @@ def two_worker_runs(single, single_3_layers, data, tmp_path_factory):
     jobs_file.write_text(json.dumps([{"config": c, "overrides": o + ["report.comm_profile=True"]} for c, o in jobs]))
     logs = str(tmp / "logs")
     r = msrun(2, [str(jobs_file)], logs, script=DRIVER, env={"GLOG_v": "2"})     # MindSpore's warnings logged
-    assert r.returncode == 0, worker_log(logs, 0)[-4000:]
+    assert r.returncode == 0, msrun_failure(r, logs)
     parts = [worker_log(logs, rank).split("TRAINED ") for rank in range(2)]
     assert all(len(p) == len(jobs) + 1 for p in parts), [len(p) for p in parts]
     return {name: (outs[name], [p[k] for p in parts]) for k, name in enumerate(outs)}
@@ -352,7 +352,7 @@ def tp2pp2_half(single, data, tmp_path_factory):
     out, logs = str(tmp_path_factory.mktemp("tp2pp2")), str(tmp_path_factory.mktemp("tp2pp2_logs"))
     r = msrun(4, _ten_step_args(out, data, single[4][0], 1, "parallel_config.pipeline_stage=2",
                                 "parallel_config.micro_batch_num=4", "parallel_config.model_parallel=2", steps=5), logs)
-    assert r.returncode == 0, worker_log(logs, 0)[-3000:]
+    assert r.returncode == 0, msrun_failure(r, logs)
     return out, logs
 
 
@@ -418,5 +418,5 @@ def test_resume_in_another_layout(straight10, tp2pp2_half, data, single, tmp_pat
     shutil.copytree(tp2pp2_half[0], as_dp2tp2)
     r = msrun(4, _ten_step_args(as_dp2tp2, data, init, 2, "parallel_config.data_parallel=2",
                                 "parallel_config.model_parallel=2") + ["--resume"], str(tmp_path / "logs"))
-    assert r.returncode == 0, worker_log(str(tmp_path / "logs"), 0)[-3000:]
+    assert r.returncode == 0, msrun_failure(r, str(tmp_path / "logs"))
     assert np.allclose(report_losses(as_dp2tp2), want, rtol=0, atol=1e-5), (report_losses(as_dp2tp2), want)
