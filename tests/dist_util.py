@@ -58,9 +58,14 @@ def logged_losses(text: str) -> list[float]:
     return [float(m.group(2)) for m in LOSS.finditer(text)]
 
 
-def report_losses(out: str) -> list[float]:
+def report_steps(out: str, key: str) -> list:
+    """One value per step from a run's report/report.json (loss, aux_loss, global_norm, ...)."""
     with open(os.path.join(out, "report", "report.json")) as fh:
-        return [s["loss"] for s in json.load(fh)["steps"]]
+        return [s[key] for s in json.load(fh)["steps"]]
+
+
+def report_losses(out: str) -> list[float]:
+    return report_steps(out, "loss")
 
 
 def gathered_weights(step_dir: str) -> dict[str, np.ndarray]:

@@ -25,7 +25,7 @@ import yaml
 
 import numpy as np
 from cli_server import run_telechat2
-from dist_util import gathered_weights, msrun, msrun_failure, report_losses
+from dist_util import gathered_weights, msrun, msrun_failure, report_losses, report_steps
 from helpers import preprocess_bundled, write_hf_folder
 from reference import telechat2_torch as ref
 from telechat2 import TeleChat2Config
@@ -138,10 +138,6 @@ TRAIN_CONFIGS = [n for n in CONFIGS if not n.startswith("predict")]
 # the router's aux loss and the expert capacity are per forward (one micro-batch on one rank), so their
 # single-device baselines forward the same groups of tokens: micro-batches of one sample, accumulated
 MOE_CONFIGS = [n for n in CONFIGS if "39b_a12b" in n]
-# the SFT runs of 39B-A12B (and their baseline) route dropless, the parallel ones with the tokens through
-# dispatch -> experts -> combine in 2 chunks (moe_config.comm_chunks, dropless only) against the unchunked
-# baseline: issue 18's ep_extend_tp over tp2 within 1e-5 in fp32; the shipped capacity factor 1.2 trains in the
-# pretraining run (fp16)
 # configs that run in fp32 (amp O0, within 1e-5) instead of fp16: the layouts the issues name, dp2 x tp2 x pp2
 # + SP (115B, which contains pp2 x tp2 + SP: 35B's layout runs in fp16 and in tests/test_parallel.py without SP
 # in fp32) and dp2 with the distributed optimizer (3B), pretrain and SFT each. Their topologies' mixed
@@ -188,6 +184,10 @@ def scaled_run(name: str, data: dict, init: dict, out: str, amp_level: str | Non
     pc, rc = cfg["parallel_config"], cfg["runner_config"]
     dp, tp, pp, cp = (_two(pc[k]) for k in ("data_parallel", "model_parallel", "pipeline_stage", "context_parallel"))
     moe = name in MOE_CONFIGS
+    # the SFT runs of 39B-A12B (and their baseline) route dropless, the parallel ones with the tokens through
+    # dispatch -> experts -> combine in 2 chunks (moe_config.comm_chunks, dropless only) against the unchunked
+    # baseline: issue 18's ep_extend_tp over tp2 within 1e-5 in fp32; the shipped capacity factor 1.2 trains in
+    # the pretraining run (fp16)
     dropless = moe and kind_of(name) == "sft"
     micro = 2 if pp > 1 else 1
     accum = _two(rc["gradient_accumulation_steps"])
@@ -328,13 +328,10 @@ def test_moe_experts_over_tp_dropless_in_chunks(topology_runs, tmp_path):
     assert (mc.capacity_factor, mc.moe_comm_chunks, mc.num_experts) == (0, 2, 4)
     assert layout.describe() == "dp2 tp2 pp1 cp1 sp zero1" and cfg["moe_config"]["ep_extend_tp"]
     assert cfg["recompute_config"]["recompute"] and cfg["runner_config"]["gradient_accumulation_steps"] == 2
-
-    def steps(out, key):
-        with open(os.path.join(out, "report", "report.json")) as fh:
-            return [s[key] for s in json.load(fh)["steps"]]
-    aux_want, aux_got = steps(base, "aux_loss"), steps(run["out"], "aux_loss")
+    aux_want, aux_got = report_steps(base, "aux_loss"), report_steps(run["out"], "aux_loss")
     assert all(a > 0 for a in aux_want) and np.allclose(aux_got, aux_want, rtol=0, atol=1e-6), (aux_got, aux_want)
-    assert np.allclose(steps(run["out"], "global_norm"), steps(base, "global_norm"), rtol=0, atol=1e-5)
+    norms_want, norms_got = report_steps(base, "global_norm"), report_steps(run["out"], "global_norm")
+    assert np.allclose(norms_got, norms_want, rtol=0, atol=1e-5), (norms_got, norms_want)
     step = os.path.join(run["out"], "checkpoint", f"step_{STEPS:08d}")
     with open(os.path.join(step, "rank_1", "rank.json")) as fh:
         shards = json.load(fh)["shards"]

@@ -19,7 +19,8 @@ import os
 import numpy as np
 import pytest
 
-from dist_util import REPO, gathered_weights, logged_losses, msrun, msrun_failure, report_losses, worker_log
+from dist_util import (REPO, gathered_weights, logged_losses, msrun, msrun_failure, report_losses, report_steps,
+                       worker_log)
 from helpers import preprocess_bundled, write_hf_folder
 from reference import telechat2_torch as ref
 from telechat2 import TeleChat2Config
@@ -39,11 +40,6 @@ def _args(out, data, init, *sets):
     for s in sets:
         args += ["--set", s]
     return args
-
-
-def _report(out, key):
-    with open(os.path.join(out, "report", "report.json")) as fh:
-        return [s[key] for s in json.load(fh)["steps"]]
 
 
 def _overrides(args):
@@ -98,9 +94,9 @@ def _matches_single_device(runs, name):
     (base, (base_log,)), (out, logs) = runs["single"], runs[name]
     want, got = report_losses(base), report_losses(out)
     assert len(got) == STEPS and np.allclose(got, want, rtol=0, atol=1e-5), (got, want)
-    aux_want, aux_got = _report(base, "aux_loss"), _report(out, "aux_loss")
+    aux_want, aux_got = report_steps(base, "aux_loss"), report_steps(out, "aux_loss")
     assert all(a > 0 for a in aux_want) and np.allclose(aux_got, aux_want, rtol=0, atol=1e-6), (aux_got, aux_want)
-    norms_want, norms_got = _report(base, "global_norm"), _report(out, "global_norm")
+    norms_want, norms_got = report_steps(base, "global_norm"), report_steps(out, "global_norm")
     assert np.allclose(norms_got, norms_want, rtol=0, atol=1e-5), (norms_got, norms_want)   # clipped at 1.0
     for log in logs:
         assert np.allclose(logged_losses(log), logged_losses(base_log), atol=2e-6)
