@@ -1,6 +1,8 @@
 """Launch telechat2 under msrun with local CPU workers, and read what the ranks wrote."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -21,16 +23,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# msrun jobs with more workers than this run alone (see msrun_slot)
+SHARED_SLOT_WORKERS = 4
+
+
+@contextlib.contextmanager
+def msrun_slot(workers: int):
+    """Hold the suite's msrun lock (a file named by TELECHAT2_MSRUN_LOCK, which run_scripts/test_shards.py sets for
+    its pytest shards; without it there is nothing to wait for) while a job of `workers` ranks runs: shared up to
+    SHARED_SLOT_WORKERS, exclusive above. An 8-worker job beside a 2-worker one on the 2 CPUs slowed both about
+    50x (ranks waiting in a collective spin); 2- and 4-worker jobs side by side share the CPUs evenly."""
+    path = os.environ.get("TELECHAT2_MSRUN_LOCK")
+    if not path:
+        yield
+        return
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_SH if workers <= SHARED_SLOT_WORKERS else fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def msrun(workers: int, args: list[str], log_dir: str, timeout: int = 600,
           script: str = ENTRY, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `telechat2 ARGS` (or `script ARGS`) on `workers` local CPU workers; logs in log_dir/worker_N.log.
-    `env`: additions to this process's environment."""
+    `env`: additions to this process's environment. Holds the msrun lock while it runs (msrun_slot)."""
     msrun_bin = os.path.join(os.path.dirname(sys.executable), "msrun")
     cmd = [msrun_bin, f"--worker_num={workers}", f"--local_worker_num={workers}", f"--master_port={free_port()}",
            f"--log_dir={log_dir}", "--join=True", "--cluster_time_out=300", script, *args]
     env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
            **(env or {})}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    with msrun_slot(workers):
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def msrun_failure(proc: subprocess.CompletedProcess, log_dir: str, chars: int = 3000) -> str:
@@ -88,3 +113,25 @@ def gathered_weights(step_dir: str) -> dict[str, np.ndarray]:
     for name, (axis, parts) in blocks.items():
         whole[name] = np.concatenate([parts[k] for k in sorted(parts)], axis=axis)
     return whole
+
+
+def assert_inventory_matches(out: str, workers: int, layout: dict, **preset) -> dict:
+    """Every rank's collective inventory (report/comm_rank_R.json of a `report.comm_profile` run of the tiny
+    preset with `preset` overrides) equals plan/comm.py's formula for `layout` (mesh.Layout keywords); returns
+    the last rank's {(kind, axis): (count, bytes)}."""
+    from telechat2 import TeleChat2Config
+    from telechat2.parallel.mesh import Layout
+    from telechat2.plan.comm import step_collectives
+    cfg = TeleChat2Config.from_preset("tiny", **preset)
+    for rank in range(workers):
+        with open(os.path.join(out, "report", f"comm_rank_{rank}.json")) as fh:
+            rep = json.load(fh)
+        got = {(r["kind"], r["axis"]): (r["count"], r["bytes"]) for r in rep["collectives"]}
+        want = step_collectives(cfg, Layout(**layout), stage=rep["stage"], layers=rep["layers"],
+                                micro_batches=rep["micro_batches"], micro_batch_size=rep["micro_batch_size"],
+                                bucket_lengths=rep["bucket_lengths"])
+        assert got == want, (out, rank, got, want)
+        # the buckets hold this rank's parameters (padding below one row per shard and bucket)
+        if layout.get("tp", 1) == 1 and layout.get("pp", 1) == 1:
+            assert 0 <= sum(rep["bucket_lengths"]) - cfg.num_parameters() < len(rep["bucket_lengths"]) * 2 * 1024
+    return got

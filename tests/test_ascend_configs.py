@@ -7,7 +7,8 @@ Scaling down (`scaled_run`): the shipped YAML as resolved, the model replaced by
 the size's features (GQA and eps 1e-8 for 115B, rope theta 1e6 for 35B-32K), every parallel axis above 1
 replaced by 2 (115B: dp2 x tp2 x pp2 with SP and selective recompute, 8 workers), micro-batches and
 accumulation above 1 replaced by 2, the per-rank batch chosen so that the global batch is 4, fp16 standing in
-for bf16 (the O1 configs of 3B and 115B run in fp32 instead, compared within 1e-5), device_target CPU. Recompute, sequence parallel, the distributed optimizer and the AMP level stay as
+for bf16 (3B's and 39B-A12B's SFT and 115B's pretraining O1 configs run in fp32 instead, compared within
+1e-5), device_target CPU. Recompute, sequence parallel, the distributed optimizer and the AMP level stay as
 shipped. Each topology is one msrun job that trains its configs one after the other in the same processes;
 the single-device baselines (same tiny model, data and initial weights, batch 4) are shared by every config
 of the same (kind, AMP level, model features). Pretraining uses packed documents (position_ids restart per
@@ -25,7 +26,8 @@ import yaml
 
 import numpy as np
 from cli_server import run_telechat2
-from dist_util import gathered_weights, msrun, msrun_failure, report_losses, report_steps
+from dist_util import (assert_inventory_matches, gathered_weights, msrun, msrun_failure, report_losses,
+                       report_steps)
 from helpers import preprocess_bundled, write_hf_folder
 from reference import telechat2_torch as ref
 from telechat2 import TeleChat2Config
@@ -138,21 +140,23 @@ TRAIN_CONFIGS = [n for n in CONFIGS if not n.startswith("predict")]
 # the router's aux loss and the expert capacity are per forward (one micro-batch on one rank), so their
 # single-device baselines forward the same groups of tokens: micro-batches of one sample, accumulated
 MOE_CONFIGS = [n for n in CONFIGS if "39b_a12b" in n]
-# configs that run in fp32 (amp O0, within 1e-5) instead of fp16: the layouts the issues name, dp2 x tp2 x pp2
-# + SP (115B, which contains pp2 x tp2 + SP: 35B's layout runs in fp16 and in tests/test_parallel.py without SP
-# in fp32) and dp2 with the distributed optimizer (3B), pretrain and SFT each. Their topologies' mixed
-# precision runs with the O2 configs of the same size (fp16 weights, residual stream and pipeline sends); the
-# O1 precision path with 7B's dp2 and 35B's pp2 x tp2 + SP.
-FP32_CONFIGS = ["pretrain_115b_o1.yaml", "finetune_115b_o1.yaml", "pretrain_3b_o1.yaml", "finetune_3b_o1.yaml",
-                "finetune_39b_a12b_o1.yaml"]
-# each distinct layout runs once per (kind, AMP level): a size's pretrain and finetune configs share its
-# layout, and its O1 and O2 configs differ in nothing else than the AMP level
-# (test_twins_differ_only_in_the_amp_level), so of the fp16 configs of a size one pretrain and one finetune run,
-# at different levels; with FP32_CONFIGS every size's layout trains pretrain and SFT, at O1 and at O2
+# configs that run in fp32 (amp O0, within 1e-5) instead of fp16, one kind each: the layouts the issues name,
+# dp2 x tp2 x pp2 + SP interleaved (115B, which contains pp2 x tp2 + SP: 35B's layout runs in fp16 and in
+# tests/test_parallel.py without SP in fp32), dp2 with the distributed optimizer (3B) and the experts over tp2
+# (39B-A12B); the size's other kind trains in the same layout in fp16. Their topologies' mixed precision runs
+# with the O2 configs of the same size (fp16 weights, residual stream and pipeline sends); the O1 precision path
+# with 7B's dp2 and 35B's pp2 x tp2 + SP.
+FP32_CONFIGS = ["pretrain_115b_o1.yaml", "finetune_3b_o1.yaml", "finetune_39b_a12b_o1.yaml"]
+# each distinct layout runs once per kind: a size's pretrain and finetune configs share its layout, and its O1
+# and O2 configs differ in nothing else than the AMP level (test_twins_differ_only_in_the_amp_level), so of a
+# size one pretrain and one finetune config run, at different levels: every size's layout trains pretraining
+# and SFT, at O1 and at O2
 FP16_CONFIGS = ["pretrain_3b_o2.yaml", "pretrain_7b_o1.yaml", "finetune_7b_o2.yaml", "pretrain_35b_o2.yaml",
                 "finetune_35b_o1.yaml", "pretrain_35b_32k_o1.yaml", "finetune_35b_32k_o2.yaml",
                 "finetune_115b_o2.yaml", "pretrain_39b_a12b_o2.yaml"]
 RUN_CONFIGS = FP16_CONFIGS + FP32_CONFIGS
+# runs that count their first step's collectives (report.comm_profile) against plan/comm.py's formula
+COMM_PROFILED = {"finetune_3b_o1.yaml": dict(dp=2, optimizer_shard=True)}
 
 
 def twin_of(name: str) -> str:
@@ -253,7 +257,8 @@ def topology_runs(tmp_path_factory):
     for name, level in [(n, None) for n in FP16_CONFIGS] + [(n, "O0") for n in FP32_CONFIGS]:
         tag = tag_of(name)
         workers, sets, key, single_sets = scaled_run(name, data, init, str(tmp / "runs" / tag), level)
-        jobs_by_world.setdefault(workers, []).append({"config": path(name), "overrides": sets})
+        profiled = ["report.comm_profile=True"] if name in COMM_PROFILED else []
+        jobs_by_world.setdefault(workers, []).append({"config": path(name), "overrides": sets + profiled})
         if key not in baselines:
             baselines[key] = {"config": path(name), "overrides": single_sets + [
                 f"output_dir={tmp / 'single' / str(len(baselines))}"]}
@@ -269,7 +274,7 @@ def topology_runs(tmp_path_factory):
         for r in pool.map(run_plain, (single_jobs[0::2], single_jobs[1::2]), (0, 1)):
             assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     logs = {}
-    for workers, jobs in sorted(jobs_by_world.items()):
+    for workers, jobs in sorted(jobs_by_world.items(), reverse=True):   # the 8-worker job (run alone) first
         jobs_file = tmp / f"world{workers}.json"
         jobs_file.write_text(json.dumps(jobs))
         logs[workers] = str(tmp / f"logs{workers}")
@@ -291,8 +296,9 @@ def test_training_config_in_its_topology_equals_one_device(topology_runs, name):
 
 @pytest.mark.parametrize("name", FP32_CONFIGS)
 def test_named_layouts_equal_one_device_in_fp32(topology_runs, name):
-    """dp2 x tp2 x pp2 + SP (interleaved: 2 chunks of one layer per stage) and dp2 with the distributed optimizer,
-    pretraining (packed documents) and SFT: losses and final weights within 1e-5 of one device over 5 steps."""
+    """dp2 x tp2 x pp2 + SP (interleaved: 2 chunks of one layer per stage) pretraining on packed documents, dp2
+    with the distributed optimizer SFT and the MoE's experts over tp2 SFT: losses and final weights within 1e-5
+    of one device over 5 steps."""
     run = topology_runs["runs"][name.removesuffix(".yaml") + "_fp32"]
     base = topology_runs["single"][run["key"]]
     got, want = report_losses(run["out"]), report_losses(base)
@@ -311,6 +317,16 @@ def test_named_layouts_equal_one_device_in_fp32(topology_runs, name):
             assert rec["chunks"] == 2 and rec["layers"] == [s, 2 + s] and rec["stage_layers"] == 2, (rank, rec)
             # each of the 2 micro-batches through both chunks once (selective recompute re-runs no whole layer)
             assert rec["layer_forwards_per_step"] == 2 * 2 and rec["recomputed_layers"] == 0, (rank, rec)
+
+
+@pytest.mark.parametrize("name", list(COMM_PROFILED))
+def test_collective_inventory_matches_the_formula(topology_runs, name):
+    """dp2 with the distributed optimizer (3B SFT): each rank's first step ran the bucketed reduce-scatter of the
+    gradients and all-gather of the updated weights over dp, and the scalar sums (label count, loss, norm), as
+    plan/comm.py counts them (tp, SP, plain dp, pp and cp: tests/test_parallel.py)."""
+    run = topology_runs["runs"][tag_of(name)]
+    got = assert_inventory_matches(run["out"], run["workers"], COMM_PROFILED[name], seq_length=64)
+    assert ("reduce_scatter", "dp") in got and ("all_gather", "dp") in got, got
 
 
 def test_moe_experts_over_tp_dropless_in_chunks(topology_runs, tmp_path):
@@ -372,11 +388,11 @@ def test_topologies_scaled_from_the_shipped_layouts(topology_runs):
     for size in ("3b", "7b", "35b", "35b_32k", "115b", "39b_a12b"):      # each layout: pretrain and SFT, O1 and O2
         ran = [n for n in RUN_CONFIGS if size_of(n) == size]
         assert {kind_of(n) for n in ran} == {"pretrain", "sft"} and {n[-7:-5] for n in ran} == {"o1", "o2"}, ran
-    assert runs["finetune_115b_o2"]["workers"] == runs["finetune_115b_o1_fp32"]["workers"] == 8   # dp2 tp2 pp2
+    assert runs["finetune_115b_o2"]["workers"] == runs["pretrain_115b_o1_fp32"]["workers"] == 8   # dp2 tp2 pp2
     # baselines shared by (kind, level, features): 7B/35B MHA pretrain O1 and O2, SFT O1 and O2 (3B's O2 pretrain
-    # shares 35B's), 35B-32K theta 1e6 pretrain O1 and SFT O2, 115B GQA SFT O2, fp32 MHA + GQA pretrain + SFT, and
-    # the MoE's fp16 pretrain and fp32 SFT (one-sample forwards)
-    assert topology_runs["distinct_baselines"] == 4 + 2 + 1 + 4 + 2
+    # shares 35B's), 35B-32K theta 1e6 pretrain O1 and SFT O2, 115B GQA SFT O2, fp32 MHA SFT (3B) and GQA
+    # pretraining (115B, 4 layers), and the MoE's fp16 pretrain and fp32 SFT (one-sample forwards)
+    assert topology_runs["distinct_baselines"] == 4 + 2 + 1 + 2 + 2
     assert runs["finetune_39b_a12b_o1_fp32"]["workers"] == runs["pretrain_39b_a12b_o2"]["workers"] == 4
 
 
@@ -444,7 +460,7 @@ def test_checkpoints_hold_each_block_once(topology_runs):
     """A dp2 (distributed optimizer) and a dp2 x tp2 x pp2 step folder hold each weight and each optimizer
     element once: within 5% of the single-device step folder of the same model (dp replicas write nothing)."""
     runs = topology_runs["runs"]
-    for tag, steps in (("pretrain_3b_o1_fp32", STEPS), ("finetune_115b_o1_fp32", STEPS), ("finetune_7b_o2", FP16_STEPS)):
+    for tag, steps in (("finetune_3b_o1_fp32", STEPS), ("pretrain_115b_o1_fp32", STEPS), ("finetune_7b_o2", FP16_STEPS)):
         run = runs[tag]
         step = f"step_{steps:08d}"
         got = _folder_bytes(os.path.join(run["out"], "checkpoint", step))

@@ -8,6 +8,8 @@ import subprocess
 
 import pytest
 
+from dist_util import msrun_slot
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(REPO, "run_scripts")
 LAUNCHER = os.path.join(SCRIPTS, "msrun_launcher.sh")
@@ -154,10 +156,11 @@ def test_run_scripts_refuse_a_bad_config_before_starting(tmp_path):
 def test_pretrain_sh_two_workers_tiny_data_parallel(tmp_path):
     """The tiny config through pretrain.sh on 2 local workers (data_parallel 2): both ranks step, rank 0 reports."""
     out, logs = tmp_path / "out", tmp_path / "msrun_log"
-    r = run(os.path.join(SCRIPTS, "pretrain.sh"), PRETRAIN_TINY, "2", "--no-progress",
-            "--set", "parallel_config.data_parallel=2", "--set", "runner_config.max_steps=2",
-            "--set", f"output_dir={out}", dry=False,
-            env={"LOG_DIR": str(logs), "MASTER_PORT": str(free_port()), "CLUSTER_TIME_OUT": "120"})
+    with msrun_slot(2):
+        r = run(os.path.join(SCRIPTS, "pretrain.sh"), PRETRAIN_TINY, "2", "--no-progress",
+                "--set", "parallel_config.data_parallel=2", "--set", "runner_config.max_steps=2",
+                "--set", f"output_dir={out}", dry=False,
+                env={"LOG_DIR": str(logs), "MASTER_PORT": str(free_port()), "CLUSTER_TIME_OUT": "120"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     for rank in (0, 1):
         assert "step:[    2/    2]" in (logs / f"worker_{rank}.log").read_text()

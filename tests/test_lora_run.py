@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import mindspore as ms
-from dist_util import free_port, gathered_weights, logged_losses, report_losses, worker_log
+from dist_util import free_port, gathered_weights, logged_losses, msrun_slot, report_losses, worker_log
 from helpers import preprocess_bundled, write_hf_folder
 from reference import telechat2_torch as ref
 from safetensors.numpy import load_file
@@ -104,6 +104,8 @@ def runs(env):
              "overrides": train_sets(env, tp_out, TP_STEPS, "parallel_config.model_parallel=2")}]
     (root / "jobs.json").write_text(json.dumps(jobs + eval_jobs(env, adapter, 2)))
     msrun_bin = os.path.join(os.path.dirname(sys.executable), "msrun")
+    slot = msrun_slot(2)
+    slot.__enter__()                # held until the job ends, below
     proc = subprocess.Popen([msrun_bin, "--worker_num=2", "--local_worker_num=2", f"--master_port={free_port()}",
                              f"--log_dir={logs}", "--join=True", "--cluster_time_out=300", DRIVER,
                              str(root / "jobs.json"), str(results)], stdout=subprocess.DEVNULL,
@@ -122,7 +124,10 @@ def runs(env):
             mp.setattr(loop, "build", build)
             loop.train(load_run_config(FINETUNE, train_sets(env, out, STEPS)), progress=False)
     finally:
-        code = proc.wait(timeout=900)
+        try:
+            code = proc.wait(timeout=900)
+        finally:
+            slot.__exit__(None, None, None)
     assert code == 0, worker_log(logs, 0)[-4000:]
     return {"single": out, "model": kept["model"], "optimizer": kept["optimizer"], "tp2": tp_out, "logs": logs,
             "results": results, "tp_adapter": adapter}

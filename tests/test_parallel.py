@@ -1,12 +1,12 @@
 """Every parallel layout trains exactly like one device: msrun with 2 and 4 local CPU workers, the same tiny
 model, data and initial weights; losses and final weights compared with the single-device run."""
 import os
-import sys
 
 import numpy as np
 import pytest
 
-from dist_util import REPO, gathered_weights, logged_losses, msrun, msrun_failure, report_losses, worker_log
+from dist_util import (REPO, assert_inventory_matches, gathered_weights, logged_losses, msrun, msrun_failure,
+                       report_losses, worker_log)
 from helpers import preprocess_bundled, write_hf_folder
 from reference import telechat2_torch as ref
 from telechat2 import TeleChat2Config
@@ -67,11 +67,9 @@ LAYOUTS = {
     "cp2": (2, 4, 4, ["parallel_config.context_parallel=2"]),
     # cp4's longer ring is exercised by tests/test_ring_attention.py (cp=4 under msrun); the trainer's cp code
     # is the same for any cp
-    # data parallel, plain and with the distributed optimizer (here mostly for the collective inventory; the
-    # shipped configs' dp2 topologies also train in tests/test_ascend_configs.py)
+    # plain data parallel (no shipped config has it: theirs is dp2 with the distributed optimizer, trained and
+    # its collectives counted in tests/test_ascend_configs.py)
     "dp2": (2, 2, 4, ["parallel_config.data_parallel=2"]),
-    "dp2_distributed_optimizer": (2, 2, 4, ["parallel_config.data_parallel=2",
-                                            "parallel.enable_parallel_optimizer=True"]),
 }
 
 
@@ -176,14 +174,8 @@ def test_world_size_must_match_layout(tmp_path, data):
 
 def test_each_collective_forward_and_backward(tmp_path):
     """Each named collective's forward and backward (its conjugate), in PyNative and under jit, on both ranks."""
-    import subprocess as sp
     logs = str(tmp_path / "logs")
-    msrun_bin = os.path.join(os.path.dirname(sys.executable), "msrun")
-    from dist_util import free_port
-    r = sp.run([msrun_bin, "--worker_num=2", "--local_worker_num=2", f"--master_port={free_port()}",
-                f"--log_dir={logs}", "--join=True", os.path.join(REPO, "tests", "scenarios", "collectives.py")],
-               capture_output=True, text=True, timeout=300,
-               env={**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]})
+    r = msrun(2, [], logs, timeout=300, script=os.path.join(REPO, "tests", "scenarios", "collectives.py"))
     for rank in (0, 1):
         log = worker_log(logs, rank)
         lines = [l for l in log.splitlines() if l.startswith("CHECK ")]
@@ -296,7 +288,6 @@ INVENTORY = {   # run -> (layout, tiny preset overrides) for plan/comm.py's form
     "cp2": (dict(cp=2), {}),
     "pp2_uneven_3_layers": (dict(pp=2, micro_batch_num=4), {"num_layers": 3}),
     "dp2": (dict(dp=2), {}),
-    "dp2_distributed_optimizer": (dict(dp=2, optimizer_shard=True), {}),
 }
 
 
@@ -304,26 +295,11 @@ INVENTORY = {   # run -> (layout, tiny preset overrides) for plan/comm.py's form
 def test_collective_inventory_matches_the_formula(name, two_worker_runs):
     """The collectives each rank counted in its first step (count and bytes per kind and mesh axis) are exactly
     plan/comm.py's: tp 2 forward + 2 backward per layer (SP: as all-gathers and reduce-scatters) with the
-    fused q/kv and gate/up inputs, one flat all-reduce of SP's partial gradients, the dp buckets (the
-    distributed optimizer: reduce-scatter + all-gather), pp one send and receive per micro-batch and
-    direction, the cp ring's 3cp-2 exchanges per layer."""
-    import json
-    from telechat2.parallel.mesh import Layout
-    from telechat2.plan.comm import step_collectives
+    fused q/kv and gate/up inputs, one flat all-reduce of SP's partial gradients, the dp buckets, pp one send
+    and receive per micro-batch and direction, the cp ring's 3cp-2 exchanges per layer (the distributed
+    optimizer's reduce-scatter + all-gather: the scaled 3B SFT run of tests/test_ascend_configs.py)."""
     layout, preset = INVENTORY[name]
-    cfg = TeleChat2Config.from_preset("tiny", seq_length=64, **preset)
-    out, _ = two_worker_runs[name]
-    for rank in range(2):
-        with open(os.path.join(out, "report", f"comm_rank_{rank}.json")) as fh:
-            rep = json.load(fh)
-        got = {(r["kind"], r["axis"]): (r["count"], r["bytes"]) for r in rep["collectives"]}
-        want = step_collectives(cfg, Layout(**layout), stage=rep["stage"], layers=rep["layers"],
-                                micro_batches=rep["micro_batches"], micro_batch_size=rep["micro_batch_size"],
-                                bucket_lengths=rep["bucket_lengths"])
-        assert got == want, (name, rank, got, want)
-        # the buckets hold this rank's parameters (padding below one row per shard and bucket)
-        if layout.get("tp", 1) == 1 and layout.get("pp", 1) == 1:
-            assert 0 <= sum(rep["bucket_lengths"]) - cfg.num_parameters() < len(rep["bucket_lengths"]) * 2 * 1024
+    got = assert_inventory_matches(two_worker_runs[name][0], 2, layout, seq_length=64, **preset)
     if name == "tp2":               # 2 layers: 4 per layer, the embedding, lm_head's input; the loss's 3; the norm
         assert got[("all_reduce", "tp")][0] == 4 * 2 + 1 + 1 + 3 + 1
 

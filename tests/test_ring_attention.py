@@ -7,14 +7,12 @@ odd position and S is not a multiple of 4 * cp, so mistakes in chunk bounds, pos
 not hidden by power-of-two sizes. Lengths not divisible by 2 * cp are refused (test below).
 """
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import mindspore as ms
-from dist_util import REPO, free_port, worker_log
+from dist_util import REPO, msrun, worker_log
 from telechat2.model.attention import dot_product_attention, repeat_kv
 from telechat2.model.rotary import apply_rotary, rope_tables
 from telechat2.parallel.ring_attention import (RingAttention, block_plan, causal_block_mask, chunk_ids,
@@ -207,11 +205,7 @@ def test_ring_attention_matches_full_attention_under_msrun(tmp_path, cp):
     are equal under zigzag and unequal under the contiguous split. One job of 4 workers also runs a strided
     cp2 ring (members not neighbours); the trainer's cp2 runs are in tests/test_parallel.py."""
     logs = str(tmp_path / "logs")
-    msrun_bin = os.path.join(os.path.dirname(sys.executable), "msrun")
-    r = subprocess.run([msrun_bin, f"--worker_num={cp}", f"--local_worker_num={cp}", f"--master_port={free_port()}",
-                        f"--log_dir={logs}", "--join=True", "--cluster_time_out=300", SCENARIO, str(cp)],
-                       capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]})
+    r = msrun(cp, [str(cp)], logs, timeout=300, script=SCENARIO)
     cases = ["repeated_heads", "repeated_heads_again", "gqa_kv_heads", "contiguous", "strided_cp2"]
     pairs = {}
     for rank in range(cp):
