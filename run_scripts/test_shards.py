@@ -50,6 +50,14 @@ def deal(files: list[str], shards: int) -> list[list[str]]:
     return [part if k == 0 else part[::-1] for k, part in enumerate(parts)]
 
 
+def combined_status(codes: list[int]) -> int:
+    """The suite's exit status: the first failing shard's. pytest's 5 (no test of that shard was selected, by -k
+    or -m) is not a failure unless no shard selected one."""
+    if not all(c == 5 for c in codes):
+        codes = [0 if c == 5 else c for c in codes]
+    return next((c for c in codes if c), 0)
+
+
 def main(args: list[str]) -> int:
     os.chdir(REPO)
     pytest = [sys.executable, "-m", "pytest"]
@@ -87,20 +95,18 @@ def main(args: list[str]) -> int:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGTERM)
         return 130
-    # pytest's 5: no test of that shard was selected (-k, -m), not a failure unless no shard had one
     codes = [p.returncode for p in procs]
-    if not all(c == 5 for c in codes):
-        codes = [0 if c == 5 else c for c in codes]
+    status = combined_status(codes)
     for k, code in enumerate(codes, 1):
         print(f"[{k}] exit {code} after {ended[k]:.0f} s", flush=True)
     print(f"suite: {SHARDS} shards in {time.perf_counter() - start:.0f} s, "
-          f"{'passed' if not any(codes) else 'FAILED'}", flush=True)
-    if not any(codes):
+          f"{'FAILED' if status else 'passed'}", flush=True)
+    if not status:
         import shutil
         shutil.rmtree(root, ignore_errors=True)     # our own temp root; kept after a failure to look into
     else:
         print(f"test files of the failed run kept in {root}", file=sys.stderr)
-    return next((c for c in codes if c), 0)
+    return status
 
 
 if __name__ == "__main__":
