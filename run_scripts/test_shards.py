@@ -40,8 +40,8 @@ def cost(path: str) -> int:
 
 def deal(files: list[str], shards: int) -> list[list[str]]:
     """Longest first, each file to the shard with the least cost so far. The first shard then runs its files
-    longest first, the others shortest first: the long files are the msrun-heavy ones, so while one shard
-    holds the msrun slot the other has single-process tests to run."""
+    longest first, the others shortest first: the long files are the msrun-heavy ones, so while one shard runs
+    its msrun jobs (the 8-worker one alone) the other has single-process tests to run."""
     parts, load = [[] for _ in range(shards)], [0] * shards
     for f in sorted(files, key=lambda f: -cost(f)):
         k = load.index(min(load))
