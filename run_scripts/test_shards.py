@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -102,7 +103,6 @@ def main(args: list[str]) -> int:
     print(f"suite: {SHARDS} shards in {time.perf_counter() - start:.0f} s, "
           f"{'FAILED' if status else 'passed'}", flush=True)
     if not status:
-        import shutil
         shutil.rmtree(root, ignore_errors=True)     # our own temp root; kept after a failure to look into
     else:
         print(f"test files of the failed run kept in {root}", file=sys.stderr)

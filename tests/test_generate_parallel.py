@@ -109,7 +109,7 @@ def runs(tmp_path_factory):
         assert r.returncode == 0, log[-6000:]
         return {p[:-5]: json.load(open(out / p, encoding="utf-8")) for p in os.listdir(out)}, log
 
-    with msrun_slot(4), ThreadPoolExecutor(3) as pool:     # the 2- and 4-worker jobs side by side
+    with msrun_slot(2 + 4), ThreadPoolExecutor(3) as pool:     # the 2- and 4-worker jobs side by side: 6 ranks
         results = dict(zip((1, 2, 4), pool.map(launch, (1, 2, 4))))
     results["root"] = root
     return results

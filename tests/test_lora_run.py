@@ -104,13 +104,6 @@ def runs(env):
              "overrides": train_sets(env, tp_out, TP_STEPS, "parallel_config.model_parallel=2")}]
     (root / "jobs.json").write_text(json.dumps(jobs + eval_jobs(env, adapter, 2)))
     msrun_bin = os.path.join(os.path.dirname(sys.executable), "msrun")
-    slot = msrun_slot(2)
-    slot.__enter__()                # held until the job ends, below
-    proc = subprocess.Popen([msrun_bin, "--worker_num=2", "--local_worker_num=2", f"--master_port={free_port()}",
-                             f"--log_dir={logs}", "--join=True", "--cluster_time_out=300", DRIVER,
-                             str(root / "jobs.json"), str(results)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "PATH": os.path.dirname(sys.executable)
-                                                             + os.pathsep + os.environ.get("PATH", "")})
     kept = {}
     real_build = loop.build
 
@@ -119,15 +112,18 @@ def runs(env):
         kept.update(model=model, optimizer=optimizer)
         return model, optimizer, scaler
     out = str(root / "single")
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(loop, "build", build)
-            loop.train(load_run_config(FINETUNE, train_sets(env, out, STEPS)), progress=False)
-    finally:
+    with msrun_slot(2):                 # held until the job ends
+        proc = subprocess.Popen([msrun_bin, "--worker_num=2", "--local_worker_num=2", f"--master_port={free_port()}",
+                                 f"--log_dir={logs}", "--join=True", "--cluster_time_out=300", DRIVER,
+                                 str(root / "jobs.json"), str(results)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, env={**os.environ, "PATH": os.path.dirname(sys.executable)
+                                                                 + os.pathsep + os.environ.get("PATH", "")})
         try:
-            code = proc.wait(timeout=900)
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(loop, "build", build)
+                loop.train(load_run_config(FINETUNE, train_sets(env, out, STEPS)), progress=False)
         finally:
-            slot.__exit__(None, None, None)
+            code = proc.wait(timeout=900)
     assert code == 0, worker_log(logs, 0)[-4000:]
     return {"single": out, "model": kept["model"], "optimizer": kept["optimizer"], "tp2": tp_out, "logs": logs,
             "results": results, "tp_adapter": adapter}
