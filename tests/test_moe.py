@@ -190,7 +190,9 @@ PRETRAIN = os.path.join(REPO, "configs", "cpu", "pretrain_tiny.yaml")
      "parallel_config.model_parallel: 2: a mixture-of-experts model under tensor parallel splits its experts"),
     (["parallel_config.model_parallel=4", "parallel_config.expert_parallel=4", "moe_config.ep_extend_tp=True",
       "moe_config.expert_num=6"], "parallel_config.expert_parallel: 4 does not divide the 6 experts"),
-    (["parallel_config.pipeline_stage=2"], "parallel_config.pipeline_stage: 2: a mixture-of-experts model"),
+    (["parallel_config.pipeline_stage=2", "parallel_config.micro_batch_num=2", "parallel_config.context_parallel=2"],
+     "parallel_config.context_parallel: 2: a mixture-of-experts model (num_experts=4) is implemented without "
+     "context parallel"),
     (["moe_config.ep_extend_tp=2"], "moe_config.ep_extend_tp: must be True or False, got 2"),
     (["model.preset=tiny", "parallel_config.expert_parallel=2"],
      "parallel_config.expert_parallel: expert parallel needs a mixture-of-experts model"),

@@ -3,7 +3,9 @@ global gradient norms and final weights (the expert blocks gathered from the ran
 
   dp4_ep2      4 workers  the experts split over groups of 2 consecutive dp ranks (expert_parallel 2 without
                           ep_extend_tp): each expert on 2 ranks, its gradients summed over those 2 only
-  dp2_ep2      2 workers  the same with one ep group
+  pp2_dp2_ep2  4 workers  the same split under a 2-stage 1F1B pipeline (one ep group per stage)
+  pp2_tp2_sp   4 workers  a 2-stage pipeline over tp2 with sequence parallel, the experts split over the tp group
+                          (moe_config.ep_extend_tp), full recompute: each stage adds its own layers' aux loss
 
 The experts split over the tp group (moe_config.ep_extend_tp over tp2, 4 workers, dropless in 2 chunks, with
 sequence parallel, recompute and the distributed optimizer) train in test_ascend_configs' scaled 39B-A12B runs,
@@ -53,6 +55,12 @@ def _overrides(args):
 ACCUMULATE = "runner_config.gradient_accumulation_steps={}"
 FOUR_WORKERS = {          # name -> overrides (per-rank batch 1); tests/scenarios/train_jobs.py runs the list
     "dp4_ep2": ["parallel_config.data_parallel=4", "parallel_config.expert_parallel=2"],
+    "pp2_dp2_ep2": ["parallel_config.data_parallel=2", "parallel_config.expert_parallel=2",
+                    "parallel_config.pipeline_stage=2", "parallel_config.micro_batch_num=2"],
+    "pp2_tp2_sp": ["parallel_config.model_parallel=2", "parallel_config.use_seq_parallel=True",
+                   "moe_config.ep_extend_tp=True", "parallel_config.expert_parallel=2",
+                   "parallel_config.pipeline_stage=2", "parallel_config.micro_batch_num=4",
+                   "recompute_config.recompute=True"],
 }
 
 
@@ -81,11 +89,6 @@ def runs(tmp_path_factory):
     assert all(len(p) == len(jobs) + 1 for p in parts), [len(p) for p in parts]
     for k, name in enumerate(FOUR_WORKERS):
         out[name] = (out[name][0], [p[k] for p in parts])
-    ep2, logs = str(tmp / "dp2_ep2"), str(tmp / "logs2")
-    d = msrun(2, _args(ep2, data, init, "parallel_config.data_parallel=2", "parallel_config.expert_parallel=2",
-                       ACCUMULATE.format(2)), logs)
-    assert d.returncode == 0, msrun_failure(d, logs)
-    out["dp2_ep2"] = (ep2, [worker_log(logs, rank) for rank in range(2)])
     return out
 
 
@@ -113,8 +116,39 @@ def _rank_record(out, rank):
         return json.load(fh)
 
 
-@pytest.mark.parametrize("name", ["dp4_ep2", "dp2_ep2"])
-def test_moe_experts_over_dp_match_single_device(runs, name):
+def _memory_matches_inventory(runs, name):
+    """Every rank's allocated buffers as check-config's inventory states them."""
+    from telechat2.train.memory import by_kind, run_inventory
+    out = runs[name][0]
+    cfg = load_run_config(os.path.join(out, "run_config.yaml"))
+    for rank in range(len(runs[name][1])):
+        with open(os.path.join(out, "report", f"memory_rank_{rank}.json")) as fh:
+            assert json.load(fh)["allocated_bytes"] == by_kind(run_inventory(cfg, rank)), rank
+
+
+@pytest.mark.parametrize("name", ["pp2_dp2_ep2", "pp2_tp2_sp"])
+def test_moe_pipeline_matches_single_device(runs, name):
+    """Each stage holds one MoE layer and adds its router aux loss to its own backward: the losses, aux losses,
+    norms and weights are the one device's."""
+    _matches_single_device(runs, name)
+    _memory_matches_inventory(runs, name)
+    out, world = runs[name][0], len(runs[name][1])
+    from safetensors import safe_open
+    with safe_open(os.path.join(out, "checkpoint", f"step_{STEPS:08d}", f"rank_{world - 1}", "model.safetensors"),
+                   "np") as fh:                  # the last stage holds layer 1 (and the head), not layer 0
+        names = set(fh.keys())
+    assert "model.layers.1.feed_forward.router.dense.weight" in names and "lm_head.weight" in names, sorted(names)
+    assert not any(n.startswith("model.layers.0.") for n in names), sorted(names)
+    with open(os.path.join(out, "report", "report.json")) as fh:
+        layout = json.load(fh)["run"]["layout"]
+    assert " pp2 " in layout and ("sp" in layout) == (name == "pp2_tp2_sp"), layout
+    if name == "pp2_dp2_ep2":                        # dp rank 1 of stage 0 (rank 2) holds experts 2, 3 of layer 0
+        assert _rank_record(out, 2)["shards"]["model.layers.0.feed_forward.ffn.w3.weight"] == [0, 2, 2]
+        assert "model.layers.1.feed_forward.ffn.w3.weight" not in _rank_record(out, 2)["shards"]
+
+
+def test_moe_experts_over_dp_match_single_device(runs):
+    name = "dp4_ep2"
     _matches_single_device(runs, name)
     out = runs[name][0]
     rec = _rank_record(out, 1)                       # ep rank 1 holds experts 2 and 3 and writes them
@@ -122,14 +156,9 @@ def test_moe_experts_over_dp_match_single_device(runs, name):
     assert rec["shards"]["model.layers.1.feed_forward.ffn.w2.bias"] == [1, 2, 2]
     assert "model.layers.0.feed_forward.router.dense.weight" not in rec["shards"]
     assert "model.safetensors" in rec["files"] and "optimizer.safetensors" in rec["files"]
-    if name == "dp4_ep2":                            # dp ranks 2, 3: the replicas of ranks 0, 1 write no weights
-        rec3 = _rank_record(out, 3)
-        assert rec3["shards"] == rec["shards"] and "model.safetensors" not in rec3["files"]
-    from telechat2.train.memory import by_kind, run_inventory          # what check-config reports
-    cfg = load_run_config(os.path.join(out, "run_config.yaml"))
-    for rank in range(len(runs[name][1])):
-        with open(os.path.join(out, "report", f"memory_rank_{rank}.json")) as fh:
-            assert json.load(fh)["allocated_bytes"] == by_kind(run_inventory(cfg, rank)), rank
+    rec3 = _rank_record(out, 3)                      # dp ranks 2, 3: the replicas of ranks 0, 1 write no weights
+    assert rec3["shards"] == rec["shards"] and "model.safetensors" not in rec3["files"]
+    _memory_matches_inventory(runs, name)            # what check-config reports
     # a resume in another layout reads the AdamW state as the one device holds it (the experts' blocks joined
     # from the ep ranks' files)
     from telechat2.train.checkpointing import StoredOptimizer

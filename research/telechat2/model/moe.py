@@ -61,7 +61,7 @@ sum over ranks of the experts' parts is the sum over the token's experts). Commu
 Capacity under ep over dp: C slots per expert over the ep*T gathered tokens, filled in ep-rank order. The
 expert weights' gradients hold the contributions of the ep group's tokens and are summed over "edp" only
 (ExpertLinear.dp_group, parallel/grads.py); every other gradient over dp. Not implemented with the distributed
-optimizer (its buckets are sharded over all of dp), tensor, sequence, pipeline or context parallel: refused by
+optimizer (its buckets are sharded over all of dp), tensor, sequence or context parallel: refused by
 run_config.check_moe_layout. On Ascend the gather and reduce-scatter are the native AllGather / ReduceScatter
 (parallel/mappings.py). Volume per rank and layer: the all-gather receives (ep-1) T H activations (the
 reduce-scatter sends as many), an all-to-all dispatch would move about k T H (ep-1)/ep; fine for small ep.
@@ -174,9 +174,8 @@ class MoE(nn.Cell):
 
     def __init__(self, config: TeleChat2Config, mesh: ParallelMesh):
         super().__init__()
-        if mesh.layout.pp > 1 or mesh.layout.cp > 1:
-            raise ValueError("num_experts > 0 is implemented with data and tensor parallel (pipeline_stage, "
-                             "context_parallel 1)")
+        if mesh.layout.cp > 1:
+            raise ValueError("num_experts > 0 is implemented without context parallel (context_parallel 1)")
         if mesh.ep > 1 and mesh.tp > 1:
             raise ValueError("expert parallel over data-parallel ranks is implemented with model_parallel 1")
         split, rank = (mesh.ep, mesh.ep_rank) if mesh.ep > 1 else (mesh.tp, mesh.tp_rank)

@@ -105,21 +105,23 @@ class TeleChat2Model(nn.Cell):
 
     def chunk_forward(self, chunk, x, cos, sin, allowed):
         """Model chunk `chunk` (a Python int) of an interleaved pipeline rank: its layers, after the embedding
-        on the first stage's chunk 0, before the final norm on the last stage's last chunk (MoE aux losses
-        are dropped, as in the pipeline's stage forward)."""
+        on the first stage's chunk 0, before the final norm on the last stage's last chunk. MoE: returns
+        (hidden, sum of the chunk's layers' aux losses), which the pipeline adds to the loss."""
         if self.first and chunk == 0:
             x = self.tok_embeddings(x).astype(self.res_dtype)
+        aux = ops.zeros((), ms.float32)
         i = 0
         for layer in self.layers.values():
             if self.layer_chunk[i] == chunk:
                 if self.moe:
-                    x, _ = layer(x, cos, sin, allowed)
+                    x, layer_aux = layer(x, cos, sin, allowed)
+                    aux = aux + layer_aux
                 else:
                     x = layer(x, cos, sin, allowed)
             i += 1
         if self.last and chunk == self.chunks - 1:
             x = self.norm_out(x)
-        return x
+        return (x, aux) if self.moe else x
 
 
 class HeadLossChunk(nn.Cell):
@@ -254,8 +256,9 @@ class TeleChat2ForCausalLM(nn.Cell):
         return self.forward(inputs, cos, sin, allowed)
 
     def chunk_hidden_states(self, chunk, inputs, cos=None, sin=None, allowed=None):
-        """`hidden_states` of model chunk `chunk` (a Python int) of an interleaved pipeline rank: token ids
-        [B, S] into the first stage's chunk 0, else hidden states [B, S, H] (SP: [B, S/tp, H])."""
+        """`hidden_states` of model chunk `chunk` (a Python int) of a pipeline rank (0: the whole stage when it
+        holds one chunk): token ids [B, S] into the first stage's chunk 0, else hidden states [B, S, H] (SP:
+        [B, S/tp, H]). MoE: (hidden states, the chunk's summed router aux loss)."""
         if cos is None:
             cos, sin, allowed = self.attention_inputs(inputs.shape[1] * self.chunk_seq_split[chunk])
         return self.model.chunk_forward(chunk, inputs, cos, sin, allowed)
@@ -322,13 +325,20 @@ class TeleChat2ForCausalLM(nn.Cell):
         cos, sin, allowed = self._full_inputs(input_ids, cos, sin, allowed)
         hidden, aux = self.forward_with_aux(input_ids, cos, sin, allowed)
         total = self.loss_sum(hidden, targets)
+        if loss_weight is not None:
+            return total * loss_weight, self.aux_term(aux, targets, loss_weight)
         count = label_count(targets, self.config.ignore_token_id)
         aux = self.config.aux_loss_coef * aux
-        if loss_weight is not None:
-            return total * loss_weight, aux * ops.stop_gradient(count) * loss_weight
         if self.cp > 1:
             total, count = self.cp_sum(total), ops.stop_gradient(self.cp_sum(count))
         return total / ops.maximum(count, 1.0), aux
+
+    def aux_term(self, aux, targets, loss_weight):
+        """The trainer's aux part of a micro-batch: aux_loss_coef x its summed router aux loss `aux`, times its
+        label tokens (of `targets`) times loss_weight, as its cross-entropy sum is weighted (the pipeline adds
+        each stage's layers' term on that stage)."""
+        count = ops.stop_gradient(label_count(targets, self.config.ignore_token_id))
+        return self.config.aux_loss_coef * aux * count * loss_weight
 
 
 def _without_unavailable_kernels(config: TeleChat2Config) -> TeleChat2Config:

@@ -386,8 +386,7 @@ class Stepper:
                 parts = [accumulate(mb.inputs, mb.targets, *mb.attn, loss_weight) for mb in micro]
                 losses = ms.ops.stack([ops_sum([p[0] for p in parts]), ops_sum([p[1] for p in parts])])
             else:
-                loss = ts.reducer.pipeline_sum(pipeline.run(micro, loss_weight, self.act_like))
-                losses = ms.ops.stack([loss, ms.ops.zeros((), ms.float32)])
+                losses = ts.reducer.pipeline_sum(ms.ops.stack(pipeline.run(micro, loss_weight, self.act_like)))
             norm, finite = apply(lr, grad_mult)
             loss, aux, norm, finite = ms.ops.concat([ts.data_sum(losses), ms.ops.stack(
                 [norm, finite.astype(ms.float32)])]).asnumpy().tolist()

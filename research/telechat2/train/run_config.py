@@ -598,7 +598,8 @@ def check_moe_layout(config: TeleChat2Config, cfg: dict, source: str) -> None:
     """The layouts a MoE model runs with (model/moe.py): data parallel; the experts split over dp ranks
     (expert_parallel dividing data_parallel, model_parallel 1, without the distributed optimizer); tensor parallel,
     with or without sequence parallel, with the experts split over the tp group (moe_config.ep_extend_tp,
-    expert_parallel = model_parallel). Pipeline and context parallel, and everything else, are refused by name."""
+    expert_parallel = model_parallel); each of them under pipeline parallel (plain or interleaved 1F1B). Context
+    parallel, and everything else, are refused by name."""
     pc, moe = cfg["parallel_config"], cfg.get("moe_config") or {}
     ep, tp, dp, extend = pc["expert_parallel"], pc["model_parallel"], pc["data_parallel"], moe.get("ep_extend_tp")
     _need(isinstance(ep, int) and not isinstance(ep, bool) and ep >= 1, source, "parallel_config.expert_parallel",
@@ -608,9 +609,9 @@ def check_moe_layout(config: TeleChat2Config, cfg: dict, source: str) -> None:
         _need(ep == 1 and not extend, source, "parallel_config.expert_parallel" if ep != 1 else "moe_config.ep_extend_tp",
               "expert parallel needs a mixture-of-experts model (model_config.num_experts / moe_config.expert_num)")
         return
-    for key in ("pipeline_stage", "context_parallel"):
-        _need(pc[key] == 1, source, f"parallel_config.{key}", f"{pc[key]}: a mixture-of-experts model "
-              f"(num_experts={config.num_experts}) is implemented with data and tensor parallel only; set {key}: 1")
+    _need(pc["context_parallel"] == 1, source, "parallel_config.context_parallel", f"{pc['context_parallel']}: "
+          f"a mixture-of-experts model (num_experts={config.num_experts}) is implemented without context "
+          "parallel; set context_parallel: 1")
     if extend:
         _need(ep == tp, source, "parallel_config.expert_parallel", f"{ep}: with moe_config.ep_extend_tp the expert "
               f"domain is the tensor-parallel group, so expert_parallel must equal model_parallel={tp}")

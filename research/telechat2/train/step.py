@@ -115,9 +115,9 @@ class StageForward(nn.Cell):
         self.fn = fn
         self.calls = 0          # forwards executed (this Python body runs again if a backward re-ran it)
 
-    def construct(self, x, cos, sin, allowed):
+    def construct(self, *inputs):
         self.calls += 1
-        return self.fn(x, cos, sin, allowed)
+        return self.fn(*inputs)
 
 
 class PipelineStep:
@@ -132,6 +132,12 @@ class PipelineStep:
     stage runs its layers, the loss and their backward as one value_and_grad when the loss is needed. No
     communication happens inside the compiled pieces; gradients land in TrainStep's buffers;
     `TrainStep.apply` follows.
+
+    MoE: every chunk's forward also returns its layers' router aux loss, weighted like the loss of the same
+    micro-batch (TeleChat2ForCausalLM.aux_term: the micro-batch's targets and loss_weight are inputs of the
+    chunk forward), and its backward takes cotangent 1 for it, so each stage adds the gradient of its own
+    layers' aux loss; `run` returns the rank's share of the weighted loss and of the aux part, summed over pp
+    by the trainer.
 
     `layer_forwards`: decoder-layer forwards the last `run` executed on this rank, the per-stage forward
     counter of the run's report: the chunk forwards StageForward counts as they execute times the chunk's
@@ -152,11 +158,17 @@ class PipelineStep:
         self.first = [model.first_stage and c == 0 for c in range(v)]
         self.last = [model.last_stage and c == v - 1 for c in range(v)]
         self.loss_grad, self.stage_forward, self.stage_backward = {}, {}, {}
+        self.moe = model.moe
         for c in range(v):
-            hidden = model.hidden_states if v == 1 else _chunk_function(model, c)
+            hidden = model.hidden_states if v == 1 and not self.moe else _chunk_function(model, c)
             if self.last[c]:
                 self.loss_grad[c] = jit(ms.value_and_grad(_loss_function(model, hidden), grad_position=0,
-                                                          weights=params))
+                                                          weights=params, has_aux=True))
+            elif self.moe:
+                self.stage_forward[c] = StageForward(jit(_moe_chunk_function(model, hidden)))
+                self.stage_forward[c].set_grad()
+                self.stage_backward[c] = ops.GradOperation(get_all=not self.first[c], get_by_list=True,
+                                                           sens_param=True)(self.stage_forward[c], params)
             else:
                 # every chunk gets the micro-batch's attention inputs (packed documents) or None (causal)
                 self.stage_forward[c] = StageForward(jit(hidden))
@@ -167,31 +179,45 @@ class PipelineStep:
         self.add_grads = train_step.compiled_add_grads(jit)
 
     def run(self, micro_batches, loss_weight, act_like):
-        """micro_batches: [MicroBatch] of Tensors; returns the sum of the weighted losses (last stage, else 0)."""
+        """micro_batches: [MicroBatch] of Tensors; returns (this rank's part of the summed weighted loss, of
+        its MoE aux part): the loss lives on the last stage, the aux part on every stage (0 for a dense model)."""
         from ..parallel.pipeline import run_1f1b, run_interleaved
-        total = [ms.Tensor(0.0, ms.float32)]
+        total, aux_total = [ms.Tensor(0.0, ms.float32)], [ms.Tensor(0.0, ms.float32)]
         self.layer_forwards = 0
         calls = {c: f.calls for c, f in self.stage_forward.items()}
+        one = ms.Tensor(1.0, ms.float32)            # the cotangent of a chunk's weighted aux loss
+
+        def inputs(c, i, x):
+            """What chunk c's forward (and its backward, which must see the same tensors) is given."""
+            mb = micro_batches[i]
+            head = (mb.inputs if self.first[c] else x, *mb.attn)
+            return (*head, mb.targets, loss_weight) if self.moe else head
 
         def forward(c, i, x):
             if self.last[c]:
                 return None
-            mb = micro_batches[i]
-            return self.stage_forward[c](mb.inputs if self.first[c] else x, *mb.attn)
+            out = self.stage_forward[c](*inputs(c, i, x))
+            if not self.moe:
+                return out
+            y, aux = out
+            total[0], aux_total[0] = total[0] + aux, aux_total[0] + aux
+            return y
 
         def backward(c, i, x, dy):
             mb = micro_batches[i]
             self.layer_forwards += self.chunk_recomputed[c]
             if self.last[c]:
                 self.layer_forwards += self.chunk_layers[c]
-                loss, (dx, grads) = self.loss_grad[c](mb.inputs if self.first[c] else x, mb.targets, *mb.attn,
-                                                      loss_weight)
-                total[0] = total[0] + loss
-            elif self.first[c]:
-                grads = self.stage_backward[c](mb.inputs, *mb.attn, dy)   # the tensors its forward was given
-                dx = None
+                (loss, aux), (dx, grads) = self.loss_grad[c](mb.inputs if self.first[c] else x, mb.targets,
+                                                             *mb.attn, loss_weight)
+                total[0], aux_total[0] = total[0] + loss, aux_total[0] + aux
             else:
-                (dx, *_), grads = self.stage_backward[c](x, *mb.attn, dy)
+                sens = (dy, one) if self.moe else dy
+                if self.first[c]:
+                    grads = self.stage_backward[c](*inputs(c, i, x), sens)
+                    dx = None
+                else:
+                    (dx, *_), grads = self.stage_backward[c](*inputs(c, i, x), sens)
             self.add_grads(grads)
             return dx
 
@@ -208,7 +234,7 @@ class PipelineStep:
                             next_rank=self.mesh.neighbour(1), forward=forward, backward=backward, act_like=act_like)
         for c, f in self.stage_forward.items():
             self.layer_forwards += (f.calls - calls[c]) * self.chunk_layers[c]
-        return total[0]
+        return total[0], aux_total[0]
 
 
 def _chunk_function(model, chunk: int):
@@ -218,8 +244,21 @@ def _chunk_function(model, chunk: int):
     return hidden
 
 
+def _moe_chunk_function(model, hidden):
+    """A MoE chunk's forward: (hidden states, its layers' aux loss weighted like the micro-batch's loss)."""
+    def forward(x, cos, sin, allowed, targets, loss_weight):
+        y, aux = hidden(x, cos, sin, allowed)
+        return y, model.aux_term(aux, targets, loss_weight)
+    return forward
+
+
 def _loss_function(model, hidden):
-    """The last virtual stage's weighted summed loss of its input activation (or token ids)."""
+    """The last virtual stage's weighted summed loss of its input activation (or token ids), and beside it (no
+    gradient of its own) the MoE aux part it contains (0 for a dense model)."""
     def loss_fn(x, targets, cos, sin, allowed, loss_weight):
-        return model.loss_sum(hidden(x, cos, sin, allowed), targets) * loss_weight
+        if not model.moe:
+            return model.loss_sum(hidden(x, cos, sin, allowed), targets) * loss_weight, ops.zeros((), ms.float32)
+        y, aux = hidden(x, cos, sin, allowed)
+        aux = model.aux_term(aux, targets, loss_weight)
+        return model.loss_sum(y, targets) * loss_weight + aux, ops.stop_gradient(aux)
     return loss_fn
