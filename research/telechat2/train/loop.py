@@ -76,8 +76,10 @@ def prepare_dataset(cfg: dict, model_cfg, progress: bool) -> str:
     return cache
 
 
+@functools.lru_cache(maxsize=None)
 def measured_gemm_tflops() -> float:
-    """This machine's MindSpore fp32 GEMM rate (the MFU reference when no peak is configured)."""
+    """This machine's MindSpore fp32 GEMM rate (the MFU reference when no peak is configured), measured once per
+    process (a process may train several runs: tests/scenarios/train_jobs.py)."""
     import mindspore as ms
     from mindspore import ops
     a = ms.Tensor(np.random.default_rng(0).standard_normal((1024, 1024), dtype=np.float32))
