@@ -388,7 +388,10 @@ class Stepper:
                 parts = [accumulate(mb.inputs, mb.targets, *mb.attn, loss_weight) for mb in micro]
                 losses = ms.ops.stack([ops_sum([p[0] for p in parts]), ops_sum([p[1] for p in parts])])
             else:
-                losses = ts.reducer.pipeline_sum(ms.ops.stack(pipeline.run(micro, loss_weight, self.act_like)))
+                loss, aux = pipeline.run(micro, loss_weight, self.act_like)
+                # MoE: every stage holds aux parts; a dense model's aux is 0, so only its loss crosses stages
+                losses = ts.reducer.pipeline_sum(ms.ops.stack([loss, aux])) if self.model.moe else \
+                    ms.ops.stack([ts.reducer.pipeline_sum(loss), aux])
             norm, finite = apply(lr, grad_mult)
             loss, aux, norm, finite = ms.ops.concat([ts.data_sum(losses), ms.ops.stack(
                 [norm, finite.astype(ms.float32)])]).asnumpy().tolist()
