@@ -164,14 +164,9 @@ class PipelineStep:
             if self.last[c]:
                 self.loss_grad[c] = jit(ms.value_and_grad(_loss_function(model, hidden), grad_position=0,
                                                           weights=params, has_aux=True))
-            elif self.moe:
-                self.stage_forward[c] = StageForward(jit(_moe_chunk_function(model, hidden)))
-                self.stage_forward[c].set_grad()
-                self.stage_backward[c] = ops.GradOperation(get_all=not self.first[c], get_by_list=True,
-                                                           sens_param=True)(self.stage_forward[c], params)
             else:
                 # every chunk gets the micro-batch's attention inputs (packed documents) or None (causal)
-                self.stage_forward[c] = StageForward(jit(hidden))
+                self.stage_forward[c] = StageForward(jit(_moe_chunk_function(model, hidden) if self.moe else hidden))
                 self.stage_forward[c].set_grad()
                 # token ids into the first virtual stage: weights only; the others also need dx
                 self.stage_backward[c] = ops.GradOperation(get_all=not self.first[c], get_by_list=True,
