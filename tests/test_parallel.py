@@ -114,35 +114,16 @@ def _overrides(args: list[str]) -> tuple[str, list[str]]:
     return config, sets
 
 
-def test_pp2_cp2_pretrain_and_sft_match_single_device(single, data, tmp_path):
+def test_pp2_cp2_pretrain_and_sft_match_single_device(single, four_worker_runs, tmp_path):
     """Pipeline x context parallel (4 workers: 2 stages, each a cp2 ring): pretraining and SFT (5 steps,
     global batch 4) give the single-device losses within 1e-5."""
-    import json
-    sft = preprocess_bundled("sft", str(tmp_path / "sft"))
-    init = single[4][0]
-    sft_sets = ("model.model_config.seq_length=64",)
     base_sft = str(tmp_path / "single_sft")
-    args = run_args(base_sft, sft, init, 4, 4, *sft_sets)
+    args = run_args(base_sft, four_worker_runs["sft_data"], single[4][0], 4, 4, *SFT_SETS)
     args[args.index(PRETRAIN)] = FINETUNE
     r = run_telechat2([*args])
     assert r.returncode == 0, r.stderr[-3000:]
-    layout = ("parallel_config.pipeline_stage=2", "parallel_config.micro_batch_num=2",
-              "parallel_config.context_parallel=2")
-    jobs, outs = [], {}
-    for kind, dataset, extra in (("pretrain", data, ()), ("sft", sft, sft_sets)):
-        outs[kind] = str(tmp_path / f"pp2cp2_{kind}")
-        args = run_args(outs[kind], dataset, init, 4, 2, *extra, *layout)
-        if kind == "sft":
-            args[args.index(PRETRAIN)] = FINETUNE
-        config, sets = _overrides(args)
-        jobs.append({"config": config, "overrides": sets})
-    jobs_file = tmp_path / "jobs.json"
-    jobs_file.write_text(json.dumps(jobs))
-    logs = str(tmp_path / "logs")
-    r = msrun(4, [str(jobs_file)], logs, script=DRIVER)
-    assert r.returncode == 0, msrun_failure(r, logs)
-    for kind, base in (("pretrain", single[4][1]), ("sft", base_sft)):
-        got, want = report_losses(outs[kind]), report_losses(base)
+    for kind, base in (("pp2cp2_pretrain", single[4][1]), ("pp2cp2_sft", base_sft)):
+        got, want = report_losses(four_worker_runs[kind][0]), report_losses(base)
         assert len(got) == STEPS and np.allclose(got, want, rtol=0, atol=1e-5), (kind, got, want)
 
 
@@ -322,22 +303,59 @@ def straight10(single, data, tmp_path_factory):
     return out
 
 
+SFT_SETS = ("model.model_config.seq_length=64",)
+PP2_CP2 = ("parallel_config.pipeline_stage=2", "parallel_config.micro_batch_num=2",
+           "parallel_config.context_parallel=2")
+
+
 @pytest.fixture(scope="module")
-def tp2pp2_half(single, data, tmp_path_factory):
-    """tp2 x pp2 on 4 workers (4 micro-batches of 1), the first 5 steps of the same 10-step schedule."""
-    out, logs = str(tmp_path_factory.mktemp("tp2pp2")), str(tmp_path_factory.mktemp("tp2pp2_logs"))
-    r = msrun(4, _ten_step_args(out, data, single[4][0], 1, "parallel_config.pipeline_stage=2",
-                                "parallel_config.micro_batch_num=4", "parallel_config.model_parallel=2", steps=5), logs)
+def four_worker_runs(single, data, tmp_path_factory):
+    """The 4-worker runs, one msrun job (the driver trains them one after the other in each worker):
+    tp2pp2_half: tp2 x pp2 (4 micro-batches of 1), the first 5 steps of the 10-step schedule of straight10;
+    as_dp2tp2: a copy of tp2pp2_half resumed as dp2 x tp2 for the last 5 steps;
+    pp2cp2_pretrain, pp2cp2_sft: pp2 x cp2, 5 steps of global batch 4.
+    name -> (output dir, log dir, [that run's part of each rank's log]); "sft_data": the SFT dataset."""
+    import json
+    tmp = tmp_path_factory.mktemp("four_workers")
+    sft = preprocess_bundled("sft", str(tmp / "sft"))
+    init = single[4][0]
+    runs = {
+        "tp2pp2_half": _ten_step_args(str(tmp / "tp2pp2_half"), data, init, 1, "parallel_config.pipeline_stage=2",
+                                      "parallel_config.micro_batch_num=4", "parallel_config.model_parallel=2",
+                                      steps=5),
+        "as_dp2tp2": _ten_step_args(str(tmp / "as_dp2tp2"), data, init, 2, "parallel_config.data_parallel=2",
+                                    "parallel_config.model_parallel=2", "resume_training=True"),
+        "pp2cp2_pretrain": run_args(str(tmp / "pp2cp2_pretrain"), data, init, 4, 2, *PP2_CP2),
+        "pp2cp2_sft": run_args(str(tmp / "pp2cp2_sft"), sft, init, 4, 2, *SFT_SETS, *PP2_CP2),
+    }
+    runs["pp2cp2_sft"][runs["pp2cp2_sft"].index(PRETRAIN)] = FINETUNE
+    jobs = []
+    for name, args in runs.items():
+        config, sets = _overrides(args)
+        jobs.append({"config": config, "overrides": sets,
+                     **({"copy_from": str(tmp / "tp2pp2_half")} if name == "as_dp2tp2" else {})})
+    jobs_file = tmp / "jobs.json"
+    jobs_file.write_text(json.dumps(jobs))
+    logs = str(tmp / "logs")
+    r = msrun(4, [str(jobs_file)], logs, script=DRIVER)
     assert r.returncode == 0, msrun_failure(r, logs)
-    return out, logs
+    parts = [worker_log(logs, rank).split("TRAINED ") for rank in range(4)]
+    assert all(len(p) == len(jobs) + 1 for p in parts), [len(p) for p in parts]
+    out = {name: (str(tmp / name), logs, [p[k] for p in parts]) for k, name in enumerate(runs)}
+    return {**out, "sft_data": sft}
+
+
+@pytest.fixture(scope="module")
+def tp2pp2_half(four_worker_runs):
+    return four_worker_runs["tp2pp2_half"]
 
 
 def test_pp2_tp2_matches_single_device(straight10, tp2pp2_half):
-    out, logs = tp2pp2_half
+    out, _, logs = tp2pp2_half
     want = report_losses(straight10)[:5]
     assert np.allclose(report_losses(out), want, rtol=0, atol=1e-5)
-    for rank in range(4):
-        assert np.allclose(logged_losses(worker_log(logs, rank)), want, atol=2e-6)
+    for log in logs:
+        assert np.allclose(logged_losses(log), want, atol=2e-6)
     a = gathered_weights(os.path.join(straight10, "checkpoint", "step_00000005"))
     b = gathered_weights(os.path.join(out, "checkpoint", "step_00000005"))
     assert set(a) == set(b) and max(float(np.abs(a[k] - b[k]).max()) for k in a) <= 1e-5
@@ -352,7 +370,7 @@ def test_distributed_checkpoint_exports_to_hf_and_merges(straight10, tp2pp2_half
     from safetensors.numpy import load_file
     from telechat2 import TeleChat2ForCausalLM
     from telechat2.checkpoint.load import load_weights
-    out, _ = tp2pp2_half
+    out = tp2pp2_half[0]
     step = os.path.join(out, "checkpoint", "step_00000005")
     hf = str(tmp_path / "hf")
     r = run_telechat2(["convert", "ms2hf", "--checkpoint", step, "--output", hf])
@@ -378,7 +396,7 @@ def test_distributed_checkpoint_exports_to_hf_and_merges(straight10, tp2pp2_half
     assert r.returncode == 1 and "rank_3/" in r.stderr and "is listed in manifest.json but missing" in r.stderr
 
 
-def test_resume_in_another_layout(straight10, tp2pp2_half, data, single, tmp_path):
+def test_resume_in_another_layout(straight10, tp2pp2_half, four_worker_runs, data, single, tmp_path):
     """tp2 x pp2's 5 steps resumed as one device and as dp2 x tp2 for 5 more: all 10 losses equal the
     uninterrupted single-device run (weights and AdamW state re-sliced, data position kept)."""
     import shutil
@@ -390,9 +408,6 @@ def test_resume_in_another_layout(straight10, tp2pp2_half, data, single, tmp_pat
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resumed from" in r.stderr and "step 5" in r.stderr
     assert np.allclose(report_losses(as_one), want, rtol=0, atol=1e-5), (report_losses(as_one), want)
-    as_dp2tp2 = str(tmp_path / "as_dp2tp2")
-    shutil.copytree(tp2pp2_half[0], as_dp2tp2)
-    r = msrun(4, _ten_step_args(as_dp2tp2, data, init, 2, "parallel_config.data_parallel=2",
-                                "parallel_config.model_parallel=2") + ["--resume"], str(tmp_path / "logs"))
-    assert r.returncode == 0, msrun_failure(r, str(tmp_path / "logs"))
+    as_dp2tp2, _, logs = four_worker_runs["as_dp2tp2"]
+    assert all("resumed from" in log and "step 5" in log for log in logs)
     assert np.allclose(report_losses(as_dp2tp2), want, rtol=0, atol=1e-5), (report_losses(as_dp2tp2), want)
