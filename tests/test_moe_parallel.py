@@ -2,8 +2,10 @@
 global gradient norms and final weights (the expert blocks gathered from the ranks' checkpoint blocks).
 
   dp4_ep2      4 workers  the experts split over groups of 2 consecutive dp ranks (expert_parallel 2 without
-                          ep_extend_tp): each expert on 2 ranks, its gradients summed over those 2 only
-  pp2_dp2_ep2  4 workers  the same split under a 2-stage 1F1B pipeline (one ep group per stage)
+                          ep_extend_tp): each expert on 2 ranks, its gradients summed over those 2 only; each
+                          rank's tokens fill their own capacity of every expert
+  pp2_dp2_ep2  4 workers  the same split under a 2-stage 1F1B pipeline (one ep group per stage), fine-tuning
+                          (SFT: the micro-batches' label counts differ, and so do the weights of their aux terms)
   pp2_tp2_sp   4 workers  a 2-stage pipeline over tp2 with sequence parallel, the experts split over the tp group
                           (moe_config.ep_extend_tp), full recompute: each stage adds its own layers' aux loss
 
@@ -14,7 +16,10 @@ the shipped layout: test_moe_experts_over_tp_dropless_in_chunks.
 The router aux loss is computed per forward (the tokens of one micro-batch on one rank), so the baseline must
 group the tokens the same way: every run has micro-batches of one sample and a global batch of 4 (dp4 x 1,
 dp2 x 2 accumulation steps), the one-device baseline 4 accumulation steps of one sample (the same label-token
-normalisation), so one baseline serves both."""
+normalisation), so one baseline serves every pretraining run, and one SFT baseline the SFT run.
+
+The pretraining runs route with capacity factor 0.5: an expert of tiny-moe (4 experts, top 2) then has 16 slots
+for the 64 tokens of a forward, whose 128 assignments at least half are dropped; the SFT run routes dropless."""
 import json
 import os
 
@@ -30,17 +35,18 @@ from telechat2.train.run_config import load_run_config
 from cli_server import run_telechat2
 
 PRETRAIN = os.path.join(REPO, "configs", "cpu", "pretrain_tiny.yaml")
+FINETUNE = os.path.join(REPO, "configs", "cpu", "finetune_tiny.yaml")
 DRIVER = os.path.join(REPO, "tests", "scenarios", "train_jobs.py")
 STEPS = 5
 
 
-def _args(out, data, init, *sets):
-    args = ["train", "--config", PRETRAIN, "--no-progress", "--set", f"output_dir={out}", "--train-dataset", data,
+def _args(out, data, init, *sets, config=PRETRAIN):
+    args = ["train", "--config", config, "--no-progress", "--set", f"output_dir={out}", "--train-dataset", data,
             "--load-checkpoint", init, "--set", "model.preset=tiny-moe", "--set", f"runner_config.max_steps={STEPS}",
             "--set", "runner_config.batch_size=1", "--set", "callbacks.CheckpointMonitor.save_checkpoint_steps=100",
             "--set", "lr_schedule.learning_rate=1.0e-3", "--set", "lr_schedule.lr_end=1.0e-4"]
-    for s in sets:
-        args += ["--set", s]
+    for s in (*sets, *(["model.model_config.seq_length=64"] if config == FINETUNE else [])):
+        args += ["--set", s]      # the SFT data is cut at 64 tokens, as the pretraining data
     return args
 
 
@@ -53,33 +59,43 @@ def _overrides(args):
 
 
 ACCUMULATE = "runner_config.gradient_accumulation_steps={}"
+CAPACITY = "moe_config.capacity_factor=0.5"
 FOUR_WORKERS = {          # name -> overrides (per-rank batch 1); tests/scenarios/train_jobs.py runs the list
-    "dp4_ep2": ["parallel_config.data_parallel=4", "parallel_config.expert_parallel=2"],
+    "dp4_ep2": ["parallel_config.data_parallel=4", "parallel_config.expert_parallel=2", CAPACITY],
     "pp2_dp2_ep2": ["parallel_config.data_parallel=2", "parallel_config.expert_parallel=2",
-                    "parallel_config.pipeline_stage=2", "parallel_config.micro_batch_num=2"],
+                    "parallel_config.pipeline_stage=2", "parallel_config.micro_batch_num=2"],      # SFT
     "pp2_tp2_sp": ["parallel_config.model_parallel=2", "parallel_config.use_seq_parallel=True",
                    "moe_config.ep_extend_tp=True", "parallel_config.expert_parallel=2",
                    "parallel_config.pipeline_stage=2", "parallel_config.micro_batch_num=4",
-                   "recompute_config.recompute=True"],
+                   "recompute_config.recompute=True", CAPACITY],
 }
+SFT_RUNS = {"pp2_dp2_ep2"}
+
+
+def baseline(name: str) -> str:
+    return "single_sft" if name in SFT_RUNS else "single"
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The baseline and the parallel runs: name -> (output dir, [that run's part of each rank's log])."""
+    """The baselines and the parallel runs: name -> (output dir, [that run's part of each rank's log])."""
     tmp = tmp_path_factory.mktemp("moe_parallel")
-    data = preprocess_bundled("pretrain", str(tmp / "data"))
+    data = {"single": preprocess_bundled("pretrain", str(tmp / "data")),
+            "single_sft": preprocess_bundled("sft", str(tmp / "sft"))}
+    config = {"single": PRETRAIN, "single_sft": FINETUNE}
     cfg = TeleChat2Config.from_preset("tiny-moe")
     init = write_hf_folder(str(tmp / "init"), cfg, ref.random_state_dict(cfg.to_hf_dict(), seed=5))
-    base = str(tmp / "single")
-    r = run_telechat2([*_args(base, data, init, ACCUMULATE.format(4))])
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "aux_loss: " in r.stdout
-    out = {"single": (base, [r.stdout])}
+    out = {}
+    for base in ("single", "single_sft"):
+        sets = [ACCUMULATE.format(4), *([CAPACITY] if base == "single" else [])]
+        r = run_telechat2([*_args(str(tmp / base), data[base], init, *sets, config=config[base])])
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "aux_loss: " in r.stdout
+        out[base] = (str(tmp / base), [r.stdout])
     jobs = []
     for name, sets in FOUR_WORKERS.items():
         out[name] = (str(tmp / name), None)
-        jobs.append(_overrides(_args(out[name][0], data, init, *sets)))
+        jobs.append(_overrides(_args(out[name][0], data[baseline(name)], init, *sets, config=config[baseline(name)])))
     jobs_file = tmp / "jobs.json"
     jobs_file.write_text(json.dumps([{"config": c, "overrides": o} for c, o in jobs]))
     logs = str(tmp / "logs4")
@@ -94,7 +110,7 @@ def runs(tmp_path_factory):
 
 def _matches_single_device(runs, name):
     """Losses, aux losses and gradient norms of every step, every rank's logged loss and the final weights."""
-    (base, (base_log,)), (out, logs) = runs["single"], runs[name]
+    (base, (base_log,)), (out, logs) = runs[baseline(name)], runs[name]
     want, got = report_losses(base), report_losses(out)
     assert len(got) == STEPS and np.allclose(got, want, rtol=0, atol=1e-5), (got, want)
     aux_want, aux_got = report_steps(base, "aux_loss"), report_steps(out, "aux_loss")

@@ -52,7 +52,10 @@ them (group "edp"). Each rank routes its own T tokens (the aux loss is per rank'
 the dispatch is an all-gather of the tokens and their routing over the ep group (the formulation of Megatron's
 "allgather" token dispatcher: MindSpore's CPU backend has no all-to-all), each rank runs its experts on all
 ep*T tokens, and the combine is a reduce-scatter of the partial outputs back to the token owners. Exact (the
-sum over ranks of the experts' parts is the sum over the token's experts). Communication contract:
+sum over ranks of the experts' parts is the sum over the token's experts). With a capacity factor each source
+rank's tokens fill their own C = capacity(T) slots of every expert (Megatron's per-rank capacity), so the
+drops are the ones of that rank's forward on one device, not of the gathered ep*T tokens. Communication
+contract:
 
     x [T, H] -> gather over ep (all-gather; reduce-scatter of dx) -> [ep*T, H] -> D_local^T x -> E/ep experts
       -> (D * gate)_local -> reduce-scatter over ep (all-gather of dy) -> y [T, H]
@@ -195,7 +198,7 @@ class MoE(nn.Cell):
         self.ffn = Experts(config, (self.first, self.local) if self.split else None,
                            dp_group="edp" if mesh.ep > 1 else "dp")
         self.tp_edges = mesh.tp > 1 and not self.seq_edges
-        self.ep_edges = mesh.ep > 1
+        self.ep_edges, self.ep_size = mesh.ep > 1, mesh.ep
         if self.tp_edges:
             from ..parallel.mappings import (CopyToTensorParallel, CopyToTensorParallelAutodiff,
                                              ReduceFromTensorParallel, tp_collective)
@@ -229,8 +232,10 @@ class MoE(nn.Cell):
         if self.ep_edges:                                      # every token of the ep group, in ep-rank order
             xt, gate, selected = self.gather_tokens(self.gather_input, self.gather_routing, xt, gate, selected, 1)
         chunks = self.config.moe_comm_chunks
-        if chunks == 1:
-            y = self.dispatch_ffn_combine(xt, gate, selected, expert_capacity(xt.shape[0], self.config))
+        if chunks == 1:                  # capacity of this rank's forward; the ep group's ranks fill their own
+            sources = self.ep_size if self.ep_edges else 1
+            y = self.dispatch_ffn_combine(xt, gate, selected, expert_capacity(xt.shape[0] // sources, self.config),
+                                          sources)
         else:                                                  # dropless: each chunk's tokens fill their own slots
             T = xt.shape[0]
             step = (T + chunks - 1) // chunks
@@ -258,13 +263,17 @@ class MoE(nn.Cell):
         routing = gather_routing(ops.cat((gate, selected), -1).reshape(rows, -1, 2 * E)).reshape(-1, 2 * E)
         return xt, routing[:, :E], ops.stop_gradient(routing[:, E:])
 
-    def dispatch_ffn_combine(self, xt, gate, selected, C):
-        """Tokens xt [T, H] with their routing (gate, selected [T, E_all]) through this rank's experts with C
-        slots each -> [T, H] (this rank's experts' part when the experts are split over tp or ep)."""
+    def dispatch_ffn_combine(self, xt, gate, selected, C, sources=1):
+        """Tokens xt [T, H] with their routing (gate, selected [T, E_all]) through this rank's experts -> [T, H]
+        (this rank's experts' part when the experts are split over tp or ep). The tokens are `sources` equal
+        runs (the ep ranks' tokens one after another), each filling its own C slots of every expert."""
         T, H, E = xt.shape[0], xt.shape[1], self.local             # E: the experts held here (all unsplit)
-        slot = ops.cumsum(selected, 0) - selected              # this token's place in the expert's queue
-        kept = selected * (slot < C).astype(ms.float32)
-        slot = ops.minimum(slot, C - 1).astype(ms.int32)
+        per_source = selected.reshape(sources, T // sources, -1)
+        slot = ops.cumsum(per_source, 1) - per_source          # this token's place in its source's queue
+        kept = (per_source * (slot < C).astype(ms.float32)).reshape(T, -1)
+        first_slot = (ops.arange(sources) * C).astype(ms.float32).reshape(sources, 1, 1)
+        slot = (ops.minimum(slot, C - 1) + first_slot).reshape(T, -1).astype(ms.int32)
+        C = sources * C
         dispatch = ops.one_hot(slot, C, ms.Tensor(1.0, ms.float32), ms.Tensor(0.0, ms.float32)) \
             * kept.expand_dims(-1)                                              # [T, E_all, C]
         dispatch = ops.stop_gradient(dispatch)
