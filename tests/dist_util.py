@@ -115,23 +115,23 @@ def gathered_weights(step_dir: str) -> dict[str, np.ndarray]:
     return whole
 
 
-def assert_inventory_matches(out: str, workers: int, layout: dict, **preset) -> dict:
+def assert_inventory_matches(out: str, workers: int, layout: dict, preset_name: str = "tiny", **preset) -> dict:
     """Every rank's collective inventory (report/comm_rank_R.json of a `report.comm_profile` run of the tiny
-    preset with `preset` overrides) equals plan/comm.py's formula for `layout` (mesh.Layout keywords); returns
-    the last rank's {(kind, axis): (count, bytes)}."""
+    (or `preset_name`) preset with `preset` overrides) equals plan/comm.py's formula for `layout` (mesh.Layout
+    keywords); returns the last rank's {(kind, axis): (count, bytes)}."""
     from telechat2 import TeleChat2Config
     from telechat2.parallel.mesh import Layout
     from telechat2.plan.comm import step_collectives
-    cfg = TeleChat2Config.from_preset("tiny", **preset)
+    cfg = TeleChat2Config.from_preset(preset_name, **preset)
     for rank in range(workers):
         with open(os.path.join(out, "report", f"comm_rank_{rank}.json")) as fh:
             rep = json.load(fh)
         got = {(r["kind"], r["axis"]): (r["count"], r["bytes"]) for r in rep["collectives"]}
         want = step_collectives(cfg, Layout(**layout), stage=rep["stage"], layers=rep["layers"],
                                 micro_batches=rep["micro_batches"], micro_batch_size=rep["micro_batch_size"],
-                                bucket_lengths=rep["bucket_lengths"])
+                                bucket_lengths=rep["bucket_lengths"], bucket_groups=rep["bucket_groups"])
         assert got == want, (out, rank, got, want)
         # the buckets hold this rank's parameters (padding below one row per shard and bucket)
-        if layout.get("tp", 1) == 1 and layout.get("pp", 1) == 1:
+        if all(layout.get(axis, 1) == 1 for axis in ("tp", "pp", "ep")):     # this rank holds every parameter
             assert 0 <= sum(rep["bucket_lengths"]) - cfg.num_parameters() < len(rep["bucket_lengths"]) * 2 * 1024
     return got

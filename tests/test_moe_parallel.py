@@ -61,9 +61,11 @@ def _overrides(args):
 ACCUMULATE = "runner_config.gradient_accumulation_steps={}"
 CAPACITY = "moe_config.capacity_factor=0.5"
 FOUR_WORKERS = {          # name -> overrides (per-rank batch 1); tests/scenarios/train_jobs.py runs the list
-    "dp4_ep2": ["parallel_config.data_parallel=4", "parallel_config.expert_parallel=2", CAPACITY],
+    "dp4_ep2": ["parallel_config.data_parallel=4", "parallel_config.expert_parallel=2", CAPACITY,
+                "report.comm_profile=True"],
     "pp2_dp2_ep2": ["parallel_config.data_parallel=2", "parallel_config.expert_parallel=2",
-                    "parallel_config.pipeline_stage=2", "parallel_config.micro_batch_num=2"],      # SFT
+                    "parallel_config.pipeline_stage=2", "parallel_config.micro_batch_num=2",      # SFT
+                    "report.comm_profile=True"],
     "pp2_tp2_sp": ["parallel_config.model_parallel=2", "parallel_config.use_seq_parallel=True",
                    "moe_config.ep_extend_tp=True", "parallel_config.expert_parallel=2",
                    "parallel_config.pipeline_stage=2", "parallel_config.micro_batch_num=4",
@@ -187,3 +189,16 @@ def test_moe_experts_over_dp_match_single_device(runs):
             assert np.allclose(got.full(kind, n), want.full(kind, n), rtol=1e-4, atol=1e-9), (kind, n)
         expert = got.block(kind, "model.layers.0.feed_forward.ffn.w1.weight", (0, 2, 2))
         assert np.array_equal(expert, got.full(kind, "model.layers.0.feed_forward.ffn.w1.weight")[2:])
+
+
+@pytest.mark.parametrize("name, layout", [("dp4_ep2", dict(dp=4, ep=2)), ("pp2_dp2_ep2", dict(dp=2, ep=2, pp=2))])
+def test_moe_collective_inventory_matches_the_formula(runs, name, layout):
+    """Each rank's first step ran plan/comm.py's collectives: per layer and micro-batch the ep all-gathers of
+    the tokens and their routing and the reduce-scatter of the experts' outputs (and the conjugates backward),
+    the experts' buckets reduced over their dp/ep replicas (dp4: all-reduce over edp; dp2 x ep2: none), the
+    rest over dp, the experts' share of the norm over ep."""
+    from dist_util import assert_inventory_matches
+    got = assert_inventory_matches(runs[name][0], 4, layout, preset_name="tiny-moe")
+    # 3 per layer and micro-batch: dp4 2 layers x 1, a pp2 stage 1 layer x 2 micro-batches
+    assert got[("all_gather", "ep")][0] == 6, got
+    assert (("all_reduce", "edp") in got) == (name == "dp4_ep2"), got

@@ -343,3 +343,15 @@ def test_search_formula_equals_the_trainer_inventory(model, layout):
         formula = persistent_formula(c, plan)
         for kind, value in formula.items():
             assert exact[kind] == pytest.approx(value, rel=2e-3, abs=1e6), (amp, kind)
+
+
+def test_step_collectives_refuses_what_it_does_not_model():
+    """plan/comm.py names the layouts its formula does not cover instead of returning a wrong inventory."""
+    from telechat2.plan.comm import step_collectives
+    args = dict(stage=0, layers=2, micro_batches=1, micro_batch_size=1, bucket_lengths=[1024])
+    with pytest.raises(ValueError, match="MoE models with the experts unsplit or over dp ranks"):
+        step_collectives(TeleChat2Config.from_preset("tiny-moe"), Layout(tp=2), **args)
+    with pytest.raises(ValueError, match="without loss_chunk_tokens"):
+        step_collectives(TeleChat2Config.from_preset("tiny", loss_chunk_tokens=32), Layout(dp=2), **args)
+    moe = step_collectives(TeleChat2Config.from_preset("tiny-moe"), Layout(dp=2), **args)
+    assert ("all_gather", "ep") not in moe and moe[("all_reduce", "dp")] == (3, 1024 * 4 + 4 + 8), moe

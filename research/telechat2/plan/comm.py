@@ -23,12 +23,20 @@ T = b * s/cp tokens on this rank, A = T * h activation bytes (compute dtype), L 
                            bucket: an all-reduce over cp, then over dp an all-reduce, or with the distributed
                            optimizer a reduce-scatter; the distributed optimizer all-gathers every bucket's
                            updated weights once per step
+  experts over dp ranks    (MoE, expert_parallel ep without tp) per layer and micro-batch, over the ep group:
+                           forward the all-gathers of the tokens (ep * A) and of their routing (ep * T * 2E
+                           fp32) and the reduce-scatter of the experts' partial outputs (ep * A); backward the
+                           conjugates (reduce-scatters of ep * A and of the routing, all-gather of ep * A). The
+                           experts' buckets ("edp" in bucket_groups) are reduced over their dp/ep replicas
+                           instead of dp, and their share of the norm's square summed over ep
   scalars                  per step: the label count and the [loss, aux] pair summed over dp and cp; the
                            gradient norm's square summed over tp, pp (and dp with the distributed optimizer);
-                           under pp the loss summed over pp
+                           under pp the loss summed over pp (a MoE model's [loss, aux] pair)
 
-Dense models without LoRA, a chunked loss head or an interleaved pipeline (anything else raises). Bucket lengths are the run's
-(parallel/buckets.py, in the report next to the measurement); everything else is computed here.
+Models without LoRA, a chunked loss head or an interleaved pipeline, MoE models with their experts unsplit or
+split over dp ranks (anything else raises). Bucket lengths and groups are the run's (parallel/buckets.py, in the
+report next to the measurement); everything else is computed here. Full recompute is not modelled (the
+profiled step runs eagerly, without it).
 """
 from __future__ import annotations
 
@@ -39,10 +47,14 @@ from .model import DTYPE_BYTES
 
 def step_collectives(c: TeleChat2Config, layout: Layout, *, stage: int, layers: int, micro_batches: int,
                      micro_batch_size: int, bucket_lengths: list[int], shard_accumulation: bool = False,
-                     chunks: int = 1) -> dict[tuple[str, str], tuple[int, int]]:
-    """{(kind, axis): (count, bytes)} of one step on a rank of pipeline stage `stage` holding `layers` layers."""
-    if c.num_experts or c.loss_chunk_tokens or chunks != 1:
-        raise ValueError("step_collectives: dense models without loss_chunk_tokens or pipeline chunks only")
+                     chunks: int = 1, bucket_groups: list[str] | None = None) -> dict[tuple[str, str], tuple[int, int]]:
+    """{(kind, axis): (count, bytes)} of one step on a rank of pipeline stage `stage` holding `layers` layers
+    (bucket_groups: each bucket's reduction group, "dp" or "edp"; default all "dp")."""
+    if c.loss_chunk_tokens or chunks != 1:
+        raise ValueError("step_collectives: models without loss_chunk_tokens or pipeline chunks only")
+    if c.num_experts and (layout.tp > 1 or layout.cp > 1):
+        raise ValueError("step_collectives: MoE models with the experts unsplit or over dp ranks (model_parallel "
+                         "and context_parallel 1) only")
     out: dict[tuple[str, str], list[int]] = {}
 
     def add(kind, axis, count, nbytes):
@@ -91,10 +103,17 @@ def step_collectives(c: TeleChat2Config, layout: Layout, *, stage: int, layers: 
             add(kind, "cp", m * layers * (cp - 1), block * DTYPE_BYTES[c.compute_dtype])   # K/V forward
             add(kind, "cp", m * layers * (cp - 1), block * DTYPE_BYTES[c.compute_dtype])   # K/V backward
             add(kind, "cp", m * layers * cp, block * f32)                                   # dK/dV
-    for length in bucket_lengths:
+    ep = layout.ep if c.num_experts else 1
+    if ep > 1:                  # tokens and outputs (forward), their gradients (backward); the routing
+        for kind in ("all_gather", "reduce_scatter"):
+            add(kind, "ep", 2 * m * layers, ep * act)
+            add(kind, "ep", m * layers, ep * tokens * 2 * c.num_experts * f32)
+    for length, group in zip(bucket_lengths, bucket_groups or ["dp"] * len(bucket_lengths)):
         if cp > 1:
             add("all_reduce", "cp", reductions, length * f32)
-        if dp > 1:
+        if group == "edp":                            # the experts' dp/ep replicas
+            add("all_reduce", "edp", reductions if dp // ep > 1 else 0, length * f32)
+        elif dp > 1:
             add("reduce_scatter" if distributed_optimizer else "all_reduce", "dp", reductions, length * f32)
             if distributed_optimizer:
                 add("all_gather", "dp", 1, length * grad_bytes)
@@ -102,11 +121,11 @@ def step_collectives(c: TeleChat2Config, layout: Layout, *, stage: int, layers: 
         if size > 1:
             add("all_reduce", axis, 1, f32)           # label count
             add("all_reduce", axis, 1, 2 * f32)       # [loss, aux]
-    for axis, size in (("tp", tp), ("pp", pp)):
+    for axis, size in (("tp", tp), ("pp", pp), ("ep", ep)):
         if size > 1:
-            add("all_reduce", axis, 1, f32)           # the norm's square
+            add("all_reduce", axis, 1, f32)           # the norm's square (over ep: the experts' share)
     if distributed_optimizer:
         add("all_reduce", "dp", 1, f32)
     if pp > 1:
-        add("all_reduce", "pp", 1, f32)               # the loss, from the last stage
+        add("all_reduce", "pp", 1, (2 if c.num_experts else 1) * f32)   # the loss (and aux), from the stages
     return {k: (n, b) for k, (n, b) in out.items()}

@@ -504,7 +504,8 @@ def train(cfg: dict, *, resume: bool = False, progress: bool = True, force: bool
                             {"stage": run.mesh.coord("pp"), "chunks": run.mesh.chunks,
                              "layers": len(model.model.layers),
                              "micro_batches": run.accum, "micro_batch_size": cfg["runner_config"]["batch_size"],
-                             "bucket_lengths": [bk.length for bk in plan.buckets]})
+                             "bucket_lengths": [bk.length for bk in plan.buckets],
+                             "bucket_groups": [bk.group for bk in plan.buckets]})
             profile_next = False
         else:
             loss, aux_loss, norm, finite = stepper(micro, lr, loss_scale)
