@@ -6,8 +6,9 @@ global gradient norms and final weights (the expert blocks gathered from the ran
                           rank's tokens fill their own capacity of every expert
   pp2_dp2_ep2  4 workers  the same split under a 2-stage 1F1B pipeline (one ep group per stage), fine-tuning
                           (SFT: the micro-batches' label counts differ, and so do the weights of their aux terms)
-  pp2_tp2_sp   4 workers  a 2-stage pipeline over tp2 with sequence parallel, the experts split over the tp group
-                          (moe_config.ep_extend_tp), full recompute: each stage adds its own layers' aux loss
+  pp2x2_tp2_sp 4 workers  an interleaved 2-stage pipeline (2 chunks of one layer per stage, 4 layers) over tp2
+                          with sequence parallel, the experts split over the tp group (moe_config.ep_extend_tp),
+                          full recompute: each chunk adds its own layer's aux loss
 
 The experts split over the tp group (moe_config.ep_extend_tp over tp2, 4 workers, dropless in 2 chunks, with
 sequence parallel, recompute and the distributed optimizer) train in test_ascend_configs' scaled 39B-A12B runs,
@@ -16,7 +17,7 @@ the shipped layout: test_moe_experts_over_tp_dropless_in_chunks.
 The router aux loss is computed per forward (the tokens of one micro-batch on one rank), so the baseline must
 group the tokens the same way: every run has micro-batches of one sample and a global batch of 4 (dp4 x 1,
 dp2 x 2 accumulation steps), the one-device baseline 4 accumulation steps of one sample (the same label-token
-normalisation), so one baseline serves every pretraining run, and one SFT baseline the SFT run.
+normalisation): a baseline per model depth and data kind (BASELINES).
 
 The pretraining runs route with capacity factor 0.5: an expert of tiny-moe (4 experts, top 2) then has 16 slots
 for the 64 tokens of a forward, whose 128 assignments at least half are dropped; the SFT run routes dropless."""
@@ -60,44 +61,47 @@ def _overrides(args):
 
 ACCUMULATE = "runner_config.gradient_accumulation_steps={}"
 CAPACITY = "moe_config.capacity_factor=0.5"
+FOUR_LAYERS = "model.model_config.num_layers=4"
 FOUR_WORKERS = {          # name -> overrides (per-rank batch 1); tests/scenarios/train_jobs.py runs the list
     "dp4_ep2": ["parallel_config.data_parallel=4", "parallel_config.expert_parallel=2", CAPACITY,
                 "report.comm_profile=True"],
     "pp2_dp2_ep2": ["parallel_config.data_parallel=2", "parallel_config.expert_parallel=2",
                     "parallel_config.pipeline_stage=2", "parallel_config.micro_batch_num=2",      # SFT
                     "report.comm_profile=True"],
-    "pp2_tp2_sp": ["parallel_config.model_parallel=2", "parallel_config.use_seq_parallel=True",
-                   "moe_config.ep_extend_tp=True", "parallel_config.expert_parallel=2",
-                   "parallel_config.pipeline_stage=2", "parallel_config.micro_batch_num=4",
-                   "recompute_config.recompute=True", CAPACITY],
+    "pp2x2_tp2_sp": ["parallel_config.model_parallel=2", "parallel_config.use_seq_parallel=True",
+                     "moe_config.ep_extend_tp=True", "parallel_config.expert_parallel=2",
+                     "parallel_config.pipeline_stage=2", "parallel_config.micro_batch_num=4",
+                     "parallel.pipeline_config.pipeline_interleave=True", "model.model_config.pp_interleave_num=2",
+                     FOUR_LAYERS, "recompute_config.recompute=True", CAPACITY],
 }
-SFT_RUNS = {"pp2_dp2_ep2"}
-
-
-def baseline(name: str) -> str:
-    return "single_sft" if name in SFT_RUNS else "single"
+# baseline -> (config, data kind, layers, overrides): one device, 4 accumulation steps of one sample
+BASELINES = {"single": (PRETRAIN, "pretrain", 2, [CAPACITY]), "single_sft": (FINETUNE, "sft", 2, []),
+             "single_4_layers": (PRETRAIN, "pretrain", 4, [CAPACITY, FOUR_LAYERS])}
+BASELINE_OF = {"dp4_ep2": "single", "pp2_dp2_ep2": "single_sft", "pp2x2_tp2_sp": "single_4_layers"}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The baselines and the parallel runs: name -> (output dir, [that run's part of each rank's log])."""
     tmp = tmp_path_factory.mktemp("moe_parallel")
-    data = {"single": preprocess_bundled("pretrain", str(tmp / "data")),
-            "single_sft": preprocess_bundled("sft", str(tmp / "sft"))}
-    config = {"single": PRETRAIN, "single_sft": FINETUNE}
-    cfg = TeleChat2Config.from_preset("tiny-moe")
-    init = write_hf_folder(str(tmp / "init"), cfg, ref.random_state_dict(cfg.to_hf_dict(), seed=5))
+    data = {kind: preprocess_bundled(kind, str(tmp / kind)) for kind in ("pretrain", "sft")}
+    init = {}
+    for layers in (2, 4):
+        cfg = TeleChat2Config.from_preset("tiny-moe", num_layers=layers)
+        init[layers] = write_hf_folder(str(tmp / f"init_{layers}"), cfg,
+                                       ref.random_state_dict(cfg.to_hf_dict(), seed=5))
     out = {}
-    for base in ("single", "single_sft"):
-        sets = [ACCUMULATE.format(4), *([CAPACITY] if base == "single" else [])]
-        r = run_telechat2([*_args(str(tmp / base), data[base], init, *sets, config=config[base])])
+    for base, (config, kind, layers, sets) in BASELINES.items():
+        r = run_telechat2([*_args(str(tmp / base), data[kind], init[layers], ACCUMULATE.format(4), *sets,
+                                  config=config)])
         assert r.returncode == 0, r.stderr[-3000:]
         assert "aux_loss: " in r.stdout
         out[base] = (str(tmp / base), [r.stdout])
     jobs = []
     for name, sets in FOUR_WORKERS.items():
+        config, kind, layers, _ = BASELINES[BASELINE_OF[name]]
         out[name] = (str(tmp / name), None)
-        jobs.append(_overrides(_args(out[name][0], data[baseline(name)], init, *sets, config=config[baseline(name)])))
+        jobs.append(_overrides(_args(out[name][0], data[kind], init[layers], *sets, config=config)))
     jobs_file = tmp / "jobs.json"
     jobs_file.write_text(json.dumps([{"config": c, "overrides": o} for c, o in jobs]))
     logs = str(tmp / "logs4")
@@ -112,7 +116,7 @@ def runs(tmp_path_factory):
 
 def _matches_single_device(runs, name):
     """Losses, aux losses and gradient norms of every step, every rank's logged loss and the final weights."""
-    (base, (base_log,)), (out, logs) = runs[baseline(name)], runs[name]
+    (base, (base_log,)), (out, logs) = runs[BASELINE_OF[name]], runs[name]
     want, got = report_losses(base), report_losses(out)
     assert len(got) == STEPS and np.allclose(got, want, rtol=0, atol=1e-5), (got, want)
     aux_want, aux_got = report_steps(base, "aux_loss"), report_steps(out, "aux_loss")
@@ -144,22 +148,28 @@ def _memory_matches_inventory(runs, name):
             assert json.load(fh)["allocated_bytes"] == by_kind(run_inventory(cfg, rank)), rank
 
 
-@pytest.mark.parametrize("name", ["pp2_dp2_ep2", "pp2_tp2_sp"])
+@pytest.mark.parametrize("name", ["pp2_dp2_ep2", "pp2x2_tp2_sp"])
 def test_moe_pipeline_matches_single_device(runs, name):
-    """Each stage holds one MoE layer and adds its router aux loss to its own backward: the losses, aux losses,
-    norms and weights are the one device's."""
+    """Each chunk of a stage holds one MoE layer and adds its router aux loss to its own backward: the losses,
+    aux losses, norms and weights are the one device's."""
     _matches_single_device(runs, name)
     _memory_matches_inventory(runs, name)
     out, world = runs[name][0], len(runs[name][1])
+    interleaved = name == "pp2x2_tp2_sp"
     from safetensors import safe_open
     with safe_open(os.path.join(out, "checkpoint", f"step_{STEPS:08d}", f"rank_{world - 1}", "model.safetensors"),
-                   "np") as fh:                  # the last stage holds layer 1 (and the head), not layer 0
-        names = set(fh.keys())
-    assert "model.layers.1.feed_forward.router.dense.weight" in names and "lm_head.weight" in names, sorted(names)
-    assert not any(n.startswith("model.layers.0.") for n in names), sorted(names)
+                   "np") as fh:                  # the last stage holds layer 1 (interleaved: 1 and 3) and the head
+        layers = {int(n.split(".")[2]) for n in fh.keys() if n.startswith("model.layers.")}
+        assert "lm_head.weight" in fh.keys()
+    assert layers == ({1, 3} if interleaved else {1}), layers
+    for rank in range(world):
+        with open(os.path.join(out, "report", f"compute_rank_{rank}.json")) as fh:
+            rec = json.load(fh)
+        stage = rec["pipeline_stage"]
+        assert rec["layers"] == ([stage, 2 + stage] if interleaved else [stage]), (rank, rec)
     with open(os.path.join(out, "report", "report.json")) as fh:
         layout = json.load(fh)["run"]["layout"]
-    assert " pp2 " in layout and ("sp" in layout) == (name == "pp2_tp2_sp"), layout
+    assert " pp2 " in layout and ("sp" in layout) == (name == "pp2x2_tp2_sp"), layout
     if name == "pp2_dp2_ep2":                        # dp rank 1 of stage 0 (rank 2) holds experts 2, 3 of layer 0
         assert _rank_record(out, 2)["shards"]["model.layers.0.feed_forward.ffn.w3.weight"] == [0, 2, 2]
         assert "model.layers.1.feed_forward.ffn.w3.weight" not in _rank_record(out, 2)["shards"]
