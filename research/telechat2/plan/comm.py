@@ -35,8 +35,8 @@ T = b * s/cp tokens on this rank, A = T * h activation bytes (compute dtype), L 
 
 Models without LoRA, a chunked loss head or an interleaved pipeline, MoE models with their experts unsplit or
 split over dp ranks (anything else raises). Bucket lengths and groups are the run's (parallel/buckets.py, in the
-report next to the measurement); everything else is computed here. Full recompute is not modelled (the
-profiled step runs eagerly, without it).
+report next to the measurement); everything else is computed here. Recompute is not modelled (a recomputed
+layer's forward collectives would run again in its backward); the profiled runs of the tests recompute nothing.
 """
 from __future__ import annotations
 
