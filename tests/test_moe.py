@@ -176,8 +176,6 @@ PRETRAIN = os.path.join(REPO, "configs", "cpu", "pretrain_tiny.yaml")
      "parallel_config.expert_parallel: 4 does not divide the 6 experts"),
     (["parallel_config.data_parallel=2", "parallel_config.expert_parallel=2", "parallel_config.model_parallel=2"],
      "parallel_config.model_parallel: 2: expert parallel over data-parallel ranks is implemented with model_parallel 1"),
-    (["parallel_config.data_parallel=2", "parallel_config.expert_parallel=2", "parallel.enable_parallel_optimizer=True"],
-     "parallel.enable_parallel_optimizer: the distributed optimizer with the experts split over data-parallel ranks"),
     (["parallel_config.data_parallel=2", "parallel_config.expert_parallel=2", "parallel_config.context_parallel=2"],
      "parallel_config.context_parallel: 2: a mixture-of-experts model"),
     (["moe_config.ep_extend_tp=True", "parallel_config.expert_parallel=2"],

@@ -4,6 +4,8 @@ global gradient norms and final weights (the expert blocks gathered from the ran
   dp4_ep2      4 workers  the experts split over groups of 2 consecutive dp ranks (expert_parallel 2 without
                           ep_extend_tp): each expert on 2 ranks, its gradients summed over those 2 only; each
                           rank's tokens fill their own capacity of every expert
+  dp4_ep2_zero 4 workers  the same with the distributed optimizer: the experts' buckets sharded over their 2
+                          replicas (edp), every other bucket over the 4 dp ranks
   pp2_dp2_ep2  4 workers  the same split under a 2-stage 1F1B pipeline (one ep group per stage), fine-tuning
                           (SFT: the micro-batches' label counts differ, and so do the weights of their aux terms)
   pp2x2_tp2_sp 4 workers  an interleaved 2-stage pipeline (2 chunks of one layer per stage, 4 layers) over tp2
@@ -65,6 +67,8 @@ FOUR_LAYERS = "model.model_config.num_layers=4"
 FOUR_WORKERS = {          # name -> overrides (per-rank batch 1); tests/scenarios/train_jobs.py runs the list
     "dp4_ep2": ["parallel_config.data_parallel=4", "parallel_config.expert_parallel=2", CAPACITY,
                 "report.comm_profile=True"],
+    "dp4_ep2_zero": ["parallel_config.data_parallel=4", "parallel_config.expert_parallel=2", CAPACITY,
+                     "parallel.enable_parallel_optimizer=True", "report.comm_profile=True"],
     "pp2_dp2_ep2": ["parallel_config.data_parallel=2", "parallel_config.expert_parallel=2",
                     "parallel_config.pipeline_stage=2", "parallel_config.micro_batch_num=2",      # SFT
                     "report.comm_profile=True"],
@@ -77,7 +81,7 @@ FOUR_WORKERS = {          # name -> overrides (per-rank batch 1); tests/scenario
 # baseline -> (config, data kind, layers, overrides): one device, 4 accumulation steps of one sample
 BASELINES = {"single": (PRETRAIN, "pretrain", 2, [CAPACITY]), "single_sft": (FINETUNE, "sft", 2, []),
              "single_4_layers": (PRETRAIN, "pretrain", 4, [CAPACITY, FOUR_LAYERS])}
-BASELINE_OF = {"dp4_ep2": "single", "pp2_dp2_ep2": "single_sft", "pp2x2_tp2_sp": "single_4_layers"}
+BASELINE_OF = {"dp4_ep2": "single", "dp4_ep2_zero": "single", "pp2_dp2_ep2": "single_sft", "pp2x2_tp2_sp": "single_4_layers"}
 
 
 @pytest.fixture(scope="module")
@@ -175,10 +179,11 @@ def test_moe_pipeline_matches_single_device(runs, name):
         assert "model.layers.1.feed_forward.ffn.w3.weight" not in _rank_record(out, 2)["shards"]
 
 
-def test_moe_experts_over_dp_match_single_device(runs):
-    name = "dp4_ep2"
+@pytest.mark.parametrize("name", ["dp4_ep2", "dp4_ep2_zero"])
+def test_moe_experts_over_dp_match_single_device(runs, name):
     _matches_single_device(runs, name)
     out = runs[name][0]
+    zero = name.endswith("_zero")
     rec = _rank_record(out, 1)                       # ep rank 1 holds experts 2 and 3 and writes them
     assert rec["shards"]["model.layers.0.feed_forward.ffn.w3.weight"] == [0, 2, 2]
     assert rec["shards"]["model.layers.1.feed_forward.ffn.w2.bias"] == [1, 2, 2]
@@ -186,6 +191,18 @@ def test_moe_experts_over_dp_match_single_device(runs):
     assert "model.safetensors" in rec["files"] and "optimizer.safetensors" in rec["files"]
     rec3 = _rank_record(out, 3)                      # dp ranks 2, 3: the replicas of ranks 0, 1 write no weights
     assert rec3["shards"] == rec["shards"] and "model.safetensors" not in rec3["files"]
+    # their AdamW state only with the distributed optimizer: rank 3 holds the second half of the buckets of
+    # experts 2, 3 (edp index 1 of 2) and the last quarter of every other bucket (dp index 3 of 4)
+    assert ("optimizer.safetensors" in rec3["files"]) == zero
+    if zero:
+        from safetensors import safe_open
+        with safe_open(os.path.join(out, "checkpoint", f"step_{STEPS:08d}", "rank_3", "optimizer.safetensors"),
+                       "np") as fh:
+            plan = json.loads(fh.metadata()["bucket_plan"])
+            sizes = {b: fh.get_slice(f"adam_m.bucket_{b:03d}").get_shape()[0] for b in range(len(plan["buckets"]))}
+        groups = {bk["group"]: (bk["shards"], bk["shard_index"]) for bk in plan["buckets"]}
+        assert groups == {"dp": (4, 3), "edp": (2, 1)}, groups
+        assert all(sizes[b] * bk["shards"] == bk["length"] for b, bk in enumerate(plan["buckets"])), sizes
     _memory_matches_inventory(runs, name)            # what check-config reports
     # a resume in another layout reads the AdamW state as the one device holds it (the experts' blocks joined
     # from the ep ranks' files)
@@ -201,7 +218,8 @@ def test_moe_experts_over_dp_match_single_device(runs):
         assert np.array_equal(expert, got.full(kind, "model.layers.0.feed_forward.ffn.w1.weight")[2:])
 
 
-@pytest.mark.parametrize("name, layout", [("dp4_ep2", dict(dp=4, ep=2)), ("pp2_dp2_ep2", dict(dp=2, ep=2, pp=2))])
+@pytest.mark.parametrize("name, layout", [("dp4_ep2", dict(dp=4, ep=2)), ("pp2_dp2_ep2", dict(dp=2, ep=2, pp=2)),
+                                          ("dp4_ep2_zero", dict(dp=4, ep=2, optimizer_shard=True))])
 def test_moe_collective_inventory_matches_the_formula(runs, name, layout):
     """Each rank's first step ran plan/comm.py's collectives: per layer and micro-batch the ep all-gathers of
     the tokens and their routing and the reduce-scatter of the experts' outputs (and the conjugates backward),
@@ -212,3 +230,4 @@ def test_moe_collective_inventory_matches_the_formula(runs, name, layout):
     # 3 per layer and micro-batch: dp4 2 layers x 1, a pp2 stage 1 layer x 2 micro-batches
     assert got[("all_gather", "ep")][0] == 6, got
     assert (("all_reduce", "edp") in got) == (name == "dp4_ep2"), got
+    assert (("reduce_scatter", "edp") in got) == (("all_gather", "edp") in got) == (name == "dp4_ep2_zero"), got

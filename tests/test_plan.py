@@ -331,6 +331,7 @@ def test_inference_memory_is_what_generation_allocates():
     ("115b", Layout(dp=8, tp=8, pp=8, sequence_parallel=True, micro_batch_num=8, optimizer_shard=True)),
     ("39b-a12b", Layout(dp=8, tp=8, optimizer_shard=True)),          # experts over tp (ep_extend_tp)
     ("39b-a12b", Layout(dp=4, ep=2)),                                # experts over dp
+    ("39b-a12b", Layout(dp=8, ep=2, optimizer_shard=True)),          # and their buckets sharded over edp
 ])
 def test_search_formula_equals_the_trainer_inventory(model, layout):
     """The search ranks by `persistent_formula`; check-config and --layout use the inventory: they agree (up to the

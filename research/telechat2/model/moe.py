@@ -61,11 +61,10 @@ contract:
       -> (D * gate)_local -> reduce-scatter over ep (all-gather of dy) -> y [T, H]
     (gate, selected) [T, 2E] -> gather over ep: [ep*T, 2E]; the gate gradient of a rank's own tokens comes back
       summed over the ranks' expert columns, so the router (replicated over all dp) gets its dp gradient
-Capacity under ep over dp: C slots per expert over the ep*T gathered tokens, filled in ep-rank order. The
-expert weights' gradients hold the contributions of the ep group's tokens and are summed over "edp" only
-(ExpertLinear.dp_group, parallel/grads.py); every other gradient over dp. Not implemented with the distributed
-optimizer (its buckets are sharded over all of dp), tensor, sequence or context parallel: refused by
-run_config.check_moe_layout. On Ascend the gather and reduce-scatter are the native AllGather / ReduceScatter
+The expert weights' gradients hold the contributions of the ep group's tokens and are summed over "edp" only
+(ExpertLinear.dp_group, parallel/grads.py); every other gradient over dp. With the distributed optimizer the
+experts' buckets are sharded over edp, the others over dp (parallel/buckets.py). Not implemented with tensor,
+sequence or context parallel: refused by run_config.check_moe_layout. On Ascend the gather and reduce-scatter are the native AllGather / ReduceScatter
 (parallel/mappings.py). Volume per rank and layer: the all-gather receives (ep-1) T H activations (the
 reduce-scatter sends as many), an all-to-all dispatch would move about k T H (ep-1)/ep; fine for small ep.
 """

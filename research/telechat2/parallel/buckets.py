@@ -3,8 +3,9 @@
 The trainable parameters are laid, in order, into flat fp32 buckets of about `bucket_mb` MB. A bucket holds
 parameters of one kind only (same weight decay, same gradient-norm weight, same data-parallel reduction group),
 so these are per-bucket values.
-Its length is padded to a multiple of n x ROW (n, the shard count: dp with the distributed optimizer, else
-1), and shard k is the contiguous range [k L/n, (k+1) L/n). Gradients are reduce-scattered bucket by bucket into
+Its length is padded to a multiple of n x ROW (n, the shard count of its group: with the distributed optimizer
+dp, or dp/ep for the buckets of experts split over dp ranks, group "edp"; else 1), and shard k is the
+contiguous range [k L/n, (k+1) L/n). Gradients are reduce-scattered bucket by bucket into
 the shards; AdamW's moments (and, for low-precision weights, the fp32 master copy) exist only as this
 rank's shards; the updated shards are all-gathered back into the weights.
 
@@ -43,14 +44,22 @@ class Bucket:
     norm_weight: float          # 1 / (ranks holding the same gradient): the global norm counts it once
     group: str = "dp"           # the data-parallel ranks its gradients are summed over ("edp": experts split
                                 # over dp, summed over their dp/ep replicas only; parallel/grads.py)
+    shards: int = 1             # the ranks of `group` it is sharded over (1: every rank holds all of it)
+    shard_index: int = 0        # this rank's shard
+
+
+def _per_group(value) -> dict[str, int]:
+    """{group: int} from one int (the "dp" group's; other groups unsharded) or a mapping."""
+    return {g: int(n) for g, n in value.items()} if isinstance(value, dict) else {"dp": int(value)}
 
 
 class BucketPlan:
-    def __init__(self, params, *, decay, norm_weights, shards: int = 1, shard_index: int = 0,
-                 bucket_mb: float = 25.0, groups=None):
+    def __init__(self, params, *, decay, norm_weights, shards=1, shard_index=0, bucket_mb: float = 25.0,
+                 groups=None):
         """params: [(name, shape)] in order; decay, norm_weights: one float per parameter; groups: one
-        data-parallel group name per parameter (default all "dp")."""
-        self.shards, self.shard_index = int(shards), int(shard_index)
+        data-parallel group name per parameter (default all "dp"); shards, shard_index: this rank's shard count
+        and index, one int for every group or {group: int}."""
+        shard_counts, shard_indices = _per_group(shards), _per_group(shard_index)
         limit = max(1, int(bucket_mb * 2**20 / 4))           # fp32 elements per bucket
         open_buckets: dict[tuple, list] = {}                 # kind -> slots of its bucket being filled
         buckets: list[tuple] = []                            # (first parameter index, kind, slots)
@@ -69,21 +78,23 @@ class BucketPlan:
         self.buckets = []
         for _, kind, slots in buckets:
             used = slots[-1].offset + slots[-1].size
-            step = self.shards * ROW
-            length = -(-used // step) * step
-            self.buckets.append(Bucket(tuple(slots), length, *kind))
+            n = shard_counts.get(kind[2], 1)
+            length = -(-used // (n * ROW)) * (n * ROW)
+            self.buckets.append(Bucket(tuple(slots), length, *kind, shards=n,
+                                       shard_index=shard_indices.get(kind[2], 0) if n > 1 else 0))
+        self.sharded = any(bk.shards > 1 for bk in self.buckets)    # the distributed optimizer
         # this rank's shard of each bucket as ((parameter index, lo, hi), ...) and its trailing padding:
         # fixed tuples, so compiled graphs index them with constants
         self.own_pieces = tuple((tuple((s.index, lo, hi) for s, lo, hi in self.overlaps(b)), self.padding(b))
                                 for b in range(len(self.buckets)))
 
     def shard_length(self, b: int) -> int:
-        return self.buckets[b].length // self.shards
+        return self.buckets[b].length // self.buckets[b].shards
 
     def shard_range(self, b: int, index: int | None = None) -> tuple[int, int]:
         """[start, stop) of shard `index` (default: this rank's) in bucket b's flat elements."""
         n = self.shard_length(b)
-        k = self.shard_index if index is None else index
+        k = self.buckets[b].shard_index if index is None else index
         return k * n, (k + 1) * n
 
     def overlaps(self, b: int, index: int | None = None):
@@ -143,9 +154,16 @@ class BucketPlan:
     # -- records ---------------------------------------------------------------------------------------------
     def to_json(self) -> dict:
         """What a checkpoint reader needs to find any parameter's elements in the per-bucket shards."""
-        return {"shards": self.shards, "shard_index": self.shard_index,
-                "buckets": [{"length": bk.length, "slots": [[s.name, list(s.shape), s.offset] for s in bk.slots]}
-                            for bk in self.buckets]}
+        return {"buckets": [{"length": bk.length, "group": bk.group, "shards": bk.shards,
+                             "shard_index": bk.shard_index,
+                             "slots": [[s.name, list(s.shape), s.offset] for s in bk.slots]} for bk in self.buckets]}
+
+
+def recorded_shard(plan_json: dict, b: int) -> tuple[str, int, int]:
+    """(group, shard count, shard index) of bucket b of a recorded plan (older records: one count for all)."""
+    bk = plan_json["buckets"][b]
+    return bk.get("group", "dp"), int(bk.get("shards", plan_json.get("shards", 1))), \
+        int(bk.get("shard_index", plan_json.get("shard_index", 0)))
 
 
 def locate(plan_json: dict) -> dict[str, tuple[int, int, tuple]]:

@@ -10,12 +10,14 @@ After backward, on every rank (`GradReducer.to_shards`):
     summed over cp (each cp rank holds a part of the one global loss), then over dp: reduce-scattered into
     this rank's shard with the distributed optimizer, else all-reduced (the shard is the whole bucket); the
     buckets of experts split over dp ranks (expert parallel over dp) are summed over their dp/ep replicas only
-    (group "edp"), each rank's expert gradients already holding the contributions of its ep group's tokens. The
+    (group "edp"; reduce-scattered over it with the distributed optimizer), each rank's expert gradients
+    already holding the contributions of its ep group's tokens. The
     loss of every rank is already weighted by the global batch's label-token count (train/step.py), so the
     sum is the gradient of the global per-token mean.
 The global gradient norm counts each distinct value once: sum_b w_b |shard_b|^2, summed over the dp shards,
 tp and pp, with w_b = 1 for tp-split tensors and 1/(number of holders) for replicated ones (a bucket holds
-one kind only); the experts split over dp count once per ep group: their squares are summed over "ep".
+one kind only); the experts split over dp count once per ep group: their squares are summed over "ep" (with
+the distributed optimizer over dp with the rest: each rank holds one edp shard of its ep rank's experts).
 """
 from __future__ import annotations
 
@@ -62,11 +64,12 @@ def bucket_plan(model, params, mesh, *, decay, shard: bool, bucket_mb: float = 2
     """The flat-bucket plan of `params` on this rank (shared by the optimizer, checkpoints and the inventory)."""
     holders = gradient_holders(model, params, mesh)
     groups = dp_groups(model)
-    if shard and groups:
-        raise ValueError("the distributed optimizer with experts split over data-parallel ranks is not implemented")
-    dp, dp_rank = (mesh.dp, mesh.dp_rank) if shard else (1, 0)
+    # the distributed optimizer shards a bucket over the ranks that sum its gradients: dp, or the dp/ep
+    # replicas of the experts split over dp ("edp", whose index is dp_rank // ep: parallel/mesh.py)
+    shards = {"dp": mesh.dp, "edp": mesh.edp} if shard else 1
+    index = {"dp": mesh.dp_rank, "edp": mesh.dp_rank // mesh.ep} if shard else 0
     return BucketPlan([(p.name, tuple(p.shape)) for p in params], decay=decay,
-                      norm_weights=[1.0 / len(h) for h in holders], shards=dp, shard_index=dp_rank,
+                      norm_weights=[1.0 / len(h) for h in holders], shards=shards, shard_index=index,
                       bucket_mb=bucket_mb, groups=[groups.get(p.name, "dp") for p in params])
 
 
@@ -87,14 +90,13 @@ class GradReducer(nn.Cell):
         self.pp_sum = self._sum_over(mesh, "pp", mesh.layout.pp)
         self.dp_sum = self._sum_over(mesh, "dp", mesh.dp)
         self.cp_sum = self._sum_over(mesh, "cp", mesh.layout.cp)
-        # the distributed optimizer: reduce-scatter over dp into this rank's shard
-        self.dp_scatter = GroupCollective(mesh.groups["dp"], mesh.dp, mesh.dp_rank, "dp") if plan.shards > 1 \
-            else None
+        # the distributed optimizer: reduce-scatter over dp (experts over dp: over edp) into this rank's shard
+        self.sharded = plan.sharded
         self.weights = tuple(bk.norm_weight for bk in plan.buckets)
         # experts split over dp: gradients summed over their replicas (edp), squares over the ep group
         self.expert = tuple(bk.group == "edp" for bk in plan.buckets)
-        self.edp_sum = GroupCollective(mesh.groups["edp"], mesh.dp // mesh.ep, 0, "edp") if "edp" in mesh.groups \
-            else None
+        self.edp_sum = GroupCollective(mesh.groups["edp"], mesh.edp, mesh.dp_rank // mesh.ep, "edp") \
+            if "edp" in mesh.groups and mesh.edp > 1 else None
         self.ep_sum = GroupCollective(mesh.groups["ep"], mesh.ep, mesh.ep_rank, "ep") if "ep" in mesh.groups else None
 
     @staticmethod
@@ -120,13 +122,9 @@ class GradReducer(nn.Cell):
             flat = self.plan.flat(grads, b, ms.float32)
             if self.cp_sum is not None:
                 flat = self.cp_sum.all_reduce(flat)
-            if self.expert[b]:
-                if self.edp_sum is not None:
-                    flat = self.edp_sum.all_reduce(flat)
-            elif self.dp_scatter is not None:
-                flat = self.dp_scatter.reduce_scatter(flat, 0)
-            elif self.dp_sum is not None:
-                flat = self.dp_sum.all_reduce(flat)
+            over = self.edp_sum if self.expert[b] else self.dp_sum
+            if over is not None:
+                flat = over.reduce_scatter(flat, 0) if self.sharded else over.all_reduce(flat)
             shards.append(flat)
         return tuple(shards)
 
@@ -146,9 +144,11 @@ class GradReducer(nn.Cell):
             else:
                 squares.append(rows.sum() * self.weights[b])
         total = ops.addn(squares)
-        if self.dp_scatter is not None:              # each dp rank holds one shard of every bucket
+        if self.sharded:                             # each dp rank holds one shard of every bucket (an expert
+            if len(expert) > 0:                      # bucket: one of its edp shards of its ep rank's experts)
+                total = total + ops.addn(expert)
             total = self.dp_sum.all_reduce(total)
-        if len(expert) > 0:                          # each ep rank holds different experts
+        elif len(expert) > 0:                        # each ep rank holds different experts
             total = total + self.ep_sum.all_reduce(ops.addn(expert))
         if self.tp_sum is not None:
             total = self.tp_sum.all_reduce(total)

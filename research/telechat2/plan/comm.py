@@ -27,8 +27,10 @@ T = b * s/cp tokens on this rank, A = T * h activation bytes (compute dtype), L 
                            forward the all-gathers of the tokens (ep * A) and of their routing (ep * T * 2E
                            fp32) and the reduce-scatter of the experts' partial outputs (ep * A); backward the
                            conjugates (reduce-scatters of ep * A and of the routing, all-gather of ep * A). The
-                           experts' buckets ("edp" in bucket_groups) are reduced over their dp/ep replicas
-                           instead of dp, and their share of the norm's square summed over ep
+                           experts' buckets ("edp" in bucket_groups) are reduced (reduce-scattered and
+                           all-gathered with the distributed optimizer) over their dp/ep replicas instead of
+                           dp; their share of the norm's square is summed over ep (over dp with the
+                           distributed optimizer, with everything else)
   scalars                  per step: the label count and the [loss, aux] pair summed over dp and cp; the
                            gradient norm's square summed over tp, pp (and dp with the distributed optimizer);
                            under pp the loss summed over pp (a MoE model's [loss, aux] pair)
@@ -111,17 +113,16 @@ def step_collectives(c: TeleChat2Config, layout: Layout, *, stage: int, layers: 
     for length, group in zip(bucket_lengths, bucket_groups or ["dp"] * len(bucket_lengths)):
         if cp > 1:
             add("all_reduce", "cp", reductions, length * f32)
-        if group == "edp":                            # the experts' dp/ep replicas
-            add("all_reduce", "edp", reductions if dp // ep > 1 else 0, length * f32)
-        elif dp > 1:
-            add("reduce_scatter" if distributed_optimizer else "all_reduce", "dp", reductions, length * f32)
+        axis, size = ("edp", dp // ep) if group == "edp" else ("dp", dp)   # edp: the experts' dp/ep replicas
+        if size > 1:
+            add("reduce_scatter" if distributed_optimizer else "all_reduce", axis, reductions, length * f32)
             if distributed_optimizer:
-                add("all_gather", "dp", 1, length * grad_bytes)
+                add("all_gather", axis, 1, length * grad_bytes)
     for axis, size in (("dp", dp), ("cp", cp)):
         if size > 1:
             add("all_reduce", axis, 1, f32)           # label count
             add("all_reduce", axis, 1, 2 * f32)       # [loss, aux]
-    for axis, size in (("tp", tp), ("pp", pp), ("ep", ep)):
+    for axis, size in (("tp", tp), ("pp", pp), ("ep", 1 if distributed_optimizer else ep)):
         if size > 1:
             add("all_reduce", axis, 1, f32)           # the norm's square (over ep: the experts' share)
     if distributed_optimizer:

@@ -33,7 +33,7 @@ from ..checkpoint.manifest import MANIFEST, list_checkpoints, resolve_run_checkp
 from ..checkpoint.safetensors_io import CheckpointError, SafetensorsFile, bf16_bits_to_f32, f32_to_bf16_bits, \
     write_safetensors
 from ..errors import TeleChat2Error
-from ..parallel.buckets import locate
+from ..parallel.buckets import locate, recorded_shard
 from .output_dir import current_run_id, prune
 
 __all__ = ["save", "read_into", "load_state", "latest_valid", "list_checkpoints", "resolve_run_checkpoint"]
@@ -150,7 +150,7 @@ def save(ckpt_root: str, step: int, *, model, optimizer, state: dict, keep: int)
         written["model.safetensors"] = write_tensors(os.path.join(mine, "model.safetensors"),
                                                      model.trainable_params())
     fault_point(f"checkpoint:{step}")                  # crash tests: die with the checkpoint half written
-    sharded = optimizer.plan.shards > 1
+    sharded = optimizer.plan.sharded
     if optimizer_writer(layout, rank, sharded) == rank:
         written["optimizer.safetensors"] = write_tensors(
             os.path.join(mine, "optimizer.safetensors"), optimizer.state_parameters(),
@@ -257,7 +257,7 @@ def latest_valid(ckpt_root: str, mesh=None, layout=None) -> str | None:
 # -- resuming --------------------------------------------------------------------------------------------
 def load_same_layout(step_dir: str, mesh, model, optimizer) -> None:
     layout, rank = mesh.layout, mesh.rank
-    sharded = optimizer.plan.shards > 1
+    sharded = optimizer.plan.sharded
     model_file, optim_file = files_read(step_dir, layout, rank, sharded)[1:]
     for rel in (model_file, optim_file):
         if not os.path.exists(os.path.join(step_dir, rel)):
@@ -311,21 +311,27 @@ class StoredOptimizer:
         return c["tp"], c["pp"], c["dp"] % self.layout.ep
 
     def _local(self, kind: str, name: str, position) -> np.ndarray | None:
-        """The tensor of one model shard's block of parameter `name`, joined from its dp shards."""
-        files = self.writers.get(position) or []
+        """The tensor of one model shard's block of parameter `name`, joined from its dp shards: the writers
+        at `position`, and for a bucket sharded over all of dp (not "edp") the writers of the other ep ranks
+        of the same (tp, pp), which hold the other dp shards of the parameters replicated over ep."""
         out = None
-        for f, where, plan in files:
-            if name not in where:
-                return None
-            b, offset, shape = where[name]
-            size = int(np.prod(shape, dtype=np.int64))
-            n = plan["buckets"][b]["length"] // plan["shards"]
-            k = plan["shard_index"]
-            lo, hi = max(offset, k * n), min(offset + size, (k + 1) * n)
-            if out is None:
-                out = np.zeros(size, np.float32)
-            if lo < hi:
-                out[lo - offset:hi - offset] = f.read_raw(f"{kind}.bucket_{b:03d}")[lo - k * n:hi - k * n]
+        for at, files in self.writers.items():
+            if at[:2] != position[:2]:
+                continue
+            for f, where, plan in files:
+                if name not in where:
+                    continue
+                b, offset, shape = where[name]
+                group, shards, k = recorded_shard(plan, b)
+                if at != position and (group == "edp" or shards == 1):
+                    continue
+                size = int(np.prod(shape, dtype=np.int64))
+                n = plan["buckets"][b]["length"] // shards
+                lo, hi = max(offset, k * n), min(offset + size, (k + 1) * n)
+                if out is None:
+                    out = np.zeros(size, np.float32)
+                if lo < hi:
+                    out[lo - offset:hi - offset] = f.read_raw(f"{kind}.bucket_{b:03d}")[lo - k * n:hi - k * n]
         return None if out is None else out.reshape(shape)
 
     def block(self, kind: str, name: str, spec=None) -> np.ndarray:

@@ -28,8 +28,8 @@ class AdamW(nn.Cell):
 
     `construct(shards, lr, grad_mult)` takes this rank's fp32 gradient shard of every bucket of `plan`
     (parallel/buckets.py; train/step.py reduces into them) and applies one step; `grad_mult` folds loss-scale
-    removal and clipping into one multiplier. With the distributed optimizer (`plan.shards` = dp > 1) the
-    moments exist only for this rank's shard, and the updated shards are all-gathered over dp, in the
+    removal and clipping into one multiplier. With the distributed optimizer (`plan.sharded`) the moments
+    exist only for this rank's shard, and the updated shards are all-gathered over dp (edp), in the
     weights' dtype, into the weights. Weights stored in fp32 are their own master copy (read from the
     parameters' overlapping slices); weights stored in a low-precision dtype (AMP O2) get an fp32 master
     shard, initialised from the weights.
@@ -51,10 +51,17 @@ class AdamW(nn.Cell):
         self.step = buffers["adam_step"]
         self.decay = tuple(bk.decay for bk in plan.buckets)
         self.beta1, self.beta2, self.eps = float(betas[0]), float(betas[1]), float(eps)
-        self.dp_gather = None
-        if plan.shards > 1:
+        # with the distributed optimizer each bucket's updated shards are all-gathered over the ranks it is
+        # sharded over: dp, or edp for the experts split over dp (parallel/grads.py bucket_plan)
+        self.gathers, self.gather_of = nn.CellList(), ()
+        if plan.sharded:
             from ..parallel.mappings import GroupCollective
-            self.dp_gather = GroupCollective(mesh.groups["dp"], mesh.dp, mesh.dp_rank, "dp")
+            groups = sorted({bk.group for bk in plan.buckets if bk.shards > 1})
+            for g in groups:
+                size = mesh.dp if g == "dp" else mesh.edp
+                self.gathers.append(GroupCollective(mesh.groups[g], size, mesh.dp_rank if g == "dp"
+                                                    else mesh.dp_rank // mesh.ep, g))
+            self.gather_of = tuple(groups.index(bk.group) if bk.shards > 1 else -1 for bk in plan.buckets)
         if self.has_master:
             self.master_from_weights()
 
@@ -104,7 +111,8 @@ class AdamW(nn.Cell):
             if self.has_master:
                 ops.assign(self.master[b], w_new)
             w_new = w_new.astype(self.weight_dtype)
-            full = w_new if self.dp_gather is None else self.dp_gather.all_gather(w_new, 0)
+            full = w_new if not self.gather_of or self.gather_of[b] < 0 else \
+                self.gathers[self.gather_of[b]].all_gather(w_new, 0)
             for i, value in self.plan.unflat(full, b):
                 done = ops.assign(self.params[i], value)
         return step
