@@ -6,6 +6,9 @@ global gradient norms and final weights (the expert blocks gathered from the ran
                           rank's tokens fill their own capacity of every expert
   dp4_ep2_zero 4 workers  the same with the distributed optimizer: the experts' buckets sharded over their 2
                           replicas (edp), every other bucket over the 4 dp ranks
+  dp2_tp2_sp_ep2 4 workers  the experts over ep2 x tp2 (one expert per rank: MindFormers' published layout's
+                          axes, tp + SP with ep over dp), sequence parallel, the distributed optimizer, 2
+                          accumulation steps
   pp2_dp2_ep2  4 workers  the same split under a 2-stage 1F1B pipeline (one ep group per stage), fine-tuning
                           (SFT: the micro-batches' label counts differ, and so do the weights of their aux terms)
   pp2x2_tp2_sp 4 workers  an interleaved 2-stage pipeline (2 chunks of one layer per stage, 4 layers) over tp2
@@ -69,6 +72,9 @@ FOUR_WORKERS = {          # name -> overrides (per-rank batch 1); tests/scenario
                 "report.comm_profile=True"],
     "dp4_ep2_zero": ["parallel_config.data_parallel=4", "parallel_config.expert_parallel=2", CAPACITY,
                      "parallel.enable_parallel_optimizer=True", "report.comm_profile=True"],
+    "dp2_tp2_sp_ep2": ["parallel_config.data_parallel=2", "parallel_config.model_parallel=2",
+                       "parallel_config.use_seq_parallel=True", "parallel_config.expert_parallel=2",
+                       "parallel.enable_parallel_optimizer=True", ACCUMULATE.format(2), CAPACITY],
     "pp2_dp2_ep2": ["parallel_config.data_parallel=2", "parallel_config.expert_parallel=2",
                     "parallel_config.pipeline_stage=2", "parallel_config.micro_batch_num=2",      # SFT
                     "report.comm_profile=True"],
@@ -81,7 +87,7 @@ FOUR_WORKERS = {          # name -> overrides (per-rank batch 1); tests/scenario
 # baseline -> (config, data kind, layers, overrides): one device, 4 accumulation steps of one sample
 BASELINES = {"single": (PRETRAIN, "pretrain", 2, [CAPACITY]), "single_sft": (FINETUNE, "sft", 2, []),
              "single_4_layers": (PRETRAIN, "pretrain", 4, [CAPACITY, FOUR_LAYERS])}
-BASELINE_OF = {"dp4_ep2": "single", "dp4_ep2_zero": "single", "pp2_dp2_ep2": "single_sft", "pp2x2_tp2_sp": "single_4_layers"}
+BASELINE_OF = {"dp4_ep2": "single", "dp4_ep2_zero": "single", "dp2_tp2_sp_ep2": "single", "pp2_dp2_ep2": "single_sft", "pp2x2_tp2_sp": "single_4_layers"}
 
 
 @pytest.fixture(scope="module")
@@ -216,6 +222,23 @@ def test_moe_experts_over_dp_match_single_device(runs, name):
             assert np.allclose(got.full(kind, n), want.full(kind, n), rtol=1e-4, atol=1e-9), (kind, n)
         expert = got.block(kind, "model.layers.0.feed_forward.ffn.w1.weight", (0, 2, 2))
         assert np.array_equal(expert, got.full(kind, "model.layers.0.feed_forward.ffn.w1.weight")[2:])
+
+
+def test_moe_experts_over_ep_and_tp_match_single_device(runs):
+    """ep over dp combined with tp + SP: rank dp * 2 + tp (ep rank = dp) holds expert ep_rank * 2 + tp_rank,
+    the tokens gathered over tp (the sequence) and then over ep."""
+    name = "dp2_tp2_sp_ep2"
+    _matches_single_device(runs, name)
+    _memory_matches_inventory(runs, name)
+    out = runs[name][0]
+    for rank in range(4):
+        rec = _rank_record(out, rank)
+        assert rec["shards"]["model.layers.1.feed_forward.ffn.w1.weight"] == [0, rank, 1], (rank, rec["shards"])
+        assert rec["shards"]["model.layers.1.feed_forward.ffn.w2.bias"] == [1, rank, 1]
+        assert "model.layers.0.feed_forward.router.dense.weight" not in rec["shards"]
+    with open(os.path.join(out, "report", "report.json")) as fh:
+        layout = json.load(fh)["run"]["layout"]
+    assert layout.startswith("dp2(ep2) tp2") and "sp" in layout and "zero1" in layout, layout
 
 
 @pytest.mark.parametrize("name, layout", [("dp4_ep2", dict(dp=4, ep=2)), ("pp2_dp2_ep2", dict(dp=2, ep=2, pp=2)),

@@ -45,10 +45,12 @@ over tp, as after a row-parallel linear. Communication contract:
     gate [T, E] -> copy_to_tp: each rank's gate gradient covers its experts' columns only; summed, the
       replicated router gets its whole gradient on every rank (the aux loss is computed whole on every rank)
 
-Experts over data-parallel ranks (`parallel_config.expert_parallel` ep without ep_extend_tp, model_parallel 1):
+Experts over data-parallel ranks (`parallel_config.expert_parallel` ep without ep_extend_tp):
 the dp ranks form groups of ep consecutive dp ranks (mesh group "ep"); the rank with ep_rank = dp_rank % ep
 holds experts [ep_rank E/ep, (ep_rank + 1) E/ep), and the dp/ep ranks with the same ep_rank hold replicas of
-them (group "edp"). Each rank routes its own T tokens (the aux loss is per rank's forward, as under plain dp);
+them (group "edp"). Under tensor parallel too the expert domain is ep x tp: the tp ranks split the ep rank's
+block again (rank ep_rank * tp + tp_rank holds E/(ep tp) experts); the tp edges above come first (copy or
+sequence gather in, and after the ep edges, reduce or sequence scatter out), the ep edges inside them. Each rank routes its own T tokens (the aux loss is per rank's forward, as under plain dp);
 the dispatch is an all-gather of the tokens and their routing over the ep group (the formulation of Megatron's
 "allgather" token dispatcher: MindSpore's CPU backend has no all-to-all), each rank runs its experts on all
 ep*T tokens, and the combine is a reduce-scatter of the partial outputs back to the token owners. Exact (the
@@ -63,8 +65,8 @@ contract:
       summed over the ranks' expert columns, so the router (replicated over all dp) gets its dp gradient
 The expert weights' gradients hold the contributions of the ep group's tokens and are summed over "edp" only
 (ExpertLinear.dp_group, parallel/grads.py); every other gradient over dp. With the distributed optimizer the
-experts' buckets are sharded over edp, the others over dp (parallel/buckets.py). Not implemented with tensor,
-sequence or context parallel: refused by run_config.check_moe_layout. On Ascend the gather and reduce-scatter are the native AllGather / ReduceScatter
+experts' buckets are sharded over edp, the others over dp (parallel/buckets.py). Not implemented with context
+parallel: refused by run_config.check_moe_layout. On Ascend the gather and reduce-scatter are the native AllGather / ReduceScatter
 (parallel/mappings.py). Volume per rank and layer: the all-gather receives (ep-1) T H activations (the
 reduce-scatter sends as many), an all-to-all dispatch would move about k T H (ep-1)/ep; fine for small ep.
 """
@@ -178,9 +180,8 @@ class MoE(nn.Cell):
         super().__init__()
         if mesh.layout.cp > 1:
             raise ValueError("num_experts > 0 is implemented without context parallel (context_parallel 1)")
-        if mesh.ep > 1 and mesh.tp > 1:
-            raise ValueError("expert parallel over data-parallel ranks is implemented with model_parallel 1")
-        split, rank = (mesh.ep, mesh.ep_rank) if mesh.ep > 1 else (mesh.tp, mesh.tp_rank)
+        # the expert domain: the ep group x the tp group, rank ep_rank * tp + tp_rank holding E / (ep * tp)
+        split, rank = mesh.ep * mesh.tp, mesh.ep_rank * mesh.tp + mesh.tp_rank
         if config.num_experts % split:
             raise ValueError(f"num_experts={config.num_experts} is not divisible by the expert-parallel size {split}")
         self.config = config
@@ -244,12 +245,12 @@ class MoE(nn.Cell):
                 parts.append(self.dispatch_ffn_combine(xt[start:stop], gate[start:stop], selected[start:stop],
                                                        stop - start))
             y = ops.cat(parts, 0)
+        if self.ep_edges:            # the partial outputs summed back to the token owners (the edges taken in
+            y = self.scatter_output(y.reshape(1, -1, shape[-1])).reshape(-1, shape[-1])   # reverse order)
         if self.tp_edges:
             y = self.reduce_output(y)
         if self.seq_edges:                                     # [B, S/tp, H]
             y = self.scatter_seq_output(y.reshape(shape[0], -1, shape[-1]))
-        if self.ep_edges:                                      # the partial outputs summed back to the token owners
-            y = self.scatter_output(y.reshape(1, -1, shape[-1]))
         return y.reshape(shape), aux
 
     @staticmethod

@@ -8,8 +8,8 @@ is not an axis of its own but a split of dp: the dp ranks form dp/ep groups of e
 "ep": the ranks that exchange tokens and hold different experts, ep_rank = dp_rank % ep), and the ranks with the
 same ep_rank across those groups hold the same experts (group "edp": the dp/ep replicas of an expert, whose
 gradients are summed together). This is MindFormers' split of dp into outer_dp = dp/ep x inner_dp = ep (its ep
-group: ranks [rank // ep * ep, + ep) with model_parallel 1) and Megatron's expert-parallel / expert-data-parallel
-groups.
+group: ranks [rank // ep * ep, + ep) at model_parallel 1) and Megatron's expert-parallel / expert-data-parallel
+groups; under tensor parallel the groups hold the ranks of the same tp coordinate.
 """
 from __future__ import annotations
 

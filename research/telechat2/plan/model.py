@@ -184,13 +184,9 @@ def persistent_formula(c: TeleChat2Config, plan: Plan, shard_accumulation: bool 
 
 def trainer_builds(c: TeleChat2Config, lay: Layout) -> bool:
     """Whether the trainer builds this layout (so its inventory can be taken): a MoE model runs with dp, tp
-    (with or without sequence parallel) and pp, its experts over tp, or over dp at tp 1 (train/run_config.py:
-    check_moe_layout). The planner estimates the others by formula."""
-    if not c.num_experts:
-        return True
-    if lay.cp > 1:
-        return False
-    return lay.ep == 1 or lay.tp == 1
+    (with or without sequence parallel) and pp, its experts over tp, over dp, or over both (train/run_config.py:
+    check_moe_layout), not cp. The planner estimates the others by formula."""
+    return not c.num_experts or lay.cp == 1
 
 
 def training_memory(c: TeleChat2Config, plan: Plan, seq_length: int, *, shard_accumulation: bool = False,

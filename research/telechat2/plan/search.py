@@ -41,7 +41,7 @@ def candidates(c: TeleChat2Config, devices: int, seq_length: int, global_batch: 
     """Every valid plan: dp x tp x pp x cp = devices, micro-batches from the global batch, sequence parallel
     whenever tp > 1, optimizer sharding on or off when dp > 1, each recompute mode, interleave 1-4; for a MoE
     model each expert_parallel over dp dividing dp and the experts (the planner estimates layouts the trainer
-    does not run yet: MoE with cp, or ep over dp with tp)."""
+    does not run yet: MoE with cp)."""
     # bounds every valid layout obeys (heads split over tp, >= 1 layer per stage, 2 cp chunks per sequence)
     for tp in _divisors(devices, c.num_heads):
         for cp in _divisors(devices // tp, max(1, seq_length // 2)):

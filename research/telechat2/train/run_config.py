@@ -596,8 +596,8 @@ def _with_moe_config(config: TeleChat2Config, moe: dict, source: str) -> TeleCha
 
 def check_moe_layout(config: TeleChat2Config, cfg: dict, source: str) -> None:
     """The layouts a MoE model runs with (model/moe.py): data parallel; the experts split over dp ranks
-    (expert_parallel dividing data_parallel, model_parallel 1; with the distributed optimizer their buckets are
-    sharded over their dp/ep replicas); tensor parallel,
+    (expert_parallel dividing data_parallel, and under tensor parallel split again over tp; with the distributed
+    optimizer their buckets are sharded over their dp/ep replicas); tensor parallel,
     with or without sequence parallel, with the experts split over the tp group (moe_config.ep_extend_tp,
     expert_parallel = model_parallel); each of them under pipeline parallel (plain or interleaved 1F1B). Context
     parallel, and everything else, are refused by name."""
@@ -622,9 +622,9 @@ def check_moe_layout(config: TeleChat2Config, cfg: dict, source: str) -> None:
               "data-parallel ranks)")
         _need(config.num_experts % ep == 0, source, "parallel_config.expert_parallel",
               f"{ep} does not divide the {config.num_experts} experts (model_config.num_experts / moe_config.expert_num)")
-        _need(tp == 1, source, "parallel_config.model_parallel", f"{tp}: expert parallel over data-parallel ranks is "
-              "implemented with model_parallel 1; under tensor parallel split the experts over the tp group "
-              f"(moe_config.ep_extend_tp: True, expert_parallel: {tp})")
+        _need(config.num_experts % (ep * tp) == 0, source, "parallel_config.expert_parallel",
+              f"{ep} x model_parallel {tp} does not divide the {config.num_experts} experts (the expert domain is "
+              "the ep group x the tp group)")
     else:
         _need(tp == 1, source, "parallel_config.model_parallel", f"{tp}: a mixture-of-experts model under tensor "
               "parallel splits its experts over the tp group: set moe_config.ep_extend_tp: True and "
