@@ -87,7 +87,8 @@ FOUR_WORKERS = {          # name -> overrides (per-rank batch 1); tests/scenario
 # baseline -> (config, data kind, layers, overrides): one device, 4 accumulation steps of one sample
 BASELINES = {"single": (PRETRAIN, "pretrain", 2, [CAPACITY]), "single_sft": (FINETUNE, "sft", 2, []),
              "single_4_layers": (PRETRAIN, "pretrain", 4, [CAPACITY, FOUR_LAYERS])}
-BASELINE_OF = {"dp4_ep2": "single", "dp4_ep2_zero": "single", "dp2_tp2_sp_ep2": "single", "pp2_dp2_ep2": "single_sft", "pp2x2_tp2_sp": "single_4_layers"}
+BASELINE_OF = {"dp4_ep2": "single", "dp4_ep2_zero": "single", "dp2_tp2_sp_ep2": "single",
+               "pp2_dp2_ep2": "single_sft", "pp2x2_tp2_sp": "single_4_layers"}
 
 
 @pytest.fixture(scope="module")

@@ -50,7 +50,8 @@ the dp ranks form groups of ep consecutive dp ranks (mesh group "ep"); the rank 
 holds experts [ep_rank E/ep, (ep_rank + 1) E/ep), and the dp/ep ranks with the same ep_rank hold replicas of
 them (group "edp"). Under tensor parallel too the expert domain is ep x tp: the tp ranks split the ep rank's
 block again (rank ep_rank * tp + tp_rank holds E/(ep tp) experts); the tp edges above come first (copy or
-sequence gather in, and after the ep edges, reduce or sequence scatter out), the ep edges inside them. Each rank routes its own T tokens (the aux loss is per rank's forward, as under plain dp);
+sequence gather in, and after the ep edges, reduce or sequence scatter out), the ep edges inside them.
+Each rank routes its own T tokens (the aux loss is per rank's forward, as under plain dp);
 the dispatch is an all-gather of the tokens and their routing over the ep group (the formulation of Megatron's
 "allgather" token dispatcher: MindSpore's CPU backend has no all-to-all), each rank runs its experts on all
 ep*T tokens, and the combine is a reduce-scatter of the partial outputs back to the token owners. Exact (the
@@ -66,8 +67,8 @@ contract:
 The expert weights' gradients hold the contributions of the ep group's tokens and are summed over "edp" only
 (ExpertLinear.dp_group, parallel/grads.py); every other gradient over dp. With the distributed optimizer the
 experts' buckets are sharded over edp, the others over dp (parallel/buckets.py). Not implemented with context
-parallel: refused by run_config.check_moe_layout. On Ascend the gather and reduce-scatter are the native AllGather / ReduceScatter
-(parallel/mappings.py). Volume per rank and layer: the all-gather receives (ep-1) T H activations (the
+parallel: refused by run_config.check_moe_layout. On Ascend the gather and reduce-scatter are the native
+AllGather / ReduceScatter (parallel/mappings.py). Volume per rank and layer: the all-gather receives (ep-1) T H activations (the
 reduce-scatter sends as many), an all-to-all dispatch would move about k T H (ep-1)/ep; fine for small ep.
 """
 from __future__ import annotations

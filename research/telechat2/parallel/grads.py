@@ -65,9 +65,9 @@ def bucket_plan(model, params, mesh, *, decay, shard: bool, bucket_mb: float = 2
     holders = gradient_holders(model, params, mesh)
     groups = dp_groups(model)
     # the distributed optimizer shards a bucket over the ranks that sum its gradients: dp, or the dp/ep
-    # replicas of the experts split over dp ("edp", whose index is dp_rank // ep: parallel/mesh.py)
-    shards = {"dp": mesh.dp, "edp": mesh.edp} if shard else 1
-    index = {"dp": mesh.dp_rank, "edp": mesh.dp_rank // mesh.ep} if shard else 0
+    # replicas of the experts split over dp ("edp")
+    shards = {g: mesh.data_group(g)[0] for g in ("dp", "edp")} if shard else 1
+    index = {g: mesh.data_group(g)[1] for g in ("dp", "edp")} if shard else 0
     return BucketPlan([(p.name, tuple(p.shape)) for p in params], decay=decay,
                       norm_weights=[1.0 / len(h) for h in holders], shards=shards, shard_index=index,
                       bucket_mb=bucket_mb, groups=[groups.get(p.name, "dp") for p in params])
@@ -95,7 +95,7 @@ class GradReducer(nn.Cell):
         self.weights = tuple(bk.norm_weight for bk in plan.buckets)
         # experts split over dp: gradients summed over their replicas (edp), squares over the ep group
         self.expert = tuple(bk.group == "edp" for bk in plan.buckets)
-        self.edp_sum = GroupCollective(mesh.groups["edp"], mesh.edp, mesh.dp_rank // mesh.ep, "edp") \
+        self.edp_sum = GroupCollective(mesh.groups["edp"], *mesh.data_group("edp"), "edp") \
             if "edp" in mesh.groups and mesh.edp > 1 else None
         self.ep_sum = GroupCollective(mesh.groups["ep"], mesh.ep, mesh.ep_rank, "ep") if "ep" in mesh.groups else None
 

@@ -238,6 +238,15 @@ class ParallelMesh:
         return self.layout.dp // self.layout.ep
 
     @property
+    def edp_rank(self) -> int:
+        """This rank's place in its "edp" group (dp ranks ep_rank, ep_rank + ep, ...)."""
+        return self.dp_rank // self.layout.ep
+
+    def data_group(self, name: str) -> tuple[int, int]:
+        """(size, this rank's index) of data-parallel group `name`: "dp" or "edp"."""
+        return (self.dp, self.dp_rank) if name == "dp" else (self.edp, self.edp_rank)
+
+    @property
     def sequence_parallel(self) -> bool:
         return self.layout.sequence_parallel and self.layout.tp > 1
 

@@ -58,9 +58,7 @@ class AdamW(nn.Cell):
             from ..parallel.mappings import GroupCollective
             groups = sorted({bk.group for bk in plan.buckets if bk.shards > 1})
             for g in groups:
-                size = mesh.dp if g == "dp" else mesh.edp
-                self.gathers.append(GroupCollective(mesh.groups[g], size, mesh.dp_rank if g == "dp"
-                                                    else mesh.dp_rank // mesh.ep, g))
+                self.gathers.append(GroupCollective(mesh.groups[g], *mesh.data_group(g), g))
             self.gather_of = tuple(groups.index(bk.group) if bk.shards > 1 else -1 for bk in plan.buckets)
         if self.has_master:
             self.master_from_weights()
